@@ -1,0 +1,32 @@
+//! The wire format spoken between `deployctl` (the controller) and `deploy-agent`.
+//!
+//! # Layout
+//!
+//! - [`messages`]: every request and response, and the [`Rpc`] trait that ties each
+//!   request type to its response type.
+//! - [`error`]: the structured error an agent answers with ([`ProtoError`]).
+//! - [`codec`]: JSON text frames for control messages and binary frames for file data,
+//!   over a WebSocket on any `AsyncRead + AsyncWrite` stream.
+//!
+//! A session opens with [`Request::Hello`]; the agent answers [`Response::Hello`] or an
+//! error with [`ErrorCode::VersionMismatch`]. After that the controller sends one request
+//! at a time. The agent may send any number of [`Response::Event`] messages (progress)
+//! before the one final response for that request.
+//!
+//! Bump [`PROTOCOL_VERSION`] on any change that an older peer would misread.
+
+pub mod codec;
+pub mod error;
+pub mod messages;
+
+pub use error::{ErrorCode, ProtoError};
+pub use messages::*;
+
+/// The version of this wire format. Both sides must speak the same one.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Size of one binary frame of file data. 1 MiB measured well over SSH channels.
+pub const CHUNK_SIZE: usize = 1024 * 1024;
+
+/// The largest WebSocket message either side accepts (a chunk plus headroom).
+pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;

@@ -1,0 +1,390 @@
+//! Every message on the wire. Requests are one serde enum tagged
+//! `{"type": ..., "params": ...}`; each request struct is tied to its response type by
+//! [`Rpc`].
+//!
+//! Durations travel as milliseconds, times as RFC 3339 UTC strings, sizes as bytes.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::ProtoError;
+
+/// A request ties itself to the one response type that answers it.
+pub trait Rpc: Into<Request> {
+    type Response: DeserializeOwned;
+    /// Picks this request's answer out of a [`Response`]; any other variant is
+    /// handed back unchanged so the caller can report it.
+    fn unwrap_response(response: Response) -> Result<Self::Response, Response>;
+}
+
+macro_rules! rpc {
+    ($req:ident => $variant:ident($resp:ty)) => {
+        impl From<$req> for Request {
+            fn from(r: $req) -> Self {
+                Request::$req(r)
+            }
+        }
+        impl Rpc for $req {
+            type Response = $resp;
+            fn unwrap_response(response: Response) -> Result<$resp, Response> {
+                match response {
+                    Response::$variant(r) => Ok(r),
+                    other => Err(other),
+                }
+            }
+        }
+    };
+}
+
+/// What the controller sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "params", rename_all = "snake_case")]
+pub enum Request {
+    Hello(Hello),
+    Check(Check),
+    Lock(Lock),
+    Unlock(Unlock),
+    /// Starts an upload: binary frames follow, then [`Request::UploadEnd`].
+    Push(Push),
+    UploadEnd(UploadEnd),
+    Rollback(Rollback),
+    Status(Status),
+    Releases(Releases),
+    History(History),
+}
+
+/// What the agent sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "params", rename_all = "snake_case")]
+pub enum Response {
+    Hello(HelloReply),
+    Check(CheckReply),
+    Lock(LockInfo),
+    Unlocked(Unlocked),
+    PushReady(PushReady),
+    Deploy(DeployReport),
+    Status(StatusReply),
+    Releases(ReleasesReply),
+    History(HistoryReply),
+    /// Progress; any number may precede the final response to a request.
+    Event(Event),
+    Error(ProtoError),
+}
+
+rpc!(Hello => Hello(HelloReply));
+rpc!(Check => Check(CheckReply));
+rpc!(Lock => Lock(LockInfo));
+rpc!(Unlock => Unlocked(Unlocked));
+rpc!(Push => PushReady(PushReady));
+rpc!(UploadEnd => Deploy(DeployReport));
+rpc!(Rollback => Deploy(DeployReport));
+rpc!(Status => Status(StatusReply));
+rpc!(Releases => Releases(ReleasesReply));
+rpc!(History => History(HistoryReply));
+
+/// The first message of every session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u32,
+    /// The controller's version, e.g. `0.1.0`.
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReply {
+    pub protocol: u32,
+    /// The agent's version.
+    pub version: String,
+    pub hostname: String,
+}
+
+/// Which app on the server a request is about. The agent refuses a `deploy_to`
+/// outside its `allowed_roots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppRef {
+    pub name: String,
+    pub deploy_to: String,
+}
+
+/// Health and readiness of the agent, and of `deploy_to` when given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    pub deploy_to: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReply {
+    pub agent_version: String,
+    pub protocol: u32,
+    pub deploy_to: Option<PathCheck>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathCheck {
+    pub path: String,
+    /// Inside the agent's `allowed_roots`.
+    pub allowed: bool,
+    /// Free bytes on the filesystem that holds the path (or its nearest existing parent).
+    pub free_bytes: Option<u64>,
+    pub exists: bool,
+}
+
+/// Takes the app's deploy lock for this session. It is freed by [`Unlock`], or when
+/// the session ends, whichever comes first (a deploy in flight keeps it until it ends).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lock {
+    pub app: AppRef,
+    /// Who is deploying, e.g. `alice@laptop` or `github:org/repo#123`.
+    pub holder: String,
+    pub version: Option<String>,
+    /// How long to wait for a held lock; 0 fails at once with [`crate::ErrorCode::Locked`].
+    pub wait_ms: u64,
+}
+
+/// Who holds a lock. Also the answer to [`Lock`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    pub holder: String,
+    pub version: Option<String>,
+    /// RFC 3339.
+    pub since: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unlock {
+    pub app: AppRef,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unlocked {
+    pub released: bool,
+}
+
+/// How to run a release: what the agent needs to deploy or roll back on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseSpec {
+    /// Paths under `<deploy_to>/shared` linked into each release.
+    pub shared: Vec<String>,
+    pub migrate: Option<String>,
+    pub restart: Option<String>,
+    pub stop: Option<String>,
+    /// Limit for each command the agent runs.
+    pub command_timeout_ms: u64,
+    pub keep_releases: u32,
+    pub health: Option<HealthSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthSpec {
+    pub url: String,
+    pub expect_status: u16,
+    pub retries: u32,
+    pub interval_ms: u64,
+    pub request_timeout_ms: u64,
+}
+
+/// Starts a deploy of a release tarball (`.tar.gz`). The agent answers
+/// [`PushReady`]; the controller then streams the artifact as binary frames and ends
+/// with [`UploadEnd`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Push {
+    pub app: AppRef,
+    /// `YYYYMMDDHHMMSS`, chosen by the controller so every host names it the same.
+    pub release: String,
+    pub version: Option<String>,
+    pub holder: String,
+    /// Size of the artifact in bytes, for progress and for the disk-space check.
+    pub size: u64,
+    pub skip_migrations: bool,
+    pub spec: ReleaseSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushReady {
+    /// The release that `current` pointed at when the upload began.
+    pub previous: Option<String>,
+}
+
+/// Ends an upload. The agent checks the hash of what it received, then deploys and
+/// answers with a [`DeployReport`] (preceded by [`Event`]s).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadEnd {
+    /// Hex sha256 of the artifact as the controller read it.
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// Switches `current` to an existing release (or the previous one when `to` is empty),
+/// restarts and checks health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollback {
+    pub app: AppRef,
+    /// A release id or a version label.
+    pub to: Option<String>,
+    pub holder: String,
+    pub spec: ReleaseSpec,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The release is live and healthy.
+    Live,
+    /// The deploy stopped before the switch; `current` was never touched.
+    Failed,
+    /// The release went live, failed, and the previous release serves again.
+    RolledBack,
+    /// Going back failed too: a human must look.
+    RollbackFailed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Lock,
+    Upload,
+    Unpack,
+    LinkShared,
+    Migrate,
+    Switch,
+    Restart,
+    Health,
+    Rollback,
+    Prune,
+    Recover,
+}
+
+/// One step the agent took, with its command output kept as data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepReport {
+    pub stage: Stage,
+    pub command: Option<String>,
+    pub success: bool,
+    pub exit_code: Option<i32>,
+    /// The last lines of stdout and stderr, interleaved as written.
+    pub output: String,
+    pub duration_ms: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub url: String,
+    pub healthy: bool,
+    pub attempts: u32,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub body_snippet: Option<String>,
+}
+
+/// How a deploy or rollback on one host ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployReport {
+    pub release: String,
+    pub version: Option<String>,
+    pub outcome: Outcome,
+    /// What `current` pointed at before.
+    pub previous: Option<String>,
+    /// What `current` points at now.
+    pub current: Option<String>,
+    pub steps: Vec<StepReport>,
+    pub health: Option<HealthReport>,
+    pub error: Option<String>,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub stage: Stage,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub app: AppRef,
+    /// When given, the agent checks health once and reports it.
+    pub health: Option<HealthSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReply {
+    pub current: Option<ReleaseInfo>,
+    pub last: Option<HistoryEntry>,
+    pub lock: Option<LockInfo>,
+    pub health: Option<HealthReport>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseStatus {
+    /// Unpacked and prepared, never confirmed live.
+    Prepared,
+    /// Confirmed healthy at least once.
+    Live,
+    /// Stopped before the switch (bad migration, ...).
+    Failed,
+    /// Went live, failed health, and was switched away from.
+    RolledBack,
+}
+
+/// The contents of `releases/<id>/.deploy/release.json`, plus whether it is current.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseInfo {
+    pub id: String,
+    pub version: Option<String>,
+    pub sha256: Option<String>,
+    pub created: String,
+    pub status: ReleaseStatus,
+    #[serde(default)]
+    pub current: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Releases {
+    pub app: AppRef,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleasesReply {
+    /// Sorted by id, oldest first.
+    pub releases: Vec<ReleaseInfo>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Deploy,
+    Rollback,
+    /// The agent finished or undid a deploy after a restart.
+    Recover,
+}
+
+/// One line of `<deploy_to>/.deploy/history.jsonl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub action: Action,
+    pub release: String,
+    pub version: Option<String>,
+    pub previous: Option<String>,
+    pub outcome: Outcome,
+    pub holder: String,
+    pub started: String,
+    pub finished: String,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct History {
+    pub app: AppRef,
+    /// Newest entries, at most this many; 0 means all.
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryReply {
+    /// Oldest first.
+    pub entries: Vec<HistoryEntry>,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,448 @@
+//! Round-trip and golden JSON tests: a change to the wire shows up here as a diff.
+
+use std::fmt::Debug;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::*;
+use crate::{ErrorCode, ProtoError};
+
+/// Serializes `value`, compares it with `golden`, and parses `golden` back into a value
+/// equal to the original.
+fn golden<T>(value: T, golden: serde_json::Value)
+where
+    T: Serialize + DeserializeOwned + PartialEq + Debug,
+{
+    let encoded = serde_json::to_value(&value).unwrap();
+    assert_eq!(encoded, golden, "wire format changed");
+    let text = serde_json::to_string(&value).unwrap();
+    let back: T = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, value, "round trip");
+    let from_golden: T = serde_json::from_value(golden).unwrap();
+    assert_eq!(from_golden, value, "golden parses");
+}
+
+fn app() -> AppRef {
+    AppRef {
+        name: "myapp".into(),
+        deploy_to: "/srv/myapp".into(),
+    }
+}
+
+fn app_json() -> serde_json::Value {
+    json!({"name": "myapp", "deploy_to": "/srv/myapp"})
+}
+
+fn spec() -> ReleaseSpec {
+    ReleaseSpec {
+        shared: vec!["log".into(), ".env".into()],
+        migrate: Some("bin/migrate".into()),
+        restart: Some("sudo systemctl restart myapp".into()),
+        stop: None,
+        command_timeout_ms: 300_000,
+        keep_releases: 5,
+        health: Some(health()),
+    }
+}
+
+fn health() -> HealthSpec {
+    HealthSpec {
+        url: "http://127.0.0.1:4000/api/v1/status/".into(),
+        expect_status: 200,
+        retries: 12,
+        interval_ms: 5000,
+        request_timeout_ms: 3000,
+    }
+}
+
+fn spec_json() -> serde_json::Value {
+    json!({
+        "shared": ["log", ".env"],
+        "migrate": "bin/migrate",
+        "restart": "sudo systemctl restart myapp",
+        "stop": null,
+        "command_timeout_ms": 300000,
+        "keep_releases": 5,
+        "health": health_json(),
+    })
+}
+
+fn health_json() -> serde_json::Value {
+    json!({
+        "url": "http://127.0.0.1:4000/api/v1/status/",
+        "expect_status": 200,
+        "retries": 12,
+        "interval_ms": 5000,
+        "request_timeout_ms": 3000,
+    })
+}
+
+fn release_info() -> ReleaseInfo {
+    ReleaseInfo {
+        id: "20261122214450".into(),
+        version: Some("abc123".into()),
+        sha256: Some("ab".repeat(32)),
+        created: "2026-11-22T21:44:50Z".into(),
+        status: ReleaseStatus::Live,
+        current: true,
+    }
+}
+
+fn release_info_json() -> serde_json::Value {
+    json!({
+        "id": "20261122214450",
+        "version": "abc123",
+        "sha256": "ab".repeat(32),
+        "created": "2026-11-22T21:44:50Z",
+        "status": "live",
+        "current": true,
+    })
+}
+
+fn history_entry() -> HistoryEntry {
+    HistoryEntry {
+        action: Action::Deploy,
+        release: "20261122214450".into(),
+        version: Some("v2".into()),
+        previous: Some("20261122214000".into()),
+        outcome: Outcome::RolledBack,
+        holder: "ci@runner".into(),
+        started: "2026-11-22T21:44:50Z".into(),
+        finished: "2026-11-22T21:45:50Z".into(),
+        error: Some("health check failed".into()),
+    }
+}
+
+fn history_entry_json() -> serde_json::Value {
+    json!({
+        "action": "deploy",
+        "release": "20261122214450",
+        "version": "v2",
+        "previous": "20261122214000",
+        "outcome": "rolled_back",
+        "holder": "ci@runner",
+        "started": "2026-11-22T21:44:50Z",
+        "finished": "2026-11-22T21:45:50Z",
+        "error": "health check failed",
+    })
+}
+
+fn lock_info() -> LockInfo {
+    LockInfo {
+        holder: "alice@laptop".into(),
+        version: Some("v3".into()),
+        since: "2026-11-22T21:44:50Z".into(),
+    }
+}
+
+fn lock_info_json() -> serde_json::Value {
+    json!({"holder": "alice@laptop", "version": "v3", "since": "2026-11-22T21:44:50Z"})
+}
+
+fn health_report() -> HealthReport {
+    HealthReport {
+        url: "http://127.0.0.1:4000/api/v1/status/".into(),
+        healthy: false,
+        attempts: 12,
+        last_status: Some(503),
+        last_error: None,
+        body_snippet: Some("down".into()),
+    }
+}
+
+fn health_report_json() -> serde_json::Value {
+    json!({
+        "url": "http://127.0.0.1:4000/api/v1/status/",
+        "healthy": false,
+        "attempts": 12,
+        "last_status": 503,
+        "last_error": null,
+        "body_snippet": "down",
+    })
+}
+
+#[test]
+fn hello() {
+    golden(
+        Request::Hello(Hello {
+            protocol: 1,
+            version: "0.1.0".into(),
+        }),
+        json!({"type": "hello", "params": {"protocol": 1, "version": "0.1.0"}}),
+    );
+    golden(
+        Response::Hello(HelloReply {
+            protocol: 1,
+            version: "0.1.0".into(),
+            hostname: "web-1".into(),
+        }),
+        json!({"type": "hello", "params": {"protocol": 1, "version": "0.1.0", "hostname": "web-1"}}),
+    );
+}
+
+#[test]
+fn check() {
+    golden(
+        Request::Check(Check {
+            deploy_to: Some("/srv/myapp".into()),
+        }),
+        json!({"type": "check", "params": {"deploy_to": "/srv/myapp"}}),
+    );
+    golden(
+        Response::Check(CheckReply {
+            agent_version: "0.1.0".into(),
+            protocol: 1,
+            deploy_to: Some(PathCheck {
+                path: "/srv/myapp".into(),
+                allowed: true,
+                free_bytes: Some(1 << 30),
+                exists: false,
+            }),
+        }),
+        json!({"type": "check", "params": {
+            "agent_version": "0.1.0",
+            "protocol": 1,
+            "deploy_to": {"path": "/srv/myapp", "allowed": true, "free_bytes": 1073741824u64, "exists": false},
+        }}),
+    );
+}
+
+#[test]
+fn lock_and_unlock() {
+    golden(
+        Request::Lock(Lock {
+            app: app(),
+            holder: "alice@laptop".into(),
+            version: Some("v3".into()),
+            wait_ms: 0,
+        }),
+        json!({"type": "lock", "params": {
+            "app": app_json(), "holder": "alice@laptop", "version": "v3", "wait_ms": 0,
+        }}),
+    );
+    golden(
+        Response::Lock(lock_info()),
+        json!({"type": "lock", "params": lock_info_json()}),
+    );
+    golden(
+        Request::Unlock(Unlock { app: app() }),
+        json!({"type": "unlock", "params": {"app": app_json()}}),
+    );
+    golden(
+        Response::Unlocked(Unlocked { released: true }),
+        json!({"type": "unlocked", "params": {"released": true}}),
+    );
+}
+
+#[test]
+fn push_and_upload_end() {
+    golden(
+        Request::Push(Push {
+            app: app(),
+            release: "20261122214450".into(),
+            version: Some("abc123".into()),
+            holder: "ci@runner".into(),
+            size: 1234,
+            skip_migrations: false,
+            spec: spec(),
+        }),
+        json!({"type": "push", "params": {
+            "app": app_json(),
+            "release": "20261122214450",
+            "version": "abc123",
+            "holder": "ci@runner",
+            "size": 1234,
+            "skip_migrations": false,
+            "spec": spec_json(),
+        }}),
+    );
+    golden(
+        Response::PushReady(PushReady {
+            previous: Some("20261122214000".into()),
+        }),
+        json!({"type": "push_ready", "params": {"previous": "20261122214000"}}),
+    );
+    golden(
+        Request::UploadEnd(UploadEnd {
+            sha256: "cd".repeat(32),
+            size: 1234,
+        }),
+        json!({"type": "upload_end", "params": {"sha256": "cd".repeat(32), "size": 1234}}),
+    );
+}
+
+#[test]
+fn rollback() {
+    golden(
+        Request::Rollback(Rollback {
+            app: app(),
+            to: Some("v1".into()),
+            holder: "alice@laptop".into(),
+            spec: spec(),
+        }),
+        json!({"type": "rollback", "params": {
+            "app": app_json(), "to": "v1", "holder": "alice@laptop", "spec": spec_json(),
+        }}),
+    );
+}
+
+#[test]
+fn deploy_report() {
+    golden(
+        Response::Deploy(DeployReport {
+            release: "20261122214450".into(),
+            version: Some("v3".into()),
+            outcome: Outcome::RolledBack,
+            previous: Some("20261122214000".into()),
+            current: Some("20261122214000".into()),
+            steps: vec![StepReport {
+                stage: Stage::Restart,
+                command: Some("bin/restart".into()),
+                success: true,
+                exit_code: Some(0),
+                output: "restarted\n".into(),
+                duration_ms: 12,
+                error: None,
+            }],
+            health: Some(health_report()),
+            error: Some("health check failed after 12 attempts".into()),
+            duration_ms: 60_500,
+        }),
+        json!({"type": "deploy", "params": {
+            "release": "20261122214450",
+            "version": "v3",
+            "outcome": "rolled_back",
+            "previous": "20261122214000",
+            "current": "20261122214000",
+            "steps": [{
+                "stage": "restart",
+                "command": "bin/restart",
+                "success": true,
+                "exit_code": 0,
+                "output": "restarted\n",
+                "duration_ms": 12,
+                "error": null,
+            }],
+            "health": health_report_json(),
+            "error": "health check failed after 12 attempts",
+            "duration_ms": 60500,
+        }}),
+    );
+}
+
+#[test]
+fn event() {
+    golden(
+        Response::Event(Event {
+            stage: Stage::Health,
+            message: "attempt 3/12: 503".into(),
+        }),
+        json!({"type": "event", "params": {"stage": "health", "message": "attempt 3/12: 503"}}),
+    );
+}
+
+#[test]
+fn status() {
+    golden(
+        Request::Status(Status {
+            app: app(),
+            health: Some(health()),
+        }),
+        json!({"type": "status", "params": {"app": app_json(), "health": health_json()}}),
+    );
+    golden(
+        Response::Status(StatusReply {
+            current: Some(release_info()),
+            last: Some(history_entry()),
+            lock: Some(lock_info()),
+            health: Some(health_report()),
+        }),
+        json!({"type": "status", "params": {
+            "current": release_info_json(),
+            "last": history_entry_json(),
+            "lock": lock_info_json(),
+            "health": health_report_json(),
+        }}),
+    );
+}
+
+#[test]
+fn releases() {
+    golden(
+        Request::Releases(Releases { app: app() }),
+        json!({"type": "releases", "params": {"app": app_json()}}),
+    );
+    golden(
+        Response::Releases(ReleasesReply {
+            releases: vec![release_info()],
+        }),
+        json!({"type": "releases", "params": {"releases": [release_info_json()]}}),
+    );
+}
+
+#[test]
+fn history() {
+    golden(
+        Request::History(History {
+            app: app(),
+            limit: 20,
+        }),
+        json!({"type": "history", "params": {"app": app_json(), "limit": 20}}),
+    );
+    golden(
+        Response::History(HistoryReply {
+            entries: vec![history_entry()],
+        }),
+        json!({"type": "history", "params": {"entries": [history_entry_json()]}}),
+    );
+}
+
+#[test]
+fn error() {
+    golden(
+        Response::Error(
+            ProtoError::new(ErrorCode::Locked, "app myapp is locked")
+                .with("holder", "alice@laptop"),
+        ),
+        json!({"type": "error", "params": {
+            "code": "locked", "message": "app myapp is locked", "details": {"holder": "alice@laptop"},
+        }}),
+    );
+    // details may be omitted
+    let e: ProtoError =
+        serde_json::from_value(json!({"code": "internal", "message": "boom"})).unwrap();
+    assert_eq!(e, ProtoError::new(ErrorCode::Internal, "boom"));
+}
+
+#[test]
+fn release_info_current_defaults_to_false() {
+    // release.json on disk carries no `current` flag.
+    let mut on_disk = release_info_json();
+    on_disk.as_object_mut().unwrap().remove("current");
+    let info: ReleaseInfo = serde_json::from_value(on_disk).unwrap();
+    assert!(!info.current);
+}
+
+#[test]
+fn rpc_ties_each_request_to_its_response() {
+    let ok = Response::Unlocked(Unlocked { released: false });
+    assert_eq!(
+        Unlock::unwrap_response(ok.clone()),
+        Ok(Unlocked { released: false })
+    );
+    // any other answer is handed back for the caller to report
+    assert_eq!(Status::unwrap_response(ok.clone()), Err(ok));
+    let push: Request = Push {
+        app: app(),
+        release: "1".into(),
+        version: None,
+        holder: "h".into(),
+        size: 0,
+        skip_migrations: true,
+        spec: spec(),
+    }
+    .into();
+    assert!(matches!(push, Request::Push(_)));
+}
