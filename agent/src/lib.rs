@@ -1,1 +1,25 @@
-pub mod placeholder {}
+//! deploy-agent: the daemon on each server that owns every change there.
+//!
+//! # Layout
+//!
+//! - [`server`]: the Unix socket, accept loop, graceful shutdown, and the stdio `bridge`.
+//! - [`session`]: one controller session; the one dispatch point for requests.
+//! - [`lock`]: one deploy per app, freed when its holder goes away.
+//! - [`release`]: release dirs ([`release::layout`]), safe unpack, `current` switch, prune.
+//! - [`deploy`]: the lifecycle after upload: shared links, migrate, switch, restart,
+//!   health, confirm or roll back.
+//! - [`journal`]: the state machine on disk, and the history log.
+//! - [`recover`]: finishing or undoing a deploy the agent did not finish.
+//! - [`exec`]: running the app's commands; [`health`]: polling its health URL.
+//! - [`config`]: `/etc/deploy-agent/agent.toml` and its flags.
+
+pub mod config;
+pub mod deploy;
+pub mod exec;
+pub mod health;
+pub mod journal;
+pub mod lock;
+pub mod recover;
+pub mod release;
+pub mod server;
+pub mod session;

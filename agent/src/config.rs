@@ -1,0 +1,206 @@
+//! The agent's own config, `/etc/deploy-agent/agent.toml` by default. Every key can be
+//! given as a flag instead, and the file may be absent when the flags say enough.
+
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG: &str = "/etc/deploy-agent/agent.toml";
+pub const DEFAULT_SOCKET: &str = "/run/deploy-agent/agent.sock";
+
+/// The file as written. Unknown keys are refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    socket: Option<PathBuf>,
+    socket_group: Option<String>,
+    allowed_roots: Option<Vec<PathBuf>>,
+    max_unpacked_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub socket: PathBuf,
+    /// Group that owns the socket (mode 0660). `None` keeps the agent's own group.
+    pub socket_group: Option<String>,
+    /// A `deploy_to` must lie under one of these.
+    pub allowed_roots: Vec<PathBuf>,
+    /// Cap on the unpacked size of one release.
+    pub max_unpacked_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Flags that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub socket_group: Option<String>,
+    pub allowed_roots: Vec<PathBuf>,
+}
+
+impl AgentConfig {
+    /// Reads the file (the default one may be missing; an explicit `--config` may not),
+    /// then applies the flags.
+    pub fn load(over: &Overrides) -> Result<Self, ConfigError> {
+        let (path, required) = match &over.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        let file = match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                path: path.clone(),
+                message: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                FileConfig::default()
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        let allowed_roots = if over.allowed_roots.is_empty() {
+            file.allowed_roots.unwrap_or_default()
+        } else {
+            over.allowed_roots.clone()
+        };
+        if allowed_roots.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no allowed roots: set `allowed_roots` in the config or pass --allowed-root PATH"
+                    .into(),
+            ));
+        }
+        let mut roots = Vec::new();
+        for r in allowed_roots {
+            if !r.is_absolute() || r.components().any(|c| c == Component::ParentDir) {
+                return Err(ConfigError::Invalid(format!(
+                    "allowed root {} must be an absolute path without `..`",
+                    r.display()
+                )));
+            }
+            // Resolve symlinks once at start so a later check compares real paths.
+            roots.push(std::fs::canonicalize(&r).unwrap_or(r));
+        }
+        Ok(Self {
+            socket: over
+                .socket
+                .clone()
+                .or(file.socket)
+                .unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            socket_group: over.socket_group.clone().or(file.socket_group),
+            allowed_roots: roots,
+            max_unpacked_bytes: file.max_unpacked_bytes.unwrap_or(10 << 30),
+        })
+    }
+
+    /// Whether `deploy_to` lies inside an allowed root. The path must be absolute, free
+    /// of `..`, and, as far as it exists, must not leave the root through a symlink.
+    pub fn is_allowed(&self, deploy_to: &Path) -> bool {
+        if !deploy_to.is_absolute()
+            || deploy_to
+                .components()
+                .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+        {
+            return false;
+        }
+        let real = resolve_existing_prefix(deploy_to);
+        self.allowed_roots
+            .iter()
+            .any(|root| real.starts_with(root) && real != *root)
+    }
+}
+
+/// Canonicalizes the longest existing prefix of `path` and appends the rest.
+fn resolve_existing_prefix(path: &Path) -> PathBuf {
+    let mut existing = path.to_path_buf();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(&existing) {
+            let mut out = real;
+            for part in rest.iter().rev() {
+                out.push(part);
+            }
+            return out;
+        }
+        match (existing.file_name().map(|f| f.to_owned()), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(root: &Path) -> AgentConfig {
+        AgentConfig::load(&Overrides {
+            config: None,
+            socket: Some("/tmp/x.sock".into()),
+            socket_group: None,
+            allowed_roots: vec![root.to_path_buf()],
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn flags_alone_are_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path());
+        assert_eq!(c.socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(c.allowed_roots.len(), 1);
+    }
+
+    #[test]
+    fn no_roots_is_an_error() {
+        let err = AgentConfig::load(&Overrides {
+            config: Some("/nonexistent/agent.toml".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/agent.toml"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agent.toml");
+        std::fs::write(&f, "allowed_roots = [\"/srv\"]\nsockett = \"/x\"\n").unwrap();
+        let err = AgentConfig::load(&Overrides {
+            config: Some(f),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("sockett"), "{err}");
+    }
+
+    #[test]
+    fn deploy_to_must_stay_inside_a_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("srv");
+        std::fs::create_dir(&root).unwrap();
+        let c = cfg(&root);
+        assert!(c.is_allowed(&root.join("myapp")));
+        assert!(c.is_allowed(&root.join("a/b/c")));
+        assert!(!c.is_allowed(&root), "the root itself is not an app dir");
+        assert!(!c.is_allowed(&root.join("../etc")));
+        assert!(!c.is_allowed(Path::new("/etc/myapp")));
+        assert!(!c.is_allowed(Path::new("relative/app")));
+        // a symlink inside the root that points out of it
+        std::os::unix::fs::symlink("/etc", root.join("escape")).unwrap();
+        assert!(!c.is_allowed(&root.join("escape/app")));
+    }
+}

@@ -1,0 +1,180 @@
+//! The deploy state machine on disk, and the history log.
+//!
+//! Before each step acts, the deploy writes its phase to `<deploy_to>/.deploy/journal.json`
+//! (temp file, fsync, rename). If the agent dies, [`crate::recover`] reads the journal on
+//! the next start and finishes or undoes the deploy. The journal is removed when the
+//! deploy has ended and its history line is written.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use proto::{Action, AppRef, HistoryEntry, ReleaseSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::release::layout::{Layout, write_atomic};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Receiving and unpacking into `releases/<id>.partial`.
+    Uploading,
+    /// `releases/<id>` is complete; shared paths being linked.
+    Prepared,
+    Migrating,
+    /// About to move `current` (it may or may not have moved).
+    Switching,
+    Restarting,
+    Checking,
+    /// Going back to `previous`.
+    RollingBack,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Journal {
+    pub action: Action,
+    pub app: AppRef,
+    pub release: String,
+    pub version: Option<String>,
+    pub previous: Option<String>,
+    pub holder: String,
+    pub started: String,
+    pub skip_migrations: bool,
+    pub spec: ReleaseSpec,
+    pub phase: Phase,
+    /// Why we are rolling back, once we are.
+    pub error: Option<String>,
+}
+
+impl Journal {
+    pub fn save(&self, layout: &Layout) -> std::io::Result<()> {
+        std::fs::create_dir_all(layout.state())?;
+        write_atomic(&layout.journal(), &serde_json::to_vec_pretty(self)?)
+    }
+
+    pub fn set(&mut self, layout: &Layout, phase: Phase) -> std::io::Result<()> {
+        self.phase = phase;
+        self.save(layout)
+    }
+
+    pub fn load(layout: &Layout) -> Option<Journal> {
+        let text = std::fs::read_to_string(layout.journal()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    pub fn clear(layout: &Layout) -> std::io::Result<()> {
+        match std::fs::remove_file(layout.journal()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Appends one line to `history.jsonl` and fsyncs it.
+pub fn append_history(layout: &Layout, entry: &HistoryEntry) -> std::io::Result<()> {
+    std::fs::create_dir_all(layout.state())?;
+    let mut line = serde_json::to_vec(entry)?;
+    line.push(b'\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(layout.history())?;
+    f.write_all(&line)?;
+    f.sync_data()
+}
+
+/// The newest `limit` entries (all when 0), oldest first. Unreadable lines are skipped.
+pub fn read_history(layout: &Layout, limit: usize) -> Vec<HistoryEntry> {
+    let text = std::fs::read_to_string(layout.history()).unwrap_or_default();
+    let all: Vec<HistoryEntry> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let skip = if limit == 0 {
+        0
+    } else {
+        all.len().saturating_sub(limit)
+    };
+    all.into_iter().skip(skip).collect()
+}
+
+/// Finds journals under the allowed roots (an app's `deploy_to` is at most a few levels
+/// down). Does not follow symlinks and does not descend into release dirs.
+pub fn find_journals(roots: &[PathBuf], max_depth: usize) -> Vec<PathBuf> {
+    fn walk(dir: &Path, depth: usize, max: usize, out: &mut Vec<PathBuf>) {
+        if dir.join(".deploy").join("journal.json").is_file() {
+            out.push(dir.to_path_buf());
+        }
+        if depth >= max {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if name == "releases" || name == "shared" || name == ".deploy" || name == "current" {
+                continue;
+            }
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                walk(&e.path(), depth + 1, max, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for r in roots {
+        walk(r, 0, max_depth, &mut out);
+    }
+    out
+}
+
+/// Now, as RFC 3339 UTC with seconds.
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| now.unix_timestamp().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::Outcome;
+
+    #[test]
+    fn history_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layout::new(dir.path());
+        for i in 0..5 {
+            append_history(
+                &l,
+                &HistoryEntry {
+                    action: Action::Deploy,
+                    release: format!("2026010100000{i}"),
+                    version: None,
+                    previous: None,
+                    outcome: Outcome::Live,
+                    holder: "t".into(),
+                    started: now_rfc3339(),
+                    finished: now_rfc3339(),
+                    error: None,
+                },
+            )
+            .unwrap();
+        }
+        let last2 = read_history(&l, 2);
+        assert_eq!(last2.len(), 2);
+        assert_eq!(last2[1].release, "20260101000004");
+        assert_eq!(read_history(&l, 0).len(), 5);
+    }
+
+    #[test]
+    fn journals_are_found_under_roots_but_not_in_releases() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = dir.path().join("myapp");
+        std::fs::create_dir_all(app.join(".deploy")).unwrap();
+        std::fs::write(app.join(".deploy/journal.json"), "{}").unwrap();
+        let inner = app.join("releases/20260101000000");
+        std::fs::create_dir_all(inner.join(".deploy")).unwrap();
+        std::fs::write(inner.join(".deploy/journal.json"), "{}").unwrap();
+        assert_eq!(find_journals(&[dir.path().to_path_buf()], 4), vec![app]);
+    }
+}

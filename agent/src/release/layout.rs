@@ -1,0 +1,231 @@
+//! The layout of one app on the server:
+//!
+//! ```text
+//! <deploy_to>/
+//!   releases/<id>/                       one dir per release, YYYYMMDDHHMMSS
+//!   releases/<id>/.deploy/release.json   id, version, sha256, created, status
+//!   releases/<id>.partial/               an upload in progress
+//!   current -> releases/<id>
+//!   shared/                              linked into every release
+//!   .deploy/                             journal.json, lock, history.jsonl, logs/
+//! ```
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use proto::{ReleaseInfo, ReleaseStatus};
+
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub root: PathBuf,
+}
+
+/// A release id is exactly 14 ASCII digits: `YYYYMMDDHHMMSS`.
+pub fn valid_release_id(id: &str) -> bool {
+    id.len() == 14 && id.bytes().all(|b| b.is_ascii_digit())
+}
+
+impl Layout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    pub fn releases(&self) -> PathBuf {
+        self.root.join("releases")
+    }
+    pub fn release(&self, id: &str) -> PathBuf {
+        self.releases().join(id)
+    }
+    pub fn partial(&self, id: &str) -> PathBuf {
+        self.releases().join(format!("{id}.partial"))
+    }
+    pub fn current(&self) -> PathBuf {
+        self.root.join("current")
+    }
+    pub fn shared(&self) -> PathBuf {
+        self.root.join("shared")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.root.join(".deploy")
+    }
+    pub fn journal(&self) -> PathBuf {
+        self.state().join("journal.json")
+    }
+    pub fn lock_file(&self) -> PathBuf {
+        self.state().join("lock")
+    }
+    pub fn history(&self) -> PathBuf {
+        self.state().join("history.jsonl")
+    }
+    pub fn logs(&self) -> PathBuf {
+        self.state().join("logs")
+    }
+    pub fn release_meta(&self, id: &str) -> PathBuf {
+        self.release(id).join(".deploy").join("release.json")
+    }
+
+    /// Creates `releases/`, `shared/` and `.deploy/logs/` when missing.
+    pub fn ensure(&self) -> std::io::Result<()> {
+        std::fs::create_dir_all(self.releases())?;
+        std::fs::create_dir_all(self.shared())?;
+        std::fs::create_dir_all(self.logs())?;
+        Ok(())
+    }
+
+    /// The release `current` points at, if any.
+    pub fn current_release(&self) -> Option<String> {
+        let target = std::fs::read_link(self.current()).ok()?;
+        let name = target.file_name()?.to_str()?.to_owned();
+        valid_release_id(&name).then_some(name)
+    }
+
+    pub fn read_meta(&self, id: &str) -> Option<ReleaseInfo> {
+        let text = std::fs::read_to_string(self.release_meta(id)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    pub fn write_meta_in(dir: &Path, info: &ReleaseInfo) -> std::io::Result<()> {
+        let meta_dir = dir.join(".deploy");
+        std::fs::create_dir_all(&meta_dir)?;
+        let mut stored = info.clone();
+        stored.current = false;
+        write_atomic(
+            &meta_dir.join("release.json"),
+            serde_json::to_vec_pretty(&stored)?.as_slice(),
+        )
+    }
+
+    pub fn set_status(&self, id: &str, status: ReleaseStatus) -> std::io::Result<()> {
+        if let Some(mut info) = self.read_meta(id) {
+            info.status = status;
+            Self::write_meta_in(&self.release(id), &info)?;
+        }
+        Ok(())
+    }
+
+    /// Complete releases, sorted by id (oldest first), with `current` flagged.
+    pub fn list(&self) -> Vec<ReleaseInfo> {
+        let current = self.current_release();
+        let mut out: Vec<ReleaseInfo> = self
+            .release_ids()
+            .into_iter()
+            .map(|id| {
+                let mut info = self.read_meta(&id).unwrap_or_else(|| ReleaseInfo {
+                    id: id.clone(),
+                    version: None,
+                    sha256: None,
+                    created: String::new(),
+                    status: ReleaseStatus::Prepared,
+                    current: false,
+                });
+                info.current = current.as_deref() == Some(id.as_str());
+                info
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// Ids of complete release dirs (not `.partial`), sorted.
+    pub fn release_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = std::fs::read_dir(self.releases())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| valid_release_id(n))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Leftover `<id>.partial` dirs.
+    pub fn partial_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = std::fs::read_dir(self.releases())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter_map(|n| n.strip_suffix(".partial").map(str::to_owned))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Finds a release by id, or by version label (the newest with that label).
+    pub fn resolve(&self, id_or_label: &str) -> Option<ReleaseInfo> {
+        let list = self.list();
+        if let Some(r) = list.iter().find(|r| r.id == id_or_label) {
+            return Some(r.clone());
+        }
+        list.into_iter()
+            .rev()
+            .find(|r| r.version.as_deref() == Some(id_or_label))
+    }
+}
+
+/// Writes a file so that a reader sees the old or the new content, never a mix:
+/// temp file, fsync, rename, fsync the directory.
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_fourteen_digits() {
+        assert!(valid_release_id("20261122214450"));
+        assert!(!valid_release_id("2026112221445"));
+        assert!(!valid_release_id("2026112221445x"));
+        assert!(!valid_release_id("../../etc/pass"));
+    }
+
+    #[test]
+    fn list_and_resolve_by_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layout::new(dir.path());
+        l.ensure().unwrap();
+        for (id, v) in [("20260101000000", "v1"), ("20260102000000", "v2")] {
+            std::fs::create_dir(l.release(id)).unwrap();
+            Layout::write_meta_in(
+                &l.release(id),
+                &ReleaseInfo {
+                    id: id.into(),
+                    version: Some(v.into()),
+                    sha256: None,
+                    created: "x".into(),
+                    status: ReleaseStatus::Live,
+                    current: false,
+                },
+            )
+            .unwrap();
+        }
+        std::fs::create_dir(l.partial("20260103000000")).unwrap();
+        std::os::unix::fs::symlink("releases/20260102000000", l.current()).unwrap();
+        let list = l.list();
+        assert_eq!(list.len(), 2, "partial dirs are not releases");
+        assert!(list[1].current && !list[0].current);
+        assert_eq!(l.resolve("v1").unwrap().id, "20260101000000");
+        assert_eq!(l.resolve("20260102000000").unwrap().version.unwrap(), "v2");
+        assert!(l.resolve("v9").is_none());
+        assert_eq!(l.partial_ids(), vec!["20260103000000".to_string()]);
+    }
+}

@@ -1,0 +1,1518 @@
+//! Safe extraction of a streamed release tarball (`.tar.gz`) into a fresh directory.
+//!
+//! The archive is untrusted. [`unpack_tar_gz`] guarantees that nothing outside the
+//! destination directory is ever created, modified or followed, and refuses (returns an
+//! error immediately, leaving the partial directory for the caller to delete) anything
+//! it cannot extract safely.
+//!
+//! Decisions:
+//! - Paths: absolute paths and `..` components are refused; `.` components (e.g. the
+//!   common `./` prefix) are dropped; an empty name is refused. A directory entry that
+//!   names the archive root (`./`) is accepted and ignored (the destination's own mode
+//!   is the caller's business).
+//! - Nothing is ever replaced. Every parent component of an entry must be a real
+//!   directory (checked with `lstat`); missing parents are created (mode 0o755 minus
+//!   umask). An entry whose path (or a parent of it) is an existing symlink is refused
+//!   ([`UnpackError::ThroughSymlink`]), even if that symlink points inside the
+//!   destination (`link -> sub` then `link/file` is refused). A file, symlink or hard
+//!   link whose path already exists, or a directory entry whose path is an existing
+//!   non-directory, is refused as [`UnpackError::Duplicate`]. Repeated directory entries
+//!   are fine (the last mode wins). Files are opened with `O_CREAT|O_EXCL|O_NOFOLLOW`.
+//! - Symlinks: the target must be relative, and any `..` components must all come
+//!   first and may not climb above the destination (counted from the link's parent
+//!   directory). `..` after a name (`a/../b`) is refused even when it looks harmless
+//!   lexically, because the kernel resolves `..` after following `a`, which could
+//!   itself be a symlink. With these rules every symlink in the destination resolves
+//!   inside it, so descending through one is safe too.
+//! - Hard links: the target must be a regular file (or hard link to one) extracted
+//!   earlier from this same archive; links to directories, symlinks or missing paths
+//!   are refused. Hard links count as files in [`Unpacked::files`] and add no bytes.
+//! - Character/block devices, fifos, sparse files (GNU `S` type and PAX `GNU.sparse.*`
+//!   files), and any other or unknown entry types are refused as
+//!   [`UnpackError::Special`]. PAX global headers are ignored; GNU long names and PAX
+//!   local headers are handled by the `tar` crate.
+//! - Modes: files get `mode & 0o777` (setuid, setgid and sticky dropped); directories get
+//!   `(mode & 0o777) | 0o700` so the owner can always finish extraction and delete the
+//!   tree. Owners (uid/gid) are ignored. File mtimes come from the archive; directory
+//!   and symlink mtimes are not set.
+//! - Limits: file content actually written is counted against
+//!   [`Limits::max_total_bytes`] (a file whose declared size alone exceeds what is left
+//!   is refused before it is written), every entry the `tar` crate yields counts against
+//!   [`Limits::max_entries`]. Everything else the decompressor yields (headers, padding,
+//!   skipped data, data after the end-of-archive marker) is capped at 64 MiB plus 16 KiB
+//!   per entry ([`UnpackError::Overhead`]), so a gzip bomb cannot burn CPU or memory.
+//! - Integrity: a tar stream without its end-of-archive block, a file shorter than its
+//!   header says, bad headers, bad gzip data or a bad gzip CRC are
+//!   [`UnpackError::Corrupt`]. Concatenated gzip members are read as one stream (like
+//!   `gzip -d`); bytes after the last member that don't start another member are
+//!   trailing garbage and are ignored, but still read to the very end so a caller hashing
+//!   the input sees every byte.
+//! - Concurrency: the destination must not be modified by anyone else while unpacking
+//!   (the checks are `lstat`-then-create on paths).
+
+use std::borrow::Cow;
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::fs::{self, DirBuilder, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, SystemTime};
+
+use flate2::bufread::GzDecoder;
+use sha2::{Digest, Sha256};
+use tar::EntryType;
+
+/// Non-file-content bytes (headers, padding, skipped data, trailing data) allowed
+/// regardless of the entry count.
+const OVERHEAD_BASE: u64 = 64 * 1024 * 1024;
+/// Extra non-file-content bytes allowed per entry.
+const OVERHEAD_PER_ENTRY: u64 = 16 * 1024;
+/// Size of the copy buffer and of the input buffer.
+const BUF_SIZE: usize = 64 * 1024;
+
+/// Limits applied while unpacking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Maximum sum of the sizes of all extracted files, counted as written.
+    pub max_total_bytes: u64,
+    /// Maximum number of archive entries (files, dirs, links, ...).
+    pub max_entries: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_total_bytes: 10 * 1024 * 1024 * 1024,
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+/// What was extracted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unpacked {
+    /// Regular files, including hard links.
+    pub files: u64,
+    /// Directory entries in the archive (implicitly created parents are not counted).
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Bytes of file content written.
+    pub bytes: u64,
+}
+
+/// Why an archive was refused. `entry` is the path as written in the archive.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    #[error("entry {entry:?}: absolute paths are not allowed")]
+    AbsolutePath { entry: String },
+    #[error("entry {entry:?}: `..` path components are not allowed")]
+    ParentDir { entry: String },
+    #[error("entry {entry:?}: empty path")]
+    EmptyPath { entry: String },
+    #[error("symlink {entry:?} -> {target:?} could point outside the destination")]
+    LinkEscapes { entry: String, target: String },
+    #[error("hard link {entry:?} -> {target:?} points outside the destination")]
+    HardlinkEscapes { entry: String, target: String },
+    #[error(
+        "hard link {entry:?} -> {target:?}: target is not a regular file extracted earlier from this archive"
+    )]
+    HardlinkTarget { entry: String, target: String },
+    #[error("entry {entry:?}: {kind} entries are not allowed")]
+    Special { entry: String, kind: String },
+    #[error("entry {entry:?}: path is, or goes through, an existing symlink")]
+    ThroughSymlink { entry: String },
+    #[error("entry {entry:?}: path already exists (duplicate entry)")]
+    Duplicate { entry: String },
+    #[error("entry {entry:?}: a parent path component is not a directory")]
+    NotADirectory { entry: String },
+    #[error("archive content exceeds the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("archive has more than {limit} entries")]
+    TooManyEntries { limit: u64 },
+    #[error(
+        "archive has more than {limit} bytes of headers, padding or skipped data (decompression bomb?)"
+    )]
+    Overhead { limit: u64 },
+    #[error("corrupt archive: {detail}")]
+    Corrupt { detail: String },
+    #[error("reading the archive stream: {source}")]
+    Read { source: io::Error },
+    #[error("entry {entry:?}: {source}")]
+    Io { entry: String, source: io::Error },
+}
+
+impl UnpackError {
+    /// The archive entry at fault, when there is one.
+    pub fn entry(&self) -> Option<&str> {
+        use UnpackError::*;
+        match self {
+            AbsolutePath { entry }
+            | ParentDir { entry }
+            | EmptyPath { entry }
+            | LinkEscapes { entry, .. }
+            | HardlinkEscapes { entry, .. }
+            | HardlinkTarget { entry, .. }
+            | Special { entry, .. }
+            | ThroughSymlink { entry }
+            | Duplicate { entry }
+            | NotADirectory { entry }
+            | Io { entry, .. } => Some(entry),
+            _ => None,
+        }
+    }
+}
+
+/// Unpack a gzip'd tar read from `reader` into `dest` (an existing, empty directory).
+///
+/// Reads `reader` to its very end (also after the tar end-of-archive blocks) so a caller
+/// hashing the reader sees every byte. On error, returns at once; `dest` may then hold a
+/// partial extraction that the caller must delete, but nothing outside `dest` has been
+/// touched. Pass `&mut reader` to keep using the reader afterwards (e.g. a
+/// [`HashingReader`]).
+pub fn unpack_tar_gz<R: Read>(
+    reader: R,
+    dest: &Path,
+    limits: &Limits,
+) -> Result<Unpacked, UnpackError> {
+    unpack_impl(reader, dest, limits, OVERHEAD_BASE)
+}
+
+fn unpack_impl<R: Read>(
+    reader: R,
+    dest: &Path,
+    limits: &Limits,
+    overhead_base: u64,
+) -> Result<Unpacked, UnpackError> {
+    let state = Rc::new(StreamState::default());
+    state.allowed.set(overhead_base);
+    let source = Source {
+        inner: reader,
+        state: Rc::clone(&state),
+    };
+    let gz = GzMembers::new(BufReader::with_capacity(BUF_SIZE, source));
+    let budget = Budget {
+        inner: gz,
+        state: Rc::clone(&state),
+    };
+    let mut archive = tar::Archive::new(budget);
+    let mut ex = Extractor {
+        dest,
+        limits,
+        state: Rc::clone(&state),
+        out: Unpacked::default(),
+        entries: 0,
+        files: HashSet::new(),
+        buf: vec![0; BUF_SIZE],
+    };
+
+    for entry in archive.entries().map_err(|e| state.classify(e))? {
+        let mut entry = entry.map_err(|e| state.classify(e))?;
+        ex.entry(&mut entry)?;
+    }
+    if state.eof.get() {
+        return Err(UnpackError::Corrupt {
+            detail: "tar stream ends without an end-of-archive block (truncated?)".into(),
+        });
+    }
+
+    // Rest of the decompressed stream (normally zero padding); this also checks the
+    // gzip CRC. Then whatever follows the last gzip member.
+    let mut budget = archive.into_inner();
+    drain(&mut budget).map_err(|e| state.classify(e))?;
+    let mut raw = budget.inner.into_inner();
+    drain(&mut raw).map_err(|e| state.classify(e))?;
+    Ok(ex.out)
+}
+
+/// Shared between the reader layers and the extractor, to classify errors and to
+/// enforce the overhead budget.
+#[derive(Default)]
+struct StreamState {
+    /// First error returned by the caller's reader.
+    raw_error: RefCell<Option<io::Error>>,
+    /// Decompressed bytes read so far.
+    read: Cell<u64>,
+    /// Decompressed bytes that may be read so far.
+    allowed: Cell<u64>,
+    /// Part of `allowed` granted for declared file content.
+    content: Cell<u64>,
+    over_budget: Cell<bool>,
+    /// The decompressed stream has ended.
+    eof: Cell<bool>,
+}
+
+impl StreamState {
+    fn grant(&self, bytes: u64) {
+        self.allowed.set(self.allowed.get().saturating_add(bytes));
+    }
+
+    fn classify(&self, e: io::Error) -> UnpackError {
+        if let Some(source) = self.raw_error.borrow_mut().take() {
+            UnpackError::Read { source }
+        } else if self.over_budget.get() {
+            UnpackError::Overhead {
+                limit: self.allowed.get() - self.content.get(),
+            }
+        } else {
+            let msg = e.to_string();
+            let detail = if msg.starts_with("gzip: ") {
+                msg
+            } else {
+                format!("tar: {msg}")
+            };
+            UnpackError::Corrupt { detail }
+        }
+    }
+}
+
+/// The caller's reader; remembers its errors so they are not reported as corruption.
+struct Source<R> {
+    inner: R,
+    state: Rc<StreamState>,
+}
+
+impl<R: Read> Read for Source<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.inner.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let copy = io::Error::new(e.kind(), e.to_string());
+                    let mut slot = self.state.raw_error.borrow_mut();
+                    if slot.is_none() {
+                        *slot = Some(e);
+                    }
+                    return Err(copy);
+                }
+                Ok(n) => return Ok(n),
+            }
+        }
+    }
+}
+
+/// Decodes a sequence of gzip members; stops (EOF) at the end of the input or at the
+/// first byte after a member that does not start another member (trailing garbage,
+/// left unread in the inner reader).
+struct GzMembers<B> {
+    member: Option<GzDecoder<B>>,
+    rest: Option<B>,
+}
+
+impl<B: BufRead> GzMembers<B> {
+    fn new(inner: B) -> Self {
+        GzMembers {
+            member: Some(GzDecoder::new(inner)),
+            rest: None,
+        }
+    }
+
+    fn into_inner(self) -> B {
+        match (self.member, self.rest) {
+            (Some(d), _) => d.into_inner(),
+            (None, Some(b)) => b,
+            (None, None) => unreachable!("GzMembers always holds its reader"),
+        }
+    }
+}
+
+impl<B: BufRead> Read for GzMembers<B> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            let Some(decoder) = self.member.as_mut() else {
+                return Ok(0);
+            };
+            let n = decoder
+                .read(buf)
+                .map_err(|e| io::Error::new(e.kind(), format!("gzip: {e}")))?;
+            if n > 0 {
+                return Ok(n);
+            }
+            // End of a member: does another one follow?
+            let decoder = self.member.take().expect("checked above");
+            let mut inner = decoder.into_inner();
+            let next = match inner.fill_buf() {
+                Ok(peek) => matches!(peek, [0x1f, 0x8b, ..] | [0x1f]),
+                Err(e) => {
+                    self.rest = Some(inner);
+                    return Err(e);
+                }
+            };
+            if next {
+                self.member = Some(GzDecoder::new(inner));
+            } else {
+                self.rest = Some(inner);
+                return Ok(0);
+            }
+        }
+    }
+}
+
+/// Counts decompressed bytes and refuses to read more than the budget allows.
+struct Budget<R> {
+    inner: R,
+    state: Rc<StreamState>,
+}
+
+impl<R: Read> Read for Budget<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let st = &self.state;
+        let left = st.allowed.get().saturating_sub(st.read.get());
+        // With no budget left, still read one byte to tell EOF from excess data.
+        let max = left.clamp(1, buf.len() as u64) as usize;
+        let n = self.inner.read(&mut buf[..max])?;
+        if n == 0 {
+            st.eof.set(true);
+            return Ok(0);
+        }
+        if left == 0 {
+            st.over_budget.set(true);
+            return Err(io::Error::other("decompressed data exceeds the budget"));
+        }
+        st.read.set(st.read.get() + n as u64);
+        Ok(n)
+    }
+}
+
+fn drain<R: Read>(r: &mut R) -> io::Result<()> {
+    let mut buf = vec![0; BUF_SIZE];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// What is at the final path of an entry before it is created.
+enum Existing {
+    Nothing,
+    Dir,
+    Other,
+}
+
+struct Extractor<'a> {
+    dest: &'a Path,
+    limits: &'a Limits,
+    state: Rc<StreamState>,
+    out: Unpacked,
+    entries: u64,
+    /// Regular files extracted so far (relative, normalized): valid hard link targets.
+    files: HashSet<PathBuf>,
+    buf: Vec<u8>,
+}
+
+impl Extractor<'_> {
+    fn entry<T: Read>(&mut self, e: &mut tar::Entry<'_, T>) -> Result<(), UnpackError> {
+        self.entries += 1;
+        if self.entries > self.limits.max_entries {
+            return Err(UnpackError::TooManyEntries {
+                limit: self.limits.max_entries,
+            });
+        }
+        self.state.grant(OVERHEAD_PER_ENTRY);
+
+        let raw_path = e.path_bytes().into_owned();
+        let name = String::from_utf8_lossy(&raw_path).into_owned();
+        let header = e.header();
+        let mut kind = header.entry_type();
+        // Old (v7) archives mark directories only with a trailing slash; like GNU tar,
+        // a "regular file" whose name ends in `/` is a directory.
+        if matches!(kind, EntryType::Regular | EntryType::Continuous) && raw_path.ends_with(b"/") {
+            kind = EntryType::Directory;
+        }
+        match kind {
+            EntryType::XGlobalHeader => return Ok(()),
+            EntryType::Regular
+            | EntryType::Continuous
+            | EntryType::Directory
+            | EntryType::Symlink
+            | EntryType::Link => {}
+            other => {
+                return Err(UnpackError::Special {
+                    entry: name,
+                    kind: kind_name(other),
+                });
+            }
+        }
+        let mode = header.mode().map_err(|err| UnpackError::Corrupt {
+            detail: format!("entry {name:?}: {err}"),
+        })?;
+        let mtime = header.mtime().ok();
+        let rel = normalize(&name, &raw_path)?;
+        if rel.as_os_str().is_empty() && kind != EntryType::Directory {
+            return Err(UnpackError::EmptyPath { entry: name });
+        }
+
+        match kind {
+            EntryType::Directory => self.dir(&name, &rel, mode),
+            EntryType::Symlink => {
+                let target = link_target(e);
+                self.symlink(&name, &rel, &target)
+            }
+            EntryType::Link => {
+                let target = link_target(e);
+                self.hardlink(&name, &rel, &target)
+            }
+            _ => self.file(e, &name, &rel, mode, mtime),
+        }
+    }
+
+    fn dir(&mut self, name: &str, rel: &Path, mode: u32) -> Result<(), UnpackError> {
+        if rel.as_os_str().is_empty() {
+            return Ok(()); // `./`: the destination itself
+        }
+        let (full, existing) = self.prepare(name, rel)?;
+        match existing {
+            Existing::Nothing => DirBuilder::new()
+                .mode(0o755)
+                .create(&full)
+                .map_err(io_err(name))?,
+            Existing::Dir => {}
+            Existing::Other => return Err(UnpackError::Duplicate { entry: name.into() }),
+        }
+        // `full` is a real directory (checked or just created), so chmod cannot follow a
+        // symlink.
+        fs::set_permissions(&full, fs::Permissions::from_mode((mode & 0o777) | 0o700))
+            .map_err(io_err(name))?;
+        self.out.dirs += 1;
+        Ok(())
+    }
+
+    fn file<T: Read>(
+        &mut self,
+        e: &mut tar::Entry<'_, T>,
+        name: &str,
+        rel: &Path,
+        mode: u32,
+        mtime: Option<u64>,
+    ) -> Result<(), UnpackError> {
+        if let Some(exts) = e.pax_extensions().map_err(|err| self.state.classify(err))? {
+            for ext in exts {
+                let ext = ext.map_err(|err| UnpackError::Corrupt {
+                    detail: format!("entry {name:?}: bad pax header: {err}"),
+                })?;
+                if ext.key_bytes().starts_with(b"GNU.sparse.") {
+                    return Err(UnpackError::Special {
+                        entry: name.into(),
+                        kind: "sparse file".into(),
+                    });
+                }
+            }
+        }
+        let size = e.size();
+        let limit = self.limits.max_total_bytes;
+        if size > limit - self.out.bytes {
+            return Err(UnpackError::TooLarge { limit });
+        }
+        let (full, existing) = self.prepare(name, rel)?;
+        if !matches!(existing, Existing::Nothing) {
+            return Err(UnpackError::Duplicate { entry: name.into() });
+        }
+        // O_EXCL also refuses a symlink at the final component; O_NOFOLLOW for good measure.
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&full)
+            .map_err(io_err(name))?;
+
+        self.state.grant(size);
+        self.state
+            .content
+            .set(self.state.content.get().saturating_add(size));
+        let mut written = 0u64;
+        loop {
+            let n = match e.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => return Err(self.state.classify(err)),
+            };
+            written += n as u64;
+            if written > limit - self.out.bytes {
+                return Err(UnpackError::TooLarge { limit });
+            }
+            file.write_all(&self.buf[..n]).map_err(io_err(name))?;
+        }
+        if written != size {
+            return Err(UnpackError::Corrupt {
+                detail: format!("entry {name:?}: truncated ({written} of {size} bytes)"),
+            });
+        }
+        file.set_permissions(fs::Permissions::from_mode(mode & 0o777))
+            .map_err(io_err(name))?;
+        if let Some(t) =
+            mtime.and_then(|s| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(s)))
+        {
+            file.set_modified(t).map_err(io_err(name))?;
+        }
+        self.out.files += 1;
+        self.out.bytes += written;
+        self.files.insert(rel.to_path_buf());
+        Ok(())
+    }
+
+    fn symlink(&mut self, name: &str, rel: &Path, target: &[u8]) -> Result<(), UnpackError> {
+        let escapes = || UnpackError::LinkEscapes {
+            entry: name.into(),
+            target: String::from_utf8_lossy(target).into_owned(),
+        };
+        if target.is_empty() {
+            return Err(UnpackError::Corrupt {
+                detail: format!("symlink {name:?} has an empty target"),
+            });
+        }
+        let target = Path::new(OsStr::from_bytes(target));
+        // Directories we can climb from the link's parent without leaving `dest`.
+        let mut up = rel.components().count().saturating_sub(1);
+        let mut seen_name = false;
+        for c in target.components() {
+            match c {
+                Component::CurDir => {}
+                Component::Normal(_) => seen_name = true,
+                Component::ParentDir if !seen_name && up > 0 => up -= 1,
+                Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
+                    return Err(escapes());
+                }
+            }
+        }
+        let (full, existing) = self.prepare(name, rel)?;
+        if !matches!(existing, Existing::Nothing) {
+            return Err(UnpackError::Duplicate { entry: name.into() });
+        }
+        std::os::unix::fs::symlink(target, &full).map_err(io_err(name))?;
+        self.out.symlinks += 1;
+        Ok(())
+    }
+
+    fn hardlink(&mut self, name: &str, rel: &Path, target: &[u8]) -> Result<(), UnpackError> {
+        let target_name = String::from_utf8_lossy(target).into_owned();
+        let target_rel = match normalize(&target_name, target) {
+            Ok(t) => t,
+            Err(UnpackError::AbsolutePath { .. } | UnpackError::ParentDir { .. }) => {
+                return Err(UnpackError::HardlinkEscapes {
+                    entry: name.into(),
+                    target: target_name,
+                });
+            }
+            Err(_) => PathBuf::new(),
+        };
+        let bad_target = || UnpackError::HardlinkTarget {
+            entry: name.into(),
+            target: target_name.clone(),
+        };
+        if !self.files.contains(&target_rel) {
+            return Err(bad_target());
+        }
+        let src = self.dest.join(&target_rel);
+        match fs::symlink_metadata(&src) {
+            Ok(m) if m.file_type().is_file() => {}
+            _ => return Err(bad_target()),
+        }
+        let (full, existing) = self.prepare(name, rel)?;
+        if !matches!(existing, Existing::Nothing) {
+            return Err(UnpackError::Duplicate { entry: name.into() });
+        }
+        // link(2) does not follow a symlink in `src` (and `src` is a regular file).
+        fs::hard_link(&src, &full).map_err(io_err(name))?;
+        self.out.files += 1;
+        self.files.insert(rel.to_path_buf());
+        Ok(())
+    }
+
+    /// Makes sure every parent of `rel` under `dest` is a real directory (creating
+    /// missing ones) and reports what is at `rel` itself. Refuses symlinks anywhere.
+    fn prepare(&self, name: &str, rel: &Path) -> Result<(PathBuf, Existing), UnpackError> {
+        let mut full = self.dest.to_path_buf();
+        let mut comps = rel.components().peekable();
+        while let Some(c) = comps.next() {
+            full.push(c);
+            let meta = match fs::symlink_metadata(&full) {
+                Ok(m) => Some(m),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(io_err(name)(e)),
+            };
+            let ft = meta.map(|m| m.file_type());
+            if ft.is_some_and(|t| t.is_symlink()) {
+                return Err(UnpackError::ThroughSymlink { entry: name.into() });
+            }
+            if comps.peek().is_none() {
+                let existing = match ft {
+                    None => Existing::Nothing,
+                    Some(t) if t.is_dir() => Existing::Dir,
+                    Some(_) => Existing::Other,
+                };
+                return Ok((full, existing));
+            }
+            match ft {
+                Some(t) if t.is_dir() => {}
+                Some(_) => return Err(UnpackError::NotADirectory { entry: name.into() }),
+                None => DirBuilder::new()
+                    .mode(0o755)
+                    .create(&full)
+                    .map_err(io_err(name))?,
+            }
+        }
+        Err(UnpackError::EmptyPath { entry: name.into() })
+    }
+}
+
+fn link_target<T: Read>(e: &tar::Entry<'_, T>) -> Vec<u8> {
+    e.link_name_bytes().map(Cow::into_owned).unwrap_or_default()
+}
+
+/// Relative path made of normal components only; `.` components are dropped.
+fn normalize(name: &str, raw: &[u8]) -> Result<PathBuf, UnpackError> {
+    if raw.is_empty() {
+        return Err(UnpackError::EmptyPath { entry: name.into() });
+    }
+    let mut out = PathBuf::new();
+    for c in Path::new(OsStr::from_bytes(raw)).components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            Component::ParentDir => return Err(UnpackError::ParentDir { entry: name.into() }),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(UnpackError::AbsolutePath { entry: name.into() });
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn kind_name(kind: EntryType) -> String {
+    match kind {
+        EntryType::Char => "character device".into(),
+        EntryType::Block => "block device".into(),
+        EntryType::Fifo => "fifo".into(),
+        EntryType::GNUSparse => "sparse file".into(),
+        EntryType::XHeader => "stray pax header".into(),
+        EntryType::GNULongName | EntryType::GNULongLink => "stray GNU long name".into(),
+        other => format!("unsupported type {:?}", other.as_byte() as char),
+    }
+}
+
+fn io_err(name: &str) -> impl Fn(io::Error) -> UnpackError + '_ {
+    move |source| UnpackError::Io {
+        entry: name.into(),
+        source,
+    }
+}
+
+/// A `Read` adapter that hashes (SHA-256) and counts everything read through it.
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<R> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Bytes read so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Hex SHA-256 of everything read, and its length in bytes.
+    pub fn finish(self) -> (String, u64) {
+        (hex::encode(self.hasher.finalize()), self.bytes)
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// A blocking `Read` over chunks received from a channel (e.g. an async upload handler
+/// feeding a `spawn_blocking` unpacker). EOF when every sender is dropped; a producer
+/// that fails mid-upload should just drop its sender: the truncated gzip/tar stream is
+/// then reported as corrupt.
+pub struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl ChannelReader {
+    pub fn new(rx: tokio::sync::mpsc::Receiver<Vec<u8>>) -> Self {
+        ChannelReader {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        while self.pos >= self.chunk.len() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::Compression;
+    use flate2::write::GzEncoder;
+    use std::os::unix::fs::MetadataExt;
+    use tar::Header;
+
+    // ---- archive building -------------------------------------------------------
+
+    struct Tb(tar::Builder<Vec<u8>>);
+
+    impl Tb {
+        fn new() -> Self {
+            Tb(tar::Builder::new(Vec::new()))
+        }
+
+        /// Appends a header written byte by byte, bypassing the builder's path checks.
+        fn raw(mut self, name: &[u8], ty: EntryType, mode: u32, link: &[u8], data: &[u8]) -> Self {
+            let mut h = Header::new_gnu();
+            h.as_old_mut().name[..name.len()].copy_from_slice(name);
+            h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
+            h.set_entry_type(ty);
+            if ty == EntryType::GNUSparse {
+                h.as_gnu_mut().unwrap().set_real_size(0);
+            }
+            h.set_mode(mode);
+            h.set_size(data.len() as u64);
+            h.set_mtime(1_600_000_000);
+            h.set_cksum();
+            self.0.append(&h, data).unwrap();
+            self
+        }
+
+        fn file(self, name: &str, mode: u32, data: &[u8]) -> Self {
+            self.raw(name.as_bytes(), EntryType::Regular, mode, b"", data)
+        }
+
+        fn dir(self, name: &str, mode: u32) -> Self {
+            self.raw(name.as_bytes(), EntryType::Directory, mode, b"", b"")
+        }
+
+        fn symlink(self, name: &str, target: &str) -> Self {
+            let t = target.as_bytes();
+            self.raw(name.as_bytes(), EntryType::Symlink, 0o777, t, b"")
+        }
+
+        fn hardlink(self, name: &str, target: &str) -> Self {
+            let t = target.as_bytes();
+            self.raw(name.as_bytes(), EntryType::Link, 0o644, t, b"")
+        }
+
+        /// Long path: the builder emits a GNU long-name entry.
+        fn long_file(mut self, path: &str, data: &[u8]) -> Self {
+            let mut h = Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            self.0.append_data(&mut h, path, data).unwrap();
+            self
+        }
+
+        fn tar(self) -> Vec<u8> {
+            self.0.into_inner().unwrap()
+        }
+
+        fn tgz(self) -> Vec<u8> {
+            gz(&self.tar())
+        }
+    }
+
+    fn gz(data: &[u8]) -> Vec<u8> {
+        let mut e = GzEncoder::new(Vec::new(), Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn sha256_hex(data: &[u8]) -> String {
+        hex::encode(Sha256::digest(data))
+    }
+
+    // ---- sandbox ------------------------------------------------------------------
+
+    /// `root/dest` is the destination; `root/sentinel.txt` must never change and
+    /// nothing else may appear in `root`.
+    struct Sandbox {
+        _tmp: tempfile::TempDir,
+        root: PathBuf,
+        dest: PathBuf,
+    }
+
+    fn sandbox() -> Sandbox {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let dest = root.join("dest");
+        fs::create_dir(&dest).unwrap();
+        fs::write(root.join("sentinel.txt"), b"sentinel").unwrap();
+        Sandbox {
+            _tmp: tmp,
+            root,
+            dest,
+        }
+    }
+
+    impl Sandbox {
+        fn unpack(&self, data: &[u8]) -> Result<Unpacked, UnpackError> {
+            unpack_tar_gz(data, &self.dest, &Limits::default())
+        }
+
+        fn assert_contained(&self) {
+            let mut names: Vec<_> = fs::read_dir(&self.root)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            assert_eq!(names, ["dest", "sentinel.txt"]);
+            let sentinel = self.root.join("sentinel.txt");
+            let meta = fs::symlink_metadata(&sentinel).unwrap();
+            assert!(meta.file_type().is_file());
+            assert_eq!(meta.nlink(), 1);
+            assert_eq!(fs::read(&sentinel).unwrap(), b"sentinel");
+            assert!(fs::symlink_metadata(&self.dest).unwrap().is_dir());
+        }
+
+        /// Unpacks an archive that must be refused; checks containment.
+        fn refuse(&self, data: &[u8]) -> UnpackError {
+            let err = self.unpack(data).expect_err("archive must be refused");
+            self.assert_contained();
+            err
+        }
+
+        fn absent(&self, rel: &str) -> bool {
+            fs::symlink_metadata(self.dest.join(rel)).is_err()
+        }
+    }
+
+    fn mode_of(p: &Path) -> u32 {
+        fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    // ---- happy path ---------------------------------------------------------------
+
+    #[test]
+    fn normal_archive() {
+        let sb = sandbox();
+        let long = format!("app/{}/deep.txt", "x".repeat(150));
+        let data = Tb::new()
+            .dir("./", 0o755)
+            .dir("./app/", 0o755)
+            .dir("app/bin/", 0o750)
+            .file("app/bin/run", 0o755, b"#!/bin/sh\necho hi\n")
+            .file("./app/data/config.txt", 0o644, b"key=value\n") // implicit parent
+            .symlink("app/current", "bin/run")
+            .symlink("app/lib/up", "../data/config.txt")
+            .symlink("app/self", ".")
+            .hardlink("app/hard", "./app/data/config.txt")
+            .dir("app/bin", 0o755) // repeated directory entry is fine
+            .long_file(&long, b"long")
+            .tgz();
+        let out = sb.unpack(&data).unwrap();
+        sb.assert_contained();
+        assert_eq!(
+            out,
+            Unpacked {
+                files: 4,
+                dirs: 3,
+                symlinks: 3,
+                bytes: 18 + 10 + 4,
+            }
+        );
+        let d = &sb.dest;
+        assert_eq!(
+            fs::read(d.join("app/bin/run")).unwrap(),
+            b"#!/bin/sh\necho hi\n"
+        );
+        assert_eq!(mode_of(&d.join("app/bin/run")), 0o755);
+        assert_eq!(mode_of(&d.join("app/data/config.txt")), 0o644);
+        assert_eq!(mode_of(&d.join("app/bin")), 0o755);
+        assert_eq!(
+            fs::read_link(d.join("app/current")).unwrap(),
+            Path::new("bin/run")
+        );
+        assert_eq!(
+            fs::read(d.join("app/current")).unwrap(),
+            b"#!/bin/sh\necho hi\n"
+        );
+        assert_eq!(fs::read(d.join("app/lib/up")).unwrap(), b"key=value\n");
+        assert_eq!(fs::read(d.join("app/hard")).unwrap(), b"key=value\n");
+        assert_eq!(fs::metadata(d.join("app/hard")).unwrap().nlink(), 2);
+        assert_eq!(fs::read(d.join(&long)).unwrap(), b"long");
+        let mtime = fs::metadata(d.join("app/bin/run")).unwrap().mtime();
+        assert_eq!(mtime, 1_600_000_000);
+    }
+
+    #[test]
+    fn old_style_directory_with_trailing_slash() {
+        let sb = sandbox();
+        let data = Tb::new()
+            .raw(b"olddir/", EntryType::Regular, 0o755, b"", b"")
+            .raw(b"olddir/f", EntryType::Regular, 0o644, b"", b"x")
+            .tar();
+        // v7 type flag NUL instead of '0' (checksum is unaffected: both headers hold
+        // the same sum after recomputing below).
+        let mut data = data;
+        for off in [156, 512 + 156] {
+            data[off] = 0;
+            let mut h = Header::new_old();
+            h.as_mut_bytes()
+                .copy_from_slice(&data[off - 156..off - 156 + 512]);
+            h.set_cksum();
+            data[off - 156..off - 156 + 512].copy_from_slice(h.as_bytes());
+        }
+        let data = gz(&data);
+        let out = sb.unpack(&data).unwrap();
+        assert_eq!((out.dirs, out.files), (1, 1));
+        assert!(sb.dest.join("olddir").is_dir());
+        assert_eq!(fs::read(sb.dest.join("olddir/f")).unwrap(), b"x");
+    }
+
+    // ---- path refusals ------------------------------------------------------------
+
+    #[test]
+    fn refuses_absolute_path() {
+        let sb = sandbox();
+        // Points into the sandbox root, so a bug would show up in assert_contained.
+        let abs = format!("{}/abs_evil", sb.root.display());
+        assert!(abs.len() < 100);
+        let data = Tb::new().file(&abs, 0o644, b"evil").tgz();
+        let err = sb.refuse(&data);
+        assert!(
+            matches!(err, UnpackError::AbsolutePath { ref entry } if *entry == abs),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn refuses_parent_dir() {
+        for name in [
+            "../evil",
+            "a/../../evil",
+            "./a/b/../../../sentinel.txt",
+            "a/..",
+        ] {
+            let sb = sandbox();
+            let data = Tb::new()
+                .file("ok", 0o644, b"ok")
+                .file(name, 0o644, b"evil")
+                .tgz();
+            let err = sb.refuse(&data);
+            assert!(
+                matches!(err, UnpackError::ParentDir { ref entry } if entry == name),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_empty_name() {
+        for name in ["", ".", "./."] {
+            let sb = sandbox();
+            let data = Tb::new().file(name, 0o644, b"x").tgz();
+            let err = sb.refuse(&data);
+            assert!(
+                matches!(err, UnpackError::EmptyPath { .. }),
+                "{name:?}: {err}"
+            );
+        }
+    }
+
+    // ---- symlinks -----------------------------------------------------------------
+
+    #[test]
+    fn refuses_symlink_escaping_relative() {
+        for (name, target) in [
+            ("link", ".."),
+            ("link", "../"),
+            ("a/link", "../../etc"),
+            ("a/b/link", "../../../sentinel.txt"),
+            ("self", "./.."),
+        ] {
+            let sb = sandbox();
+            // Even if the link were created, the next entry would write through it.
+            let data = Tb::new()
+                .symlink(name, target)
+                .file(&format!("{name}/evil"), 0o644, b"evil")
+                .tgz();
+            let err = sb.refuse(&data);
+            assert!(
+                matches!(err, UnpackError::LinkEscapes { ref entry, target: ref t }
+                    if entry == name && t == target),
+                "{err}"
+            );
+            assert!(sb.absent(name));
+        }
+    }
+
+    #[test]
+    fn refuses_symlink_absolute_target() {
+        let sb = sandbox();
+        let target = sb.root.join("sentinel.txt").display().to_string();
+        let data = Tb::new()
+            .symlink("abs", &target)
+            .file("abs", 0o644, b"overwritten")
+            .tgz();
+        let err = sb.refuse(&data);
+        assert!(matches!(err, UnpackError::LinkEscapes { .. }), "{err}");
+        assert!(sb.absent("abs"));
+    }
+
+    #[test]
+    fn refuses_dotdot_after_name_in_symlink_target() {
+        // `top -> .` is fine. `a/up -> ../top/..` stays inside dest lexically, but the
+        // kernel follows `top` to dest and then `..` leads to dest's parent.
+        for (name, target) in [("up", "top/.."), ("a/up", "../top/..")] {
+            let sb = sandbox();
+            let data = Tb::new()
+                .symlink("top", ".")
+                .dir("a/", 0o755)
+                .symlink(name, target)
+                .file(&format!("{name}/evil"), 0o644, b"evil")
+                .tgz();
+            let err = sb.refuse(&data);
+            assert!(
+                matches!(err, UnpackError::LinkEscapes { ref entry, .. } if entry == name),
+                "{err}"
+            );
+            assert!(sb.absent(name));
+        }
+    }
+
+    #[test]
+    fn refuses_hardlink_to_file_not_from_archive() {
+        let sb = sandbox();
+        fs::write(sb.dest.join("preexisting"), b"x").unwrap();
+        let err = sb.refuse(&Tb::new().hardlink("h", "preexisting").tgz());
+        assert!(matches!(err, UnpackError::HardlinkTarget { .. }), "{err}");
+        assert!(sb.absent("h"));
+    }
+
+    #[test]
+    fn refuses_writing_through_internal_symlink() {
+        let sb = sandbox();
+        let data = Tb::new()
+            .dir("sub/", 0o755)
+            .symlink("link", "sub")
+            .file("link/file", 0o644, b"x")
+            .tgz();
+        let err = sb.refuse(&data);
+        assert!(
+            matches!(err, UnpackError::ThroughSymlink { ref entry } if entry == "link/file"),
+            "{err}"
+        );
+        assert!(sb.absent("sub/file"));
+    }
+
+    #[test]
+    fn refuses_entry_replacing_symlink() {
+        let kinds: [fn(Tb) -> Tb; 4] = [
+            |t| t.file("l", 0o644, b"overwrite"),
+            |t| t.dir("l/", 0o755),
+            |t| t.symlink("l", "other"),
+            |t| t.hardlink("l", "sub/f"),
+        ];
+        for add in kinds {
+            let sb = sandbox();
+            let data = add(Tb::new()
+                .file("sub/f", 0o644, b"orig")
+                .symlink("l", "sub/f"))
+            .tgz();
+            let err = sb.refuse(&data);
+            assert!(
+                matches!(err, UnpackError::ThroughSymlink { ref entry } if entry.starts_with('l')),
+                "{err}"
+            );
+            assert_eq!(fs::read(sb.dest.join("sub/f")).unwrap(), b"orig");
+            assert_eq!(
+                fs::read_link(sb.dest.join("l")).unwrap(),
+                Path::new("sub/f")
+            );
+        }
+    }
+
+    // ---- hard links ---------------------------------------------------------------
+
+    #[test]
+    fn refuses_hardlink_outside() {
+        for target in ["../sentinel.txt", "/etc/passwd"] {
+            let sb = sandbox();
+            let data = Tb::new().hardlink("h", target).tgz();
+            let err = sb.refuse(&data);
+            assert!(
+                matches!(err, UnpackError::HardlinkEscapes { ref entry, target: ref t }
+                    if entry == "h" && t == target),
+                "{err}"
+            );
+            assert!(sb.absent("h"));
+        }
+    }
+
+    #[test]
+    fn refuses_hardlink_to_missing_dir_or_symlink() {
+        for target in ["missing", "d", "s", "later", ""] {
+            let sb = sandbox();
+            let data = Tb::new()
+                .dir("d/", 0o755)
+                .file("f", 0o644, b"f")
+                .symlink("s", "f")
+                .hardlink("h", target)
+                .file("later", 0o644, b"x")
+                .tgz();
+            let err = sb.refuse(&data);
+            assert!(
+                matches!(err, UnpackError::HardlinkTarget { ref entry, .. } if entry == "h"),
+                "{target}: {err}"
+            );
+            assert!(sb.absent("h"));
+        }
+    }
+
+    // ---- special types ------------------------------------------------------------
+
+    #[test]
+    fn refuses_special_files() {
+        for (ty, kind) in [
+            (EntryType::Char, "character device"),
+            (EntryType::Block, "block device"),
+            (EntryType::Fifo, "fifo"),
+            (EntryType::GNUSparse, "sparse file"),
+            (EntryType::new(b'V'), "unsupported type 'V'"),
+        ] {
+            let sb = sandbox();
+            let data = Tb::new().raw(b"dev/thing", ty, 0o644, b"", b"").tgz();
+            let err = sb.refuse(&data);
+            assert!(
+                matches!(err, UnpackError::Special { ref entry, kind: ref k }
+                    if entry == "dev/thing" && k == kind),
+                "{err}"
+            );
+            assert!(sb.absent("dev"));
+        }
+    }
+
+    #[test]
+    fn refuses_pax_sparse_file() {
+        let sb = sandbox();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("GNU.sparse.major", b"1".as_slice())])
+            .unwrap();
+        let mut h = Header::new_ustar();
+        h.set_size(3);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "sparse", b"abc".as_slice()).unwrap();
+        let err = sb.refuse(&gz(&b.into_inner().unwrap()));
+        assert!(
+            matches!(err, UnpackError::Special { ref kind, .. } if kind == "sparse file"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn refuses_duplicate_file_and_file_as_parent() {
+        let sb = sandbox();
+        let err = sb.refuse(
+            &Tb::new()
+                .file("f", 0o644, b"1")
+                .file("./f", 0o644, b"2")
+                .tgz(),
+        );
+        assert!(
+            matches!(err, UnpackError::Duplicate { ref entry } if entry == "./f"),
+            "{err}"
+        );
+        assert_eq!(fs::read(sb.dest.join("f")).unwrap(), b"1");
+
+        let sb = sandbox();
+        let err = sb.refuse(&Tb::new().file("f", 0o644, b"1").dir("f/", 0o755).tgz());
+        assert!(matches!(err, UnpackError::Duplicate { .. }), "{err}");
+
+        let sb = sandbox();
+        let err = sb.refuse(
+            &Tb::new()
+                .file("f", 0o644, b"1")
+                .file("f/g", 0o644, b"2")
+                .tgz(),
+        );
+        assert!(matches!(err, UnpackError::NotADirectory { .. }), "{err}");
+    }
+
+    // ---- modes --------------------------------------------------------------------
+
+    #[test]
+    fn drops_setuid_setgid_sticky_and_keeps_dirs_usable() {
+        let sb = sandbox();
+        let data = Tb::new()
+            .file("suid", 0o4755, b"x")
+            .file("sgid", 0o2750, b"x")
+            .file("none", 0o000, b"x")
+            .dir("sticky/", 0o1777)
+            .dir("ro/", 0o555)
+            .file("ro/inside", 0o644, b"x")
+            .tgz();
+        sb.unpack(&data).unwrap();
+        let d = &sb.dest;
+        assert_eq!(mode_of(&d.join("suid")), 0o755);
+        assert_eq!(mode_of(&d.join("sgid")), 0o750);
+        assert_eq!(mode_of(&d.join("none")), 0o000);
+        assert_eq!(mode_of(&d.join("sticky")), 0o777);
+        assert_eq!(mode_of(&d.join("ro")), 0o755);
+        assert!(d.join("ro/inside").is_file());
+    }
+
+    // ---- limits -------------------------------------------------------------------
+
+    #[test]
+    fn size_cap() {
+        let data = Tb::new()
+            .file("a", 0o644, &[1; 600])
+            .file("b", 0o644, &[2; 400])
+            .tgz();
+        let limits = |max_total_bytes| Limits {
+            max_total_bytes,
+            ..Limits::default()
+        };
+        let sb = sandbox();
+        let out = unpack_tar_gz(data.as_slice(), &sb.dest, &limits(1000)).unwrap();
+        assert_eq!(out.bytes, 1000);
+
+        let sb = sandbox();
+        let err = unpack_tar_gz(data.as_slice(), &sb.dest, &limits(999)).unwrap_err();
+        sb.assert_contained();
+        assert!(matches!(err, UnpackError::TooLarge { limit: 999 }), "{err}");
+        assert!(sb.absent("b"));
+    }
+
+    #[test]
+    fn entry_cap() {
+        let data = Tb::new()
+            .dir("d/", 0o755)
+            .file("d/a", 0o644, b"a")
+            .file("d/b", 0o644, b"b")
+            .tgz();
+        let limits = |max_entries| Limits {
+            max_entries,
+            ..Limits::default()
+        };
+        let sb = sandbox();
+        assert!(unpack_tar_gz(data.as_slice(), &sb.dest, &limits(3)).is_ok());
+        let sb = sandbox();
+        let err = unpack_tar_gz(data.as_slice(), &sb.dest, &limits(2)).unwrap_err();
+        sb.assert_contained();
+        assert!(
+            matches!(err, UnpackError::TooManyEntries { limit: 2 }),
+            "{err}"
+        );
+        assert!(sb.absent("d/b"));
+    }
+
+    #[test]
+    fn overhead_cap_stops_decompression_bombs() {
+        let limits = Limits::default();
+        // Zeros after the end-of-archive blocks.
+        let mut tar = Tb::new().file("f", 0o644, b"x").tar();
+        let ok_len = tar.len();
+        tar.resize(ok_len + 300_000, 0);
+        let sb = sandbox();
+        let err = unpack_impl(gz(&tar).as_slice(), &sb.dest, &limits, 100_000).unwrap_err();
+        sb.assert_contained();
+        assert!(matches!(err, UnpackError::Overhead { .. }), "{err}");
+        // ... but a little padding is fine.
+        tar.truncate(ok_len + 10_240);
+        let sb = sandbox();
+        unpack_impl(gz(&tar).as_slice(), &sb.dest, &limits, 100_000).unwrap();
+
+        // A directory entry claiming lots of (skipped) data.
+        let data = Tb::new()
+            .raw(b"d/", EntryType::Directory, 0o755, b"", &[0; 300_000])
+            .tgz();
+        let sb = sandbox();
+        let err = unpack_impl(data.as_slice(), &sb.dest, &limits, 100_000).unwrap_err();
+        sb.assert_contained();
+        assert!(matches!(err, UnpackError::Overhead { .. }), "{err}");
+    }
+
+    // ---- corruption ---------------------------------------------------------------
+
+    #[test]
+    fn corrupt_gzip() {
+        let good = Tb::new().file("f", 0o644, &[7; 5000]).tgz();
+        let mut flipped = good.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0xff;
+        let mut bad_crc = good.clone();
+        let n = bad_crc.len();
+        bad_crc[n - 8] ^= 0xff;
+        for data in [
+            b"definitely not gzip".to_vec(),
+            Vec::new(),
+            flipped,
+            bad_crc,
+        ] {
+            let sb = sandbox();
+            let err = sb.refuse(&data);
+            assert!(matches!(err, UnpackError::Corrupt { .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn truncated_archives() {
+        let tar = Tb::new()
+            .file("a", 0o644, &[1; 3000])
+            .file("b", 0o644, &[2; 3000])
+            .tar();
+        let tgz = gz(&tar);
+        let cases = [
+            gz(&tar[..512 + 1000]),        // inside file data
+            gz(&tar[..512 + 3072]),        // at an entry boundary, no end blocks
+            gz(&tar[..512 + 3072 + 100]),  // inside a header
+            tgz[..tgz.len() - 4].to_vec(), // gzip trailer cut
+            tgz[..tgz.len() / 2].to_vec(), // gzip stream cut
+        ];
+        for data in cases {
+            let sb = sandbox();
+            let err = sb.refuse(&data);
+            assert!(matches!(err, UnpackError::Corrupt { .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn reader_errors_are_reported_as_read_errors() {
+        struct Failing<'a>(&'a [u8]);
+        impl Read for Failing<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0.is_empty() {
+                    return Err(io::Error::new(io::ErrorKind::ConnectionReset, "boom"));
+                }
+                self.0.read(buf)
+            }
+        }
+        let data = Tb::new().file("f", 0o644, &[1; 100_000]).tgz();
+        let sb = sandbox();
+        let err = unpack_tar_gz(
+            Failing(&data[..data.len() / 2]),
+            &sb.dest,
+            &Limits::default(),
+        )
+        .unwrap_err();
+        sb.assert_contained();
+        assert!(
+            matches!(err, UnpackError::Read { ref source } if source.kind() == io::ErrorKind::ConnectionReset),
+            "{err}"
+        );
+    }
+
+    // ---- hashing and streaming ----------------------------------------------------
+
+    #[test]
+    fn hashing_reader_sees_whole_input_including_trailing_garbage() {
+        let tar = Tb::new().file("f", 0o644, b"hello").tar();
+        let mut padded = tar.clone();
+        padded.resize(tar.len() + 8192, 0); // decompressed padding after the end blocks
+        for mut data in [gz(&tar), gz(&padded)] {
+            data.extend_from_slice(b"trailing garbage that is not gzip");
+            let sb = sandbox();
+            let mut hr = HashingReader::new(data.as_slice());
+            let out = unpack_tar_gz(&mut hr, &sb.dest, &Limits::default()).unwrap();
+            assert_eq!(out.files, 1);
+            assert_eq!(hr.finish(), (sha256_hex(&data), data.len() as u64));
+        }
+    }
+
+    #[test]
+    fn hashing_reader_digest_equals_input_digest() {
+        let data = Tb::new()
+            .dir("d/", 0o755)
+            .file(
+                "d/big",
+                0o644,
+                &(0..200_000u32).map(|i| i as u8).collect::<Vec<_>>(),
+            )
+            .tgz();
+        let sb = sandbox();
+        let mut hr = HashingReader::new(data.as_slice());
+        unpack_tar_gz(&mut hr, &sb.dest, &Limits::default()).unwrap();
+        assert_eq!(hr.bytes_read(), data.len() as u64);
+        let (digest, n) = hr.finish();
+        assert_eq!(digest, sha256_hex(&data));
+        assert_eq!(n, data.len() as u64);
+        assert_eq!(fs::metadata(sb.dest.join("d/big")).unwrap().len(), 200_000);
+    }
+
+    #[test]
+    fn concatenated_gzip_members() {
+        let tar = Tb::new()
+            .file("a", 0o644, b"aaa")
+            .file("b", 0o644, b"bbb")
+            .tar();
+        let mut data = gz(&tar[..700]);
+        data.extend(gz(&tar[700..]));
+        let sb = sandbox();
+        let out = sb.unpack(&data).unwrap();
+        assert_eq!(out.files, 2);
+        assert_eq!(fs::read(sb.dest.join("b")).unwrap(), b"bbb");
+    }
+
+    #[test]
+    fn channel_reader_from_another_thread() {
+        let data = Tb::new()
+            .file("x/one", 0o644, &[1; 70_000])
+            .symlink("x/two", "one")
+            .tgz();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        let chunks: Vec<Vec<u8>> = data.chunks(777).map(<[u8]>::to_vec).collect();
+        let producer = std::thread::spawn(move || {
+            tx.blocking_send(Vec::new()).unwrap(); // empty chunks are skipped
+            for c in chunks {
+                tx.blocking_send(c).unwrap();
+            }
+        });
+        let sb = sandbox();
+        let mut hr = HashingReader::new(ChannelReader::new(rx));
+        let out = unpack_tar_gz(&mut hr, &sb.dest, &Limits::default()).unwrap();
+        producer.join().unwrap();
+        assert_eq!(out.files, 1);
+        assert_eq!(out.symlinks, 1);
+        assert_eq!(hr.finish(), (sha256_hex(&data), data.len() as u64));
+        assert_eq!(fs::read(sb.dest.join("x/two")).unwrap(), vec![1; 70_000]);
+    }
+}

@@ -1,0 +1,2841 @@
+//! `deploy.toml`: reading, checking and resolving the controller's configuration.
+//!
+//! [`Config::load`] / [`Config::parse`] read the file and check every key and value of
+//! every environment; [`Config::environment`] returns one fully resolved [`Environment`].
+//! There is no default environment: every command names one.
+//!
+//! # Where a value comes from
+//!
+//! For the selected environment each key is taken from the first of:
+//!
+//! 1. a `DEPLOYCTL_*` environment variable (see [`ENV_OVERRIDES`]; empty values are ignored),
+//! 2. `[environments.NAME]` and its sub-tables,
+//! 3. `[defaults]` and its sub-tables,
+//! 4. the top level (`deploy_to` only),
+//! 5. the built-in default (documented on each [`Environment`] field).
+//!
+//! Tables (`release`, `health`, `rollout`, `verify`, `compose`) merge key by key, so
+//! `[environments.x.health] url = "..."` keeps the default `retries`. Arrays replace,
+//! they are not concatenated. Command-line flags are applied by the caller afterwards:
+//! every field of [`Environment`] is public.
+//!
+//! # Strings
+//!
+//! `${VAR}` in any string value read from the file is replaced by the variable's value.
+//! `$${` is a literal `${` (so `$${HOME}` reaches the server as `${HOME}`); a `$` not
+//! followed by `{` is kept as is. Variables whose name starts with `DEPLOY_`
+//! (`${DEPLOY_PORT}`, `${DEPLOY_INSTANCE}`, ...) are left untouched for the agent.
+//! Expansion happens when an environment is resolved: a variable that is unset is an
+//! error (naming the variable, key and line) only for the environments that use it, so a
+//! staging job does not need production's variables. `DEPLOYCTL_*` values are taken
+//! literally. `~` / `~/` at the start of `ssh_key` and `known_hosts` becomes `$HOME`.
+//! Relative paths (`release.artifact`, `compose.files`, `compose.env_file`) are kept as
+//! written, i.e. relative to the directory deployctl runs in.
+//!
+//! # Errors
+//!
+//! Every [`ConfigError`] names the key and where its value came from: `deploy.toml:12`,
+//! or the `DEPLOYCTL_*` variable that set it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::Ipv6Addr;
+use std::ops::{Range, RangeInclusive};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+/// Environment variables that override one key of the selected environment for one run.
+///
+/// | variable | key |
+/// | --- | --- |
+/// | `DEPLOYCTL_DEPLOY_TO` | `deploy_to` |
+/// | `DEPLOYCTL_HOSTS` | `hosts` (comma-separated) |
+/// | `DEPLOYCTL_USER` | `user` |
+/// | `DEPLOYCTL_SSH_KEY_PATH` | `ssh_key` |
+/// | `DEPLOYCTL_KNOWN_HOSTS` | `known_hosts` |
+/// | `DEPLOYCTL_ACCEPT_NEW_HOST_KEYS` | `accept_new_host_keys` (`true`/`false`/`1`/`0`/`yes`/`no`) |
+/// | `DEPLOYCTL_AGENT_SOCKET` | `agent_socket` |
+/// | `DEPLOYCTL_AGENT_BIN` | `agent_bin` |
+/// | `DEPLOYCTL_CONNECT_TIMEOUT` | `connect_timeout` |
+/// | `DEPLOYCTL_CONNECT_RETRIES` | `connect_retries` |
+/// | `DEPLOYCTL_STRATEGY` | `strategy` |
+/// | `DEPLOYCTL_KEEP_RELEASES` | `keep_releases` |
+/// | `DEPLOYCTL_MAX_PARALLEL` | `max_parallel` |
+/// | `DEPLOYCTL_CONFIRM` | `confirm` |
+/// | `DEPLOYCTL_ARTIFACT` | `release.artifact` |
+/// | `DEPLOYCTL_RELEASE_TIMEOUT` | `release.timeout` |
+/// | `DEPLOYCTL_MAX_UNPACKED_SIZE` | `release.max_unpacked_size` |
+/// | `DEPLOYCTL_HEALTH_URL` | `health.url` |
+/// | `DEPLOYCTL_HEALTH_EXPECT_STATUS` | `health.expect_status` |
+/// | `DEPLOYCTL_HEALTH_RETRIES` | `health.retries` |
+/// | `DEPLOYCTL_HEALTH_INTERVAL` | `health.interval` |
+/// | `DEPLOYCTL_HEALTH_REQUEST_TIMEOUT` | `health.request_timeout` |
+/// | `DEPLOYCTL_BATCH` | `rollout.batch` (`3` or `25%`) |
+/// | `DEPLOYCTL_CANARY` | `rollout.canary` |
+/// | `DEPLOYCTL_ON_FAILURE` | `rollout.on_failure` |
+/// | `DEPLOYCTL_VERIFY_URLS` | `verify.urls` (comma-separated) |
+/// | `DEPLOYCTL_COMPOSE_FILES` | `compose.files` (comma-separated) |
+/// | `DEPLOYCTL_COMPOSE_ENV_FILE` | `compose.env_file` |
+/// | `DEPLOYCTL_COMPOSE_PROJECT` | `compose.project` |
+/// | `DEPLOYCTL_COMPOSE_PULL` | `compose.pull` |
+/// | `DEPLOYCTL_COMPOSE_COMMAND` | `compose.compose_command` |
+///
+/// `DEPLOYCTL_SSH_KEY` is deliberately absent: it holds private key *text* (a CI secret)
+/// and is read by the SSH layer, not by the config.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("DEPLOYCTL_DEPLOY_TO", "deploy_to"),
+    ("DEPLOYCTL_HOSTS", "hosts"),
+    ("DEPLOYCTL_USER", "user"),
+    ("DEPLOYCTL_SSH_KEY_PATH", "ssh_key"),
+    ("DEPLOYCTL_KNOWN_HOSTS", "known_hosts"),
+    ("DEPLOYCTL_ACCEPT_NEW_HOST_KEYS", "accept_new_host_keys"),
+    ("DEPLOYCTL_AGENT_SOCKET", "agent_socket"),
+    ("DEPLOYCTL_AGENT_BIN", "agent_bin"),
+    ("DEPLOYCTL_CONNECT_TIMEOUT", "connect_timeout"),
+    ("DEPLOYCTL_CONNECT_RETRIES", "connect_retries"),
+    ("DEPLOYCTL_STRATEGY", "strategy"),
+    ("DEPLOYCTL_KEEP_RELEASES", "keep_releases"),
+    ("DEPLOYCTL_MAX_PARALLEL", "max_parallel"),
+    ("DEPLOYCTL_CONFIRM", "confirm"),
+    ("DEPLOYCTL_ARTIFACT", "release.artifact"),
+    ("DEPLOYCTL_RELEASE_TIMEOUT", "release.timeout"),
+    ("DEPLOYCTL_MAX_UNPACKED_SIZE", "release.max_unpacked_size"),
+    ("DEPLOYCTL_HEALTH_URL", "health.url"),
+    ("DEPLOYCTL_HEALTH_EXPECT_STATUS", "health.expect_status"),
+    ("DEPLOYCTL_HEALTH_RETRIES", "health.retries"),
+    ("DEPLOYCTL_HEALTH_INTERVAL", "health.interval"),
+    ("DEPLOYCTL_HEALTH_REQUEST_TIMEOUT", "health.request_timeout"),
+    ("DEPLOYCTL_BATCH", "rollout.batch"),
+    ("DEPLOYCTL_CANARY", "rollout.canary"),
+    ("DEPLOYCTL_ON_FAILURE", "rollout.on_failure"),
+    ("DEPLOYCTL_VERIFY_URLS", "verify.urls"),
+    ("DEPLOYCTL_COMPOSE_FILES", "compose.files"),
+    ("DEPLOYCTL_COMPOSE_ENV_FILE", "compose.env_file"),
+    ("DEPLOYCTL_COMPOSE_PROJECT", "compose.project"),
+    ("DEPLOYCTL_COMPOSE_PULL", "compose.pull"),
+    ("DEPLOYCTL_COMPOSE_COMMAND", "compose.compose_command"),
+];
+
+const DEFAULT_AGENT_SOCKET: &str = "/run/deploy-agent/agent.sock";
+const DEFAULT_AGENT_BIN: &str = "deploy-agent";
+const DEFAULT_MAX_UNPACKED_BYTES: u64 = 10 << 30;
+
+// ---------------------------------------------------------------------------------------
+// Public types
+// ---------------------------------------------------------------------------------------
+
+/// Where a value (or an error) comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A line of the config file (1-based).
+    Line { file: String, line: usize },
+    /// The config file as a whole (e.g. a missing top-level key).
+    File { file: String },
+    /// A `DEPLOYCTL_*` override.
+    EnvVar { var: String },
+    /// A built-in default.
+    BuiltIn,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Line { file, line } => write!(f, "{file}:{line}"),
+            Location::File { file } => write!(f, "{file}"),
+            Location::EnvVar { var } => write!(f, "environment variable {var}"),
+            Location::BuiltIn => write!(f, "built-in default"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{at}: {message}")]
+    Syntax { at: Location, message: String },
+    #[error("{at}: unknown key `{key}` in {table}{hint}")]
+    UnknownKey {
+        at: Location,
+        key: String,
+        /// `[environments.staging]`, `the top level`, ...
+        table: String,
+        /// Empty, or ` (did you mean `hosts`?)` and the like.
+        hint: String,
+    },
+    /// A key is present with a bad value, or a required key is missing.
+    /// `key` is the full dotted path, e.g. `environments.staging.health.retries`.
+    #[error("{at}: `{key}`: {message}")]
+    Invalid {
+        at: Location,
+        key: String,
+        message: String,
+    },
+    #[error("{at}: `{key}`: environment variable `{var}` is not set")]
+    UnsetVar {
+        at: Location,
+        key: String,
+        var: String,
+    },
+    #[error("no environment named `{name}` (known: {})", known.join(", "))]
+    UnknownEnvironment { name: String, known: Vec<String> },
+}
+
+impl ConfigError {
+    /// The 1-based line in the config file the error points at, if any.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            ConfigError::Syntax { at, .. }
+            | ConfigError::UnknownKey { at, .. }
+            | ConfigError::Invalid { at, .. }
+            | ConfigError::UnsetVar { at, .. } => match at {
+                Location::Line { line, .. } => Some(*line),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+/// A deploy target: `local` (the agent socket on this machine, no SSH) or
+/// `[user@]host[:port]`, with IPv6 addresses in brackets (`[::1]:2222`, `deploy@[::1]`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Host {
+    Local,
+    Ssh {
+        /// From the host string; wins over [`Environment::user`].
+        user: Option<String>,
+        /// Host name or IP address; IPv6 without brackets.
+        host: String,
+        port: u16,
+    },
+}
+
+impl Host {
+    pub const DEFAULT_PORT: u16 = 22;
+
+    /// The user to log in as: the one in the host string, else `default`.
+    pub fn user_or<'a>(&'a self, default: &'a str) -> &'a str {
+        match self {
+            Host::Ssh {
+                user: Some(user), ..
+            } => user,
+            _ => default,
+        }
+    }
+
+    /// The machine, without the user: `local`, `prod-1`, `[::1]:2222`.
+    pub fn address(&self) -> String {
+        match self {
+            Host::Local => "local".to_string(),
+            Host::Ssh { host, port, .. } => {
+                let host = if host.contains(':') {
+                    format!("[{host}]")
+                } else {
+                    host.clone()
+                };
+                if *port == Host::DEFAULT_PORT {
+                    host
+                } else {
+                    format!("{host}:{port}")
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for Host {
+    /// Canonical form: `local`, or `[user@]host[:port]` with the port left out when it is
+    /// 22 and IPv6 addresses bracketed and in their shortest form.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Host::Ssh {
+            user: Some(user), ..
+        } = self
+        {
+            write!(f, "{user}@")?;
+        }
+        f.write_str(&self.address())
+    }
+}
+
+impl FromStr for Host {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Host, String> {
+        if s == "local" {
+            return Ok(Host::Local);
+        }
+        if s.is_empty() {
+            return Err("empty host".into());
+        }
+        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err("contains whitespace".into());
+        }
+        let (user, rest) = match s.split_once('@') {
+            Some((user, rest)) => {
+                check_user(user)?;
+                (Some(user.to_string()), rest)
+            }
+            None => (None, s),
+        };
+        let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
+            let (addr, after) = inner
+                .split_once(']')
+                .ok_or("missing `]` after the IPv6 address")?;
+            let addr: Ipv6Addr = addr
+                .parse()
+                .map_err(|_| format!("`{addr}` is not an IPv6 address"))?;
+            let port = match after {
+                "" => None,
+                _ => Some(
+                    after
+                        .strip_prefix(':')
+                        .ok_or("expected `:PORT` after `]`")?,
+                ),
+            };
+            (addr.to_string(), port)
+        } else if rest.matches(':').count() > 1 {
+            return Err("IPv6 addresses need brackets, e.g. `[::1]:2222` or `user@[::1]`".into());
+        } else {
+            let (host, port) = match rest.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            };
+            check_hostname(host)?;
+            (host.to_string(), port)
+        };
+        if host == "local" {
+            return Err("`local` means this machine without SSH; it takes no user or port".into());
+        }
+        let port = match port {
+            None => Host::DEFAULT_PORT,
+            Some(p) => match p.parse::<u16>() {
+                Ok(p) if p > 0 => p,
+                _ => return Err(format!("bad port `{p}` (expected 1-65535)")),
+            },
+        };
+        Ok(Host::Ssh { user, host, port })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// A tarball unpacked into `releases/<id>` (`strategy = "release"`).
+    Release,
+    /// `docker compose` files and env file (`strategy = "compose"`).
+    Compose,
+}
+
+/// `rollout.batch`: how many hosts take the release before the next wave starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batch {
+    /// `batch = 2`: at least 1.
+    Count(u32),
+    /// `batch = "25%"`: 1 to 100.
+    Percent(u8),
+}
+
+impl Batch {
+    /// Hosts per wave for a fleet of `hosts` hosts: never 0, never more than `hosts`
+    /// (percentages round up).
+    pub fn size(self, hosts: usize) -> usize {
+        let n = match self {
+            Batch::Count(c) => c as usize,
+            Batch::Percent(p) => (hosts * p as usize).div_ceil(100),
+        };
+        n.clamp(1, hosts.max(1))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// `"rollback-all"`: hosts that took the new release go back to their previous one.
+    RollbackAll,
+    /// `"stop"`: stop the rollout and leave hosts as they are.
+    Stop,
+}
+
+/// `[release]`: the release strategy's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseConfig {
+    /// Local tarball to upload; `--artifact` overrides. Default: none.
+    pub artifact: Option<PathBuf>,
+    /// Paths (relative, no `..`) linked from `<deploy_to>/shared`. Default: `[]`.
+    pub shared: Vec<String>,
+    /// Run in the new release dir before the switch. Default: none.
+    pub migrate: Option<String>,
+    /// Run after the switch. Default: none.
+    pub restart: Option<String>,
+    /// Run when a review-app instance is destroyed. Default: none.
+    pub stop: Option<String>,
+    /// Per command. Default `5m`.
+    pub timeout: Duration,
+    /// Cap on an archive's unpacked size. Key `max_unpacked_size`: bytes as an integer,
+    /// or a string like `"10GiB"` / `"500MB"` (KiB/MiB/GiB/TiB are 1024-based,
+    /// KB/MB/GB/TB 1000-based). Default `10GiB`.
+    pub max_unpacked_bytes: u64,
+}
+
+/// `[health]`: checked by the agent, on the server. Present only when `url` is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// May contain `${DEPLOY_PORT}` / `${DEPLOY_INSTANCE}`, left for the agent.
+    pub url: String,
+    /// Default 200.
+    pub expect_status: u16,
+    /// Default 12.
+    pub retries: u32,
+    /// Default `5s`.
+    pub interval: Duration,
+    /// Default `3s`.
+    pub request_timeout: Duration,
+}
+
+/// `rollout`: waves across hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RolloutConfig {
+    /// Default `100%`: one wave of every host, `max_parallel` at a time.
+    pub batch: Batch,
+    /// Deploy to the first host alone before the rest. Default false.
+    pub canary: bool,
+    /// Default `rollback-all`.
+    pub on_failure: OnFailure,
+}
+
+/// `[verify]`: URLs polled by the controller after the rollout. Present only when `urls`
+/// is not empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyConfig {
+    pub urls: Vec<String>,
+    /// Default 9.
+    pub retries: u32,
+    /// Default `5s`.
+    pub interval: Duration,
+    /// Default 200.
+    pub expect_status: u16,
+    /// Default `10s`.
+    pub request_timeout: Duration,
+}
+
+/// `[compose]`: the compose strategy's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComposeConfig {
+    /// Default `["docker-compose.yml"]`.
+    pub files: Vec<PathBuf>,
+    /// Default: none.
+    pub env_file: Option<PathBuf>,
+    /// Default: the app name. Review-app instances use `<project>-<instance>`.
+    pub project: String,
+    /// Default true.
+    pub pull: bool,
+    /// `"docker compose"` or `"docker-compose"`; none = detect.
+    pub compose_command: Option<String>,
+}
+
+/// Review apps: present when `instances = true`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstancesConfig {
+    /// `instance_ports = "4100-4199"` (required).
+    pub ports: RangeInclusive<u16>,
+    /// `instance_ttl = "7d"`: idle instances expire. None: never.
+    pub ttl: Option<Duration>,
+    /// `url_template`, `${DEPLOY_*}` left literal.
+    pub url_template: Option<String>,
+}
+
+/// One environment, fully resolved. CLI flags may overwrite fields after resolution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Environment {
+    pub name: String,
+    pub app: String,
+    /// Absolute, no `..`, not `/`.
+    pub deploy_to: String,
+    /// At least one; no machine twice.
+    pub hosts: Vec<Host>,
+    /// Default: `$USER`, else `root`. A user in the host string wins.
+    pub user: String,
+    /// Default: none (then `DEPLOYCTL_SSH_KEY` / ssh-agent, decided by the SSH layer).
+    pub ssh_key: Option<PathBuf>,
+    /// Default `~/.ssh/known_hosts`.
+    pub known_hosts: PathBuf,
+    /// Default false.
+    pub accept_new_host_keys: bool,
+    /// Agent socket path on the server. Default `/run/deploy-agent/agent.sock`.
+    pub agent_socket: String,
+    /// Agent binary on the server, for the `deploy-agent bridge` fallback.
+    /// Default `deploy-agent`.
+    pub agent_bin: String,
+    /// Default `10s`.
+    pub connect_timeout: Duration,
+    /// Retries after the first attempt on DNS/connect errors. Default 5.
+    pub connect_retries: u32,
+    /// Default `release`.
+    pub strategy: Strategy,
+    /// At least 1. Default 5.
+    pub keep_releases: u32,
+    /// At least 1. Default 10.
+    pub max_parallel: u32,
+    /// Ask before deploying. Default false.
+    pub confirm: bool,
+    pub release: ReleaseConfig,
+    pub health: Option<HealthConfig>,
+    pub rollout: RolloutConfig,
+    pub verify: Option<VerifyConfig>,
+    pub compose: ComposeConfig,
+    pub instances: Option<InstancesConfig>,
+    /// Another environment's name.
+    pub promote_from: Option<String>,
+    /// Names of variables whose values are masked in output. Default `[]`.
+    pub secrets: Vec<String>,
+}
+
+/// A parsed and checked `deploy.toml`. Resolve an environment with
+/// [`Config::environment`].
+#[derive(Clone)]
+pub struct Config {
+    pub app: String,
+    /// The file it was read from (or the `origin` given to [`Config::parse`]).
+    pub path: PathBuf,
+    deploy_to: Opt<String>,
+    defaults: Layer,
+    environments: BTreeMap<String, RawEnv>,
+    /// Every variable the file refers to, plus `USER`, `HOME` and [`ENV_OVERRIDES`],
+    /// looked up once at parse time.
+    vars: BTreeMap<String, Option<String>>,
+}
+
+impl fmt::Debug for Config {
+    // `vars` may hold secrets: leave it out.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("app", &self.app)
+            .field("path", &self.path)
+            .field("environments", &self.environment_names())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Reads and checks `path`. `env` looks up environment variables; production passes
+    /// `&|k| std::env::var(k).ok()`.
+    pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string(), env)
+    }
+
+    /// Parses and checks `text`; `origin` names the file in messages.
+    ///
+    /// Every environment is resolved once (without `DEPLOYCTL_*` overrides) so a mistake
+    /// anywhere in the file is reported now; only unset `${VAR}`s wait until that
+    /// environment is selected.
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let walker = Walker { file: origin, text };
+        let doc = DeTable::parse(text).map_err(|e| ConfigError::Syntax {
+            at: match e.span() {
+                Some(span) => walker.at(span),
+                None => walker.whole_file(),
+            },
+            message: e.message().to_string(),
+        })?;
+        let doc = doc.get_ref();
+        let raw = walker.walk(doc)?;
+
+        let mut names = BTreeSet::new();
+        collect_refs_table(doc, &mut names);
+        names.extend(["USER", "HOME"].map(String::from));
+        names.extend(ENV_OVERRIDES.iter().map(|(var, _)| var.to_string()));
+        let vars = names
+            .into_iter()
+            .map(|name| {
+                let value = env(&name);
+                (name, value)
+            })
+            .collect();
+
+        let mut config = Config {
+            app: String::new(),
+            path: PathBuf::from(origin),
+            deploy_to: raw.deploy_to,
+            defaults: raw.defaults,
+            environments: raw.environments,
+            vars,
+        };
+        let app = raw.app.ok_or_else(|| ConfigError::Invalid {
+            at: walker.whole_file(),
+            key: "app".into(),
+            message: "missing: set `app = \"NAME\"` at the top level".into(),
+        })?;
+        config.app = config.resolver().expand(&app)?;
+        check_name(&config.app).map_err(|m| app.invalid(m))?;
+        if config.environments.is_empty() {
+            return Err(ConfigError::Invalid {
+                at: walker.whole_file(),
+                key: "environments".into(),
+                message: "no environments: add an [environments.NAME] table".into(),
+            });
+        }
+        for (name, raw) in &config.environments {
+            match config.resolve(name, raw, Layer::default()) {
+                Ok(_) | Err(ConfigError::UnsetVar { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(config)
+    }
+
+    /// The environment `name`, fully resolved, with `DEPLOYCTL_*` overrides applied.
+    pub fn environment(&self, name: &str) -> Result<Environment, ConfigError> {
+        let raw = self
+            .environments
+            .get(name)
+            .ok_or_else(|| ConfigError::UnknownEnvironment {
+                name: name.to_string(),
+                known: self.environment_names(),
+            })?;
+        self.resolve(name, raw, self.overrides()?)
+    }
+
+    /// Names of the environments, sorted.
+    pub fn environment_names(&self) -> Vec<String> {
+        self.environments.keys().cloned().collect()
+    }
+
+    fn resolver(&self) -> Resolver<'_> {
+        Resolver { vars: &self.vars }
+    }
+
+    fn var(&self, name: &str) -> Option<&str> {
+        self.vars.get(name).and_then(|v| v.as_deref())
+    }
+
+    fn overrides(&self) -> Result<Layer, ConfigError> {
+        let mut layer = Layer::default();
+        for (var, key) in ENV_OVERRIDES {
+            match self.var(var) {
+                Some(value) if !value.is_empty() => set_override(&mut layer, var, key, value)?,
+                _ => {}
+            }
+        }
+        Ok(layer)
+    }
+
+    fn resolve(
+        &self,
+        name: &str,
+        raw: &RawEnv,
+        overrides: Layer,
+    ) -> Result<Environment, ConfigError> {
+        let l = self
+            .defaults
+            .clone()
+            .merge(raw.layer.clone())
+            .merge(overrides);
+        let r = self.resolver();
+        let missing = |key: &str, message: &str| ConfigError::Invalid {
+            at: raw.at.clone(),
+            key: format!("environments.{name}.{key}"),
+            message: message.to_string(),
+        };
+
+        let deploy_to_val = l
+            .deploy_to
+            .as_ref()
+            .or(self.deploy_to.as_ref())
+            .ok_or_else(|| {
+                missing(
+                    "deploy_to",
+                    "missing: set `deploy_to` at the top level or in this environment",
+                )
+            })?;
+        let deploy_to = r.expand(deploy_to_val)?;
+        check_deploy_to(&deploy_to).map_err(|m| deploy_to_val.invalid(m))?;
+
+        let hosts_val = l
+            .hosts
+            .as_ref()
+            .ok_or_else(|| missing("hosts", "missing: every environment needs `hosts = [...]`"))?;
+        if hosts_val.v.is_empty() {
+            return Err(hosts_val.invalid("an environment needs at least one host"));
+        }
+        let mut hosts = Vec::new();
+        let mut seen = BTreeSet::new();
+        for h in &hosts_val.v {
+            let s = r.expand(h)?;
+            let host: Host = s
+                .parse()
+                .map_err(|m| h.invalid(format!("bad host `{s}`: {m}")))?;
+            if !seen.insert(host.address()) {
+                return Err(h.invalid(format!("host `{}` is listed twice", host.address())));
+            }
+            hosts.push(host);
+        }
+
+        let user = match &l.user {
+            Some(v) => {
+                let user = r.expand(v)?;
+                check_user(&user).map_err(|m| v.invalid(m))?;
+                user
+            }
+            None => match self.var("USER") {
+                Some(u) if !u.is_empty() => u.to_string(),
+                _ => "root".to_string(),
+            },
+        };
+        let ssh_key = l.ssh_key.as_ref().map(|v| r.path(v)).transpose()?;
+        let known_hosts = match &l.known_hosts {
+            Some(v) => r.path(v)?,
+            None => match self.var("HOME") {
+                Some(home) => Path::new(home).join(".ssh/known_hosts"),
+                None if hosts.iter().all(|h| *h == Host::Local) => "~/.ssh/known_hosts".into(),
+                None => {
+                    return Err(ConfigError::UnsetVar {
+                        at: Location::BuiltIn,
+                        key: "known_hosts".into(),
+                        var: "HOME".into(),
+                    });
+                }
+            },
+        };
+        let accept_new_host_keys = r.boolean(&l.accept_new_host_keys, false);
+        let agent_socket = match &l.agent_socket {
+            Some(v) => {
+                let s = r.expand(v)?;
+                if !s.starts_with('/') {
+                    return Err(v.invalid(format!("`{s}` is not an absolute path")));
+                }
+                s
+            }
+            None => DEFAULT_AGENT_SOCKET.to_string(),
+        };
+        let agent_bin = match &l.agent_bin {
+            Some(v) => {
+                let s = r.expand(v)?;
+                let ok = !s.is_empty()
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "/._+-".contains(c));
+                if !ok {
+                    return Err(v.invalid(format!(
+                        "`{s}` is not a usable program path (letters, digits, `/._+-`)"
+                    )));
+                }
+                s
+            }
+            None => DEFAULT_AGENT_BIN.to_string(),
+        };
+        let connect_timeout = r.duration(&l.connect_timeout, Duration::from_secs(10), false)?;
+        let connect_retries = r.uint(&l.connect_retries, 5, 0)?;
+        let strategy = match &l.strategy {
+            None => Strategy::Release,
+            Some(v) => match r.expand(v)?.as_str() {
+                "release" => Strategy::Release,
+                "compose" => Strategy::Compose,
+                other => {
+                    return Err(v.invalid(format!(
+                        "unknown strategy `{other}` (expected \"release\" or \"compose\")"
+                    )));
+                }
+            },
+        };
+        let keep_releases = r.uint(&l.keep_releases, 5, 1)?;
+        let max_parallel = r.uint(&l.max_parallel, 10, 1)?;
+        let confirm = r.boolean(&l.confirm, false);
+
+        let promote_from = match &l.promote_from {
+            None => None,
+            Some(v) => {
+                let from = r.expand(v)?;
+                if from == name {
+                    return Err(v.invalid("an environment cannot promote from itself"));
+                }
+                if !self.environments.contains_key(&from) {
+                    return Err(v.invalid(format!(
+                        "no environment named `{from}` (known: {})",
+                        self.environment_names().join(", ")
+                    )));
+                }
+                Some(from)
+            }
+        };
+        let secrets = r.list(&l.secrets, |s| {
+            if is_var_name(s) {
+                Ok(())
+            } else {
+                Err(format!("`{s}` is not a variable name"))
+            }
+        })?;
+
+        let rl = &l.release;
+        let release = ReleaseConfig {
+            artifact: r.opt_string(&rl.artifact)?.map(PathBuf::from),
+            shared: r.list(&rl.shared, check_relative)?.unwrap_or_default(),
+            migrate: r.opt_string(&rl.migrate)?,
+            restart: r.opt_string(&rl.restart)?,
+            stop: r.opt_string(&rl.stop)?,
+            timeout: r.duration(&rl.timeout, Duration::from_secs(300), false)?,
+            max_unpacked_bytes: match &rl.max_unpacked_size {
+                None => DEFAULT_MAX_UNPACKED_BYTES,
+                Some(v) => {
+                    let size = match &v.v {
+                        Scalar::Int(n) => u64::try_from(*n).map_err(|_| "negative".to_string()),
+                        Scalar::Str(s) => parse_size(&r.expand(&v.with(s.clone()))?),
+                    };
+                    match size {
+                        Ok(0) => return Err(v.invalid("must be more than 0")),
+                        Ok(n) => n,
+                        Err(m) => return Err(v.invalid(m)),
+                    }
+                }
+            },
+        };
+
+        let hl = &l.health;
+        let health_url = r.opt_string(&hl.url)?;
+        if let (Some(url), Some(v)) = (&health_url, &hl.url) {
+            check_url(url).map_err(|m| v.invalid(m))?;
+        }
+        let health = HealthConfig {
+            url: health_url.clone().unwrap_or_default(),
+            expect_status: r.status(&hl.expect_status)?,
+            retries: r.uint(&hl.retries, 12, 1)?,
+            interval: r.duration(&hl.interval, Duration::from_secs(5), true)?,
+            request_timeout: r.duration(&hl.request_timeout, Duration::from_secs(3), false)?,
+        };
+        let health = health_url.map(|_| health);
+
+        let ro = &l.rollout;
+        let rollout = RolloutConfig {
+            batch: match &ro.batch {
+                None => Batch::Percent(100),
+                Some(v) => {
+                    let batch = match &v.v {
+                        Scalar::Int(n) => parse_batch(&n.to_string()),
+                        Scalar::Str(s) => parse_batch(&r.expand(&v.with(s.clone()))?),
+                    };
+                    batch.map_err(|m| v.invalid(m))?
+                }
+            },
+            canary: r.boolean(&ro.canary, false),
+            on_failure: match &ro.on_failure {
+                None => OnFailure::RollbackAll,
+                Some(v) => match r.expand(v)?.as_str() {
+                    "rollback-all" => OnFailure::RollbackAll,
+                    "stop" => OnFailure::Stop,
+                    other => {
+                        return Err(v.invalid(format!(
+                            "unknown on_failure `{other}` (expected \"rollback-all\" or \"stop\")"
+                        )));
+                    }
+                },
+            },
+        };
+
+        let vl = &l.verify;
+        let urls = r.list(&vl.urls, check_url)?.unwrap_or_default();
+        let verify = VerifyConfig {
+            retries: r.uint(&vl.retries, 9, 1)?,
+            interval: r.duration(&vl.interval, Duration::from_secs(5), true)?,
+            expect_status: r.status(&vl.expect_status)?,
+            request_timeout: r.duration(&vl.request_timeout, Duration::from_secs(10), false)?,
+            urls,
+        };
+        let verify = (!verify.urls.is_empty()).then_some(verify);
+
+        let cl = &l.compose;
+        let files = match r.list(&cl.files, |f| {
+            if f.is_empty() {
+                Err("empty file name".to_string())
+            } else {
+                Ok(())
+            }
+        })? {
+            None => vec![PathBuf::from("docker-compose.yml")],
+            Some(files) if files.is_empty() => {
+                let v = cl.files.as_ref().expect("list came from a value");
+                return Err(v.invalid("needs at least one compose file"));
+            }
+            Some(files) => files.into_iter().map(PathBuf::from).collect(),
+        };
+        let project = match &cl.project {
+            None => self.app.clone(),
+            Some(v) => {
+                let p = r.expand(v)?;
+                check_name(&p).map_err(|m| v.invalid(m))?;
+                p
+            }
+        };
+        let compose = ComposeConfig {
+            files,
+            env_file: r.opt_string(&cl.env_file)?.map(PathBuf::from),
+            project,
+            pull: r.boolean(&cl.pull, true),
+            compose_command: r.opt_string(&cl.compose_command)?,
+        };
+
+        let instances = match &l.instances {
+            Some(v) if v.v => {
+                let ports_val = l.instance_ports.as_ref().ok_or_else(|| {
+                    v.invalid("`instances = true` needs `instance_ports`, e.g. \"4100-4199\"")
+                })?;
+                let ports =
+                    parse_port_range(&r.expand(ports_val)?).map_err(|m| ports_val.invalid(m))?;
+                let ttl = match &l.instance_ttl {
+                    None => None,
+                    Some(_) => Some(r.duration(&l.instance_ttl, Duration::ZERO, false)?),
+                };
+                Some(InstancesConfig {
+                    ports,
+                    ttl,
+                    url_template: r.opt_string(&l.url_template)?,
+                })
+            }
+            _ => None,
+        };
+
+        Ok(Environment {
+            name: name.to_string(),
+            app: self.app.clone(),
+            deploy_to,
+            hosts,
+            user,
+            ssh_key,
+            known_hosts,
+            accept_new_host_keys,
+            agent_socket,
+            agent_bin,
+            connect_timeout,
+            connect_retries,
+            strategy,
+            keep_releases,
+            max_parallel,
+            confirm,
+            release,
+            health,
+            rollout,
+            verify,
+            compose,
+            instances,
+            promote_from,
+            secrets: secrets.unwrap_or_default(),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw layers: what one table says, with where each value was written
+// ---------------------------------------------------------------------------------------
+
+/// A value with its full dotted key and where it was set.
+#[derive(Debug, Clone)]
+struct Val<T> {
+    v: T,
+    key: String,
+    at: Location,
+}
+
+type Opt<T> = Option<Val<T>>;
+type List = Opt<Vec<Val<String>>>;
+
+impl<T> Val<T> {
+    fn invalid(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            at: self.at.clone(),
+            key: self.key.clone(),
+            message: message.into(),
+        }
+    }
+
+    fn with<U>(&self, v: U) -> Val<U> {
+        Val {
+            v,
+            key: self.key.clone(),
+            at: self.at.clone(),
+        }
+    }
+}
+
+/// A key that takes an integer or a string (`batch`, `max_unpacked_size`).
+#[derive(Debug, Clone)]
+enum Scalar {
+    Int(i64),
+    Str(String),
+}
+
+#[derive(Debug, Clone)]
+struct RawEnv {
+    layer: Layer,
+    /// The `[environments.NAME]` header.
+    at: Location,
+}
+
+/// `[defaults]`, `[environments.NAME]` or the overrides: every key optional.
+#[derive(Debug, Clone, Default)]
+struct Layer {
+    deploy_to: Opt<String>,
+    hosts: List,
+    user: Opt<String>,
+    ssh_key: Opt<String>,
+    known_hosts: Opt<String>,
+    accept_new_host_keys: Opt<bool>,
+    agent_socket: Opt<String>,
+    agent_bin: Opt<String>,
+    connect_timeout: Opt<String>,
+    connect_retries: Opt<i64>,
+    strategy: Opt<String>,
+    keep_releases: Opt<i64>,
+    max_parallel: Opt<i64>,
+    confirm: Opt<bool>,
+    promote_from: Opt<String>,
+    secrets: List,
+    instances: Opt<bool>,
+    instance_ports: Opt<String>,
+    instance_ttl: Opt<String>,
+    url_template: Opt<String>,
+    release: ReleaseLayer,
+    health: HealthLayer,
+    rollout: RolloutLayer,
+    verify: VerifyLayer,
+    compose: ComposeLayer,
+}
+
+#[derive(Debug, Clone, Default)]
+struct ReleaseLayer {
+    artifact: Opt<String>,
+    shared: List,
+    migrate: Opt<String>,
+    restart: Opt<String>,
+    stop: Opt<String>,
+    timeout: Opt<String>,
+    max_unpacked_size: Opt<Scalar>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct HealthLayer {
+    url: Opt<String>,
+    expect_status: Opt<i64>,
+    retries: Opt<i64>,
+    interval: Opt<String>,
+    request_timeout: Opt<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct RolloutLayer {
+    batch: Opt<Scalar>,
+    canary: Opt<bool>,
+    on_failure: Opt<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct VerifyLayer {
+    urls: List,
+    retries: Opt<i64>,
+    interval: Opt<String>,
+    expect_status: Opt<i64>,
+    request_timeout: Opt<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct ComposeLayer {
+    files: List,
+    env_file: Opt<String>,
+    project: Opt<String>,
+    pull: Opt<bool>,
+    compose_command: Opt<String>,
+}
+
+/// `base.f = over.f.or(base.f)` for each field: the later layer wins key by key.
+macro_rules! merge_fields {
+    ($base:ident, $over:ident; $($f:ident),* $(,)?) => {
+        $( $base.$f = $over.$f.or($base.$f); )*
+    };
+}
+
+impl Layer {
+    fn merge(mut self, o: Layer) -> Layer {
+        merge_fields!(self, o; deploy_to, hosts, user, ssh_key, known_hosts,
+            accept_new_host_keys, agent_socket, agent_bin, connect_timeout, connect_retries,
+            strategy, keep_releases, max_parallel, confirm, promote_from, secrets, instances,
+            instance_ports, instance_ttl, url_template);
+        let (mut r, or) = (self.release, o.release);
+        merge_fields!(r, or; artifact, shared, migrate, restart, stop, timeout, max_unpacked_size);
+        self.release = r;
+        let (mut h, oh) = (self.health, o.health);
+        merge_fields!(h, oh; url, expect_status, retries, interval, request_timeout);
+        self.health = h;
+        let (mut ro, oro) = (self.rollout, o.rollout);
+        merge_fields!(ro, oro; batch, canary, on_failure);
+        self.rollout = ro;
+        let (mut v, ov) = (self.verify, o.verify);
+        merge_fields!(v, ov; urls, retries, interval, expect_status, request_timeout);
+        self.verify = v;
+        let (mut c, oc) = (self.compose, o.compose);
+        merge_fields!(c, oc; files, env_file, project, pull, compose_command);
+        self.compose = c;
+        self
+    }
+}
+
+fn set_override(layer: &mut Layer, var: &str, key: &str, value: &str) -> Result<(), ConfigError> {
+    let at = Location::EnvVar {
+        var: var.to_string(),
+    };
+    let val = Val {
+        v: (),
+        key: key.to_string(),
+        at,
+    };
+    let s = || Some(val.with(value.to_string()));
+    let b = || match value.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(Some(val.with(true))),
+        "false" | "0" | "no" => Ok(Some(val.with(false))),
+        _ => Err(val.invalid(format!("expected true or false, got `{value}`"))),
+    };
+    let i = || {
+        value
+            .trim()
+            .parse::<i64>()
+            .map(|n| Some(val.with(n)))
+            .map_err(|_| val.invalid(format!("expected a number, got `{value}`")))
+    };
+    let list = || {
+        Some(
+            val.with(
+                value
+                    .split(',')
+                    .map(|part| val.with(part.trim().to_string()))
+                    .collect(),
+            ),
+        )
+    };
+    let scalar = || {
+        Some(val.with(match value.trim().parse::<i64>() {
+            Ok(n) => Scalar::Int(n),
+            Err(_) => Scalar::Str(value.to_string()),
+        }))
+    };
+    match key {
+        "deploy_to" => layer.deploy_to = s(),
+        "hosts" => layer.hosts = list(),
+        "user" => layer.user = s(),
+        "ssh_key" => layer.ssh_key = s(),
+        "known_hosts" => layer.known_hosts = s(),
+        "accept_new_host_keys" => layer.accept_new_host_keys = b()?,
+        "agent_socket" => layer.agent_socket = s(),
+        "agent_bin" => layer.agent_bin = s(),
+        "connect_timeout" => layer.connect_timeout = s(),
+        "connect_retries" => layer.connect_retries = i()?,
+        "strategy" => layer.strategy = s(),
+        "keep_releases" => layer.keep_releases = i()?,
+        "max_parallel" => layer.max_parallel = i()?,
+        "confirm" => layer.confirm = b()?,
+        "release.artifact" => layer.release.artifact = s(),
+        "release.timeout" => layer.release.timeout = s(),
+        "release.max_unpacked_size" => layer.release.max_unpacked_size = scalar(),
+        "health.url" => layer.health.url = s(),
+        "health.expect_status" => layer.health.expect_status = i()?,
+        "health.retries" => layer.health.retries = i()?,
+        "health.interval" => layer.health.interval = s(),
+        "health.request_timeout" => layer.health.request_timeout = s(),
+        "rollout.batch" => layer.rollout.batch = scalar(),
+        "rollout.canary" => layer.rollout.canary = b()?,
+        "rollout.on_failure" => layer.rollout.on_failure = s(),
+        "verify.urls" => layer.verify.urls = list(),
+        "compose.files" => layer.compose.files = list(),
+        "compose.env_file" => layer.compose.env_file = s(),
+        "compose.project" => layer.compose.project = s(),
+        "compose.pull" => layer.compose.pull = b()?,
+        "compose.compose_command" => layer.compose.compose_command = s(),
+        other => unreachable!("ENV_OVERRIDES names `{other}`, which set_override does not know"),
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Walking the TOML tree
+// ---------------------------------------------------------------------------------------
+
+const TOP_KEYS: &[&str] = &["app", "deploy_to", "defaults", "environments"];
+const LAYER_KEYS: &[&str] = &[
+    "deploy_to",
+    "hosts",
+    "user",
+    "ssh_key",
+    "known_hosts",
+    "accept_new_host_keys",
+    "agent_socket",
+    "agent_bin",
+    "connect_timeout",
+    "connect_retries",
+    "strategy",
+    "keep_releases",
+    "max_parallel",
+    "confirm",
+    "promote_from",
+    "secrets",
+    "instances",
+    "instance_ports",
+    "instance_ttl",
+    "url_template",
+    "release",
+    "health",
+    "rollout",
+    "verify",
+    "compose",
+];
+const RELEASE_KEYS: &[&str] = &[
+    "artifact",
+    "shared",
+    "migrate",
+    "restart",
+    "stop",
+    "timeout",
+    "max_unpacked_size",
+];
+const HEALTH_KEYS: &[&str] = &[
+    "url",
+    "expect_status",
+    "retries",
+    "interval",
+    "request_timeout",
+];
+const ROLLOUT_KEYS: &[&str] = &["batch", "canary", "on_failure"];
+const VERIFY_KEYS: &[&str] = &[
+    "urls",
+    "retries",
+    "interval",
+    "expect_status",
+    "request_timeout",
+];
+const COMPOSE_KEYS: &[&str] = &["files", "env_file", "project", "pull", "compose_command"];
+
+type Entry<'t, 'i> = (&'t Spanned<Cow<'i>>, &'t Spanned<DeValue<'i>>);
+type Cow<'i> = std::borrow::Cow<'i, str>;
+
+struct RawFile {
+    app: Opt<String>,
+    deploy_to: Opt<String>,
+    defaults: Layer,
+    environments: BTreeMap<String, RawEnv>,
+}
+
+struct Walker<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Walker<'_> {
+    fn at(&self, span: Range<usize>) -> Location {
+        let end = span.start.min(self.text.len());
+        let line = self.text.as_bytes()[..end]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1;
+        Location::Line {
+            file: self.file.to_string(),
+            line,
+        }
+    }
+
+    fn whole_file(&self) -> Location {
+        Location::File {
+            file: self.file.to_string(),
+        }
+    }
+
+    /// Entries in file order, so the first error reported is the first in the file.
+    fn entries<'t, 'i>(table: &'t DeTable<'i>) -> Vec<Entry<'t, 'i>> {
+        let mut entries: Vec<_> = table.iter().collect();
+        entries.sort_by_key(|(k, _)| k.span().start);
+        entries
+    }
+
+    /// Calls `f(name, full_key, value)` for each entry; `f` returns false for a key it
+    /// does not know, which becomes an [`ConfigError::UnknownKey`].
+    fn fields(
+        &self,
+        table: &DeTable<'_>,
+        path: &str,
+        known: &[&str],
+        mut f: impl FnMut(&str, String, &Spanned<DeValue<'_>>) -> Result<bool, ConfigError>,
+    ) -> Result<(), ConfigError> {
+        for (k, v) in Self::entries(table) {
+            let name: &str = k.get_ref();
+            let key = if path.is_empty() {
+                name.to_string()
+            } else {
+                format!("{path}.{name}")
+            };
+            if !f(name, key, v)? {
+                let hint = if path.is_empty() && LAYER_KEYS.contains(&name) {
+                    " (put it under [defaults] or [environments.NAME])".to_string()
+                } else {
+                    match suggest(name, known) {
+                        Some(s) => format!(" (did you mean `{s}`?)"),
+                        None => String::new(),
+                    }
+                };
+                return Err(ConfigError::UnknownKey {
+                    at: self.at(k.span()),
+                    key: name.to_string(),
+                    table: if path.is_empty() {
+                        "the top level".to_string()
+                    } else {
+                        format!("[{path}]")
+                    },
+                    hint,
+                });
+            }
+            debug_assert!(known.contains(&name), "`{name}` missing from its key list");
+        }
+        Ok(())
+    }
+
+    fn type_error(&self, key: String, v: &Spanned<DeValue<'_>>, expected: &str) -> ConfigError {
+        ConfigError::Invalid {
+            at: self.at(v.span()),
+            key,
+            message: format!("expected {expected}, found {}", v.get_ref().type_str()),
+        }
+    }
+
+    fn val<T>(&self, key: String, v: &Spanned<DeValue<'_>>, value: T) -> Val<T> {
+        Val {
+            v: value,
+            key,
+            at: self.at(v.span()),
+        }
+    }
+
+    fn string_as(
+        &self,
+        key: String,
+        v: &Spanned<DeValue<'_>>,
+        expected: &str,
+    ) -> Result<Val<String>, ConfigError> {
+        match v.get_ref() {
+            DeValue::String(s) => Ok(self.val(key, v, s.to_string())),
+            _ => Err(self.type_error(key, v, expected)),
+        }
+    }
+
+    fn string(&self, key: String, v: &Spanned<DeValue<'_>>) -> Result<Val<String>, ConfigError> {
+        self.string_as(key, v, "a string")
+    }
+
+    fn duration(&self, key: String, v: &Spanned<DeValue<'_>>) -> Result<Val<String>, ConfigError> {
+        self.string_as(key, v, "a duration string like \"5s\"")
+    }
+
+    fn boolean(&self, key: String, v: &Spanned<DeValue<'_>>) -> Result<Val<bool>, ConfigError> {
+        match v.get_ref() {
+            DeValue::Boolean(b) => Ok(self.val(key, v, *b)),
+            _ => Err(self.type_error(key, v, "true or false")),
+        }
+    }
+
+    fn integer(&self, key: String, v: &Spanned<DeValue<'_>>) -> Result<Val<i64>, ConfigError> {
+        match v.get_ref() {
+            DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
+                Ok(n) => Ok(self.val(key, v, n)),
+                Err(_) => Err(ConfigError::Invalid {
+                    at: self.at(v.span()),
+                    key,
+                    message: "number out of range".into(),
+                }),
+            },
+            _ => Err(self.type_error(key, v, "an integer")),
+        }
+    }
+
+    fn scalar(
+        &self,
+        key: String,
+        v: &Spanned<DeValue<'_>>,
+        expected: &str,
+    ) -> Result<Val<Scalar>, ConfigError> {
+        match v.get_ref() {
+            DeValue::Integer(_) => Ok(self.integer(key, v)?.with_map(Scalar::Int)),
+            DeValue::String(s) => Ok(self.val(key, v, Scalar::Str(s.to_string()))),
+            _ => Err(self.type_error(key, v, expected)),
+        }
+    }
+
+    fn strings(
+        &self,
+        key: String,
+        v: &Spanned<DeValue<'_>>,
+    ) -> Result<Val<Vec<Val<String>>>, ConfigError> {
+        let DeValue::Array(items) = v.get_ref() else {
+            return Err(self.type_error(key, v, "an array of strings"));
+        };
+        let items = items
+            .iter()
+            .map(|item| self.string_as(key.clone(), item, "a string in the array"))
+            .collect::<Result<_, _>>()?;
+        Ok(self.val(key, v, items))
+    }
+
+    fn table<'t, 'i>(
+        &self,
+        key: &str,
+        v: &'t Spanned<DeValue<'i>>,
+    ) -> Result<&'t DeTable<'i>, ConfigError> {
+        match v.get_ref() {
+            DeValue::Table(t) => Ok(t),
+            _ => Err(self.type_error(key.to_string(), v, "a table")),
+        }
+    }
+
+    fn walk(&self, doc: &DeTable<'_>) -> Result<RawFile, ConfigError> {
+        let mut raw = RawFile {
+            app: None,
+            deploy_to: None,
+            defaults: Layer::default(),
+            environments: BTreeMap::new(),
+        };
+        self.fields(doc, "", TOP_KEYS, |name, key, v| {
+            match name {
+                "app" => raw.app = Some(self.string(key, v)?),
+                "deploy_to" => raw.deploy_to = Some(self.string(key, v)?),
+                "defaults" => raw.defaults = self.layer(self.table(&key, v)?, &key, true)?,
+                "environments" => {
+                    for (k, ev) in Self::entries(self.table(&key, v)?) {
+                        let name = k.get_ref().to_string();
+                        let key = format!("environments.{name}");
+                        check_name(&name).map_err(|m| ConfigError::Invalid {
+                            at: self.at(k.span()),
+                            key: key.clone(),
+                            message: format!("bad environment name: {m}"),
+                        })?;
+                        let layer = self.layer(self.table(&key, ev)?, &key, false)?;
+                        let at = self.at(k.span());
+                        raw.environments.insert(name, RawEnv { layer, at });
+                    }
+                }
+                _ => return Ok(false),
+            }
+            Ok(true)
+        })?;
+        Ok(raw)
+    }
+
+    fn layer(&self, t: &DeTable<'_>, path: &str, defaults: bool) -> Result<Layer, ConfigError> {
+        let mut l = Layer::default();
+        self.fields(t, path, LAYER_KEYS, |name, key, v| {
+            match name {
+                "deploy_to" | "hosts" | "promote_from" if defaults => {
+                    let message = if name == "deploy_to" {
+                        "not allowed in [defaults]: set it at the top level or per environment"
+                    } else {
+                        "not allowed in [defaults]: set it per environment"
+                    };
+                    return Err(ConfigError::Invalid {
+                        at: self.at(v.span()),
+                        key,
+                        message: message.into(),
+                    });
+                }
+                "deploy_to" => l.deploy_to = Some(self.string(key, v)?),
+                "hosts" => l.hosts = Some(self.strings(key, v)?),
+                "user" => l.user = Some(self.string(key, v)?),
+                "ssh_key" => l.ssh_key = Some(self.string(key, v)?),
+                "known_hosts" => l.known_hosts = Some(self.string(key, v)?),
+                "accept_new_host_keys" => l.accept_new_host_keys = Some(self.boolean(key, v)?),
+                "agent_socket" => l.agent_socket = Some(self.string(key, v)?),
+                "agent_bin" => l.agent_bin = Some(self.string(key, v)?),
+                "connect_timeout" => l.connect_timeout = Some(self.duration(key, v)?),
+                "connect_retries" => l.connect_retries = Some(self.integer(key, v)?),
+                "strategy" => l.strategy = Some(self.string(key, v)?),
+                "keep_releases" => l.keep_releases = Some(self.integer(key, v)?),
+                "max_parallel" => l.max_parallel = Some(self.integer(key, v)?),
+                "confirm" => l.confirm = Some(self.boolean(key, v)?),
+                "promote_from" => l.promote_from = Some(self.string(key, v)?),
+                "secrets" => l.secrets = Some(self.strings(key, v)?),
+                "instances" => l.instances = Some(self.boolean(key, v)?),
+                "instance_ports" => l.instance_ports = Some(self.string(key, v)?),
+                "instance_ttl" => l.instance_ttl = Some(self.duration(key, v)?),
+                "url_template" => l.url_template = Some(self.string(key, v)?),
+                "release" => l.release = self.release(self.table(&key, v)?, &key)?,
+                "health" => l.health = self.health(self.table(&key, v)?, &key)?,
+                "rollout" => l.rollout = self.rollout(self.table(&key, v)?, &key)?,
+                "verify" => l.verify = self.verify(self.table(&key, v)?, &key)?,
+                "compose" => l.compose = self.compose(self.table(&key, v)?, &key)?,
+                _ => return Ok(false),
+            }
+            Ok(true)
+        })?;
+        Ok(l)
+    }
+
+    fn release(&self, t: &DeTable<'_>, path: &str) -> Result<ReleaseLayer, ConfigError> {
+        let mut l = ReleaseLayer::default();
+        self.fields(t, path, RELEASE_KEYS, |name, key, v| {
+            match name {
+                "artifact" => l.artifact = Some(self.string(key, v)?),
+                "shared" => l.shared = Some(self.strings(key, v)?),
+                "migrate" => l.migrate = Some(self.string(key, v)?),
+                "restart" => l.restart = Some(self.string(key, v)?),
+                "stop" => l.stop = Some(self.string(key, v)?),
+                "timeout" => l.timeout = Some(self.duration(key, v)?),
+                "max_unpacked_size" => {
+                    l.max_unpacked_size =
+                        Some(self.scalar(key, v, "a size like \"10GiB\" or a number of bytes")?)
+                }
+                _ => return Ok(false),
+            }
+            Ok(true)
+        })?;
+        Ok(l)
+    }
+
+    fn health(&self, t: &DeTable<'_>, path: &str) -> Result<HealthLayer, ConfigError> {
+        let mut l = HealthLayer::default();
+        self.fields(t, path, HEALTH_KEYS, |name, key, v| {
+            match name {
+                "url" => l.url = Some(self.string(key, v)?),
+                "expect_status" => l.expect_status = Some(self.integer(key, v)?),
+                "retries" => l.retries = Some(self.integer(key, v)?),
+                "interval" => l.interval = Some(self.duration(key, v)?),
+                "request_timeout" => l.request_timeout = Some(self.duration(key, v)?),
+                _ => return Ok(false),
+            }
+            Ok(true)
+        })?;
+        Ok(l)
+    }
+
+    fn rollout(&self, t: &DeTable<'_>, path: &str) -> Result<RolloutLayer, ConfigError> {
+        let mut l = RolloutLayer::default();
+        self.fields(t, path, ROLLOUT_KEYS, |name, key, v| {
+            match name {
+                "batch" => {
+                    l.batch =
+                        Some(self.scalar(key, v, "a host count or a percentage like \"25%\"")?)
+                }
+                "canary" => l.canary = Some(self.boolean(key, v)?),
+                "on_failure" => l.on_failure = Some(self.string(key, v)?),
+                _ => return Ok(false),
+            }
+            Ok(true)
+        })?;
+        Ok(l)
+    }
+
+    fn verify(&self, t: &DeTable<'_>, path: &str) -> Result<VerifyLayer, ConfigError> {
+        let mut l = VerifyLayer::default();
+        self.fields(t, path, VERIFY_KEYS, |name, key, v| {
+            match name {
+                "urls" => l.urls = Some(self.strings(key, v)?),
+                "retries" => l.retries = Some(self.integer(key, v)?),
+                "interval" => l.interval = Some(self.duration(key, v)?),
+                "expect_status" => l.expect_status = Some(self.integer(key, v)?),
+                "request_timeout" => l.request_timeout = Some(self.duration(key, v)?),
+                _ => return Ok(false),
+            }
+            Ok(true)
+        })?;
+        Ok(l)
+    }
+
+    fn compose(&self, t: &DeTable<'_>, path: &str) -> Result<ComposeLayer, ConfigError> {
+        let mut l = ComposeLayer::default();
+        self.fields(t, path, COMPOSE_KEYS, |name, key, v| {
+            match name {
+                "files" => l.files = Some(self.strings(key, v)?),
+                "env_file" => l.env_file = Some(self.string(key, v)?),
+                "project" => l.project = Some(self.string(key, v)?),
+                "pull" => l.pull = Some(self.boolean(key, v)?),
+                "compose_command" => l.compose_command = Some(self.string(key, v)?),
+                _ => return Ok(false),
+            }
+            Ok(true)
+        })?;
+        Ok(l)
+    }
+}
+
+impl<T> Val<T> {
+    fn with_map<U>(self, f: impl FnOnce(T) -> U) -> Val<U> {
+        Val {
+            v: f(self.v),
+            key: self.key,
+            at: self.at,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Resolving values
+// ---------------------------------------------------------------------------------------
+
+struct Resolver<'a> {
+    vars: &'a BTreeMap<String, Option<String>>,
+}
+
+impl Resolver<'_> {
+    /// `${VAR}` expansion for values from the file; overrides are taken literally.
+    fn expand(&self, v: &Val<String>) -> Result<String, ConfigError> {
+        if matches!(v.at, Location::EnvVar { .. }) {
+            return Ok(v.v.clone());
+        }
+        expand_vars(&v.v, &mut |name| self.vars.get(name).cloned().flatten()).map_err(|e| match e {
+            ExpandError::Unset(var) => ConfigError::UnsetVar {
+                at: v.at.clone(),
+                key: v.key.clone(),
+                var,
+            },
+            ExpandError::Bad(message) => v.invalid(message),
+        })
+    }
+
+    /// A non-empty string, or none when the key is absent.
+    fn opt_string(&self, v: &Opt<String>) -> Result<Option<String>, ConfigError> {
+        let Some(v) = v else { return Ok(None) };
+        let s = self.expand(v)?;
+        if s.trim().is_empty() {
+            return Err(v.invalid("is empty (leave the key out instead)"));
+        }
+        Ok(Some(s))
+    }
+
+    /// Expanded, then `~` / `~/` at the start replaced by `$HOME`.
+    fn path(&self, v: &Val<String>) -> Result<PathBuf, ConfigError> {
+        let s = self.expand(v)?;
+        if s.is_empty() {
+            return Err(v.invalid("is empty"));
+        }
+        let Some(rest) = s.strip_prefix('~') else {
+            return Ok(PathBuf::from(s));
+        };
+        if !(rest.is_empty() || rest.starts_with('/')) {
+            return Err(v.invalid(format!("`{s}`: only `~/` is supported, not `~user/`")));
+        }
+        let home =
+            self.vars
+                .get("HOME")
+                .cloned()
+                .flatten()
+                .ok_or_else(|| ConfigError::UnsetVar {
+                    at: v.at.clone(),
+                    key: v.key.clone(),
+                    var: "HOME".into(),
+                })?;
+        Ok(PathBuf::from(format!("{home}{rest}")))
+    }
+
+    fn list(
+        &self,
+        v: &List,
+        check: impl Fn(&str) -> Result<(), String>,
+    ) -> Result<Option<Vec<String>>, ConfigError> {
+        let Some(v) = v else { return Ok(None) };
+        v.v.iter()
+            .map(|item| {
+                let s = self.expand(item)?;
+                check(&s).map_err(|m| item.invalid(m))?;
+                Ok(s)
+            })
+            .collect::<Result<_, _>>()
+            .map(Some)
+    }
+
+    fn boolean(&self, v: &Opt<bool>, default: bool) -> bool {
+        v.as_ref().map_or(default, |v| v.v)
+    }
+
+    fn uint(&self, v: &Opt<i64>, default: u32, min: u32) -> Result<u32, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        match u32::try_from(v.v) {
+            Ok(n) if n >= min => Ok(n),
+            _ => Err(v.invalid(format!("must be at least {min}, got {}", v.v))),
+        }
+    }
+
+    fn status(&self, v: &Opt<i64>) -> Result<u16, ConfigError> {
+        let Some(v) = v else { return Ok(200) };
+        match v.v {
+            100..=599 => Ok(v.v as u16),
+            n => Err(v.invalid(format!("{n} is not an HTTP status (100-599)"))),
+        }
+    }
+
+    fn duration(
+        &self,
+        v: &Opt<String>,
+        default: Duration,
+        allow_zero: bool,
+    ) -> Result<Duration, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        let s = self.expand(v)?;
+        match humantime::parse_duration(s.trim()) {
+            Ok(d) if d.is_zero() && !allow_zero => Err(v.invalid("must be more than 0")),
+            Ok(d) => Ok(d),
+            Err(e) => Err(v.invalid(format!(
+                "bad duration `{s}`: {e} (examples: \"500ms\", \"5s\", \"5m\", \"7d\")"
+            ))),
+        }
+    }
+}
+
+enum ExpandError {
+    Unset(String),
+    Bad(String),
+}
+
+/// Replaces `${NAME}` using `lookup`; `$${` gives `${`; `${DEPLOY_*}` is kept.
+fn expand_vars(
+    s: &str,
+    lookup: &mut dyn FnMut(&str) -> Option<String>,
+) -> Result<String, ExpandError> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let from = &rest[i..];
+        if let Some(after) = from.strip_prefix("$${") {
+            out.push_str("${");
+            rest = after;
+        } else if let Some(after) = from.strip_prefix("${") {
+            let Some(end) = after.find('}') else {
+                return Err(ExpandError::Bad(
+                    "unterminated `${` (write `$${` for a literal `${`)".into(),
+                ));
+            };
+            let name = &after[..end];
+            if !is_var_name(name) {
+                return Err(ExpandError::Bad(format!(
+                    "`${{{name}}}` is not a variable reference (write `$${{` for a literal `${{`)"
+                )));
+            }
+            if name.starts_with("DEPLOY_") {
+                out.push_str(&from[..end + 3]);
+            } else {
+                match lookup(name) {
+                    Some(value) => out.push_str(&value),
+                    None => return Err(ExpandError::Unset(name.to_string())),
+                }
+            }
+            rest = &after[end + 1..];
+        } else {
+            out.push('$');
+            rest = &from[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn collect_refs(v: &DeValue<'_>, names: &mut BTreeSet<String>) {
+    match v {
+        DeValue::String(s) => {
+            let _ = expand_vars(s, &mut |name| {
+                names.insert(name.to_string());
+                Some(String::new())
+            });
+        }
+        DeValue::Array(items) => items.iter().for_each(|i| collect_refs(i.get_ref(), names)),
+        DeValue::Table(t) => collect_refs_table(t, names),
+        _ => {}
+    }
+}
+
+fn collect_refs_table(t: &DeTable<'_>, names: &mut BTreeSet<String>) {
+    for (_, v) in t.iter() {
+        collect_refs(v.get_ref(), names);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Small checks and parsers
+// ---------------------------------------------------------------------------------------
+
+/// App, environment and compose project names: `[a-z0-9][a-z0-9_-]*`, at most 63.
+fn check_name(s: &str) -> Result<(), String> {
+    let mut chars = s.chars();
+    let ok = s.len() <= 63
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{s}` is not a valid name (lowercase letters, digits, `-`, `_`; starting with a letter or digit; at most 63)"
+        ))
+    }
+}
+
+fn check_user(s: &str) -> Result<(), String> {
+    let mut chars = s.chars();
+    let ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{s}` is not a valid user name"))
+    }
+}
+
+fn check_hostname(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("empty host name".into());
+    }
+    let ok = s.len() <= 253
+        && !s.starts_with(['-', '.'])
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{s}` is not a valid host name"))
+    }
+}
+
+fn check_deploy_to(s: &str) -> Result<(), String> {
+    if !s.starts_with('/') {
+        return Err(format!("`{s}` is not an absolute path"));
+    }
+    if s.split('/').any(|c| c == "..") {
+        return Err(format!("`{s}` must not contain `..`"));
+    }
+    if s.trim_end_matches('/').is_empty() {
+        return Err("refusing to deploy to `/`".into());
+    }
+    Ok(())
+}
+
+/// A path inside the release: relative, no `..`.
+fn check_relative(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("empty path".into());
+    }
+    if s.starts_with('/') {
+        return Err(format!("`{s}` must be relative to the release directory"));
+    }
+    if s.split('/').any(|c| c == "..") {
+        return Err(format!("`{s}` must not contain `..`"));
+    }
+    Ok(())
+}
+
+fn check_url(s: &str) -> Result<(), String> {
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"));
+    match rest {
+        Some(r) if !r.is_empty() && !s.contains(char::is_whitespace) => Ok(()),
+        _ => Err(format!("`{s}` is not an http:// or https:// URL")),
+    }
+}
+
+fn is_var_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn parse_batch(s: &str) -> Result<Batch, String> {
+    let s = s.trim();
+    if let Some(p) = s.strip_suffix('%') {
+        return match p.trim().parse::<u8>() {
+            Ok(p @ 1..=100) => Ok(Batch::Percent(p)),
+            _ => Err(format!("`{s}`: a percentage must be 1% to 100%")),
+        };
+    }
+    match s.parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(Batch::Count(n)),
+        _ => Err(format!(
+            "`{s}`: expected a host count of at least 1 or a percentage like \"25%\""
+        )),
+    }
+}
+
+fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let bad = || format!("bad port range `{s}` (expected e.g. \"4100-4199\")");
+    let (lo, hi) = s.split_once('-').unwrap_or((s, s));
+    let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+    let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+    if lo == 0 || lo > hi {
+        return Err(bad());
+    }
+    Ok(lo..=hi)
+}
+
+/// `123`, `500MB`, `10GiB`, `1 TiB`: KB/MB/GB/TB are 1000-based, KiB/MiB/GiB/TiB 1024-based.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad =
+        || format!("bad size `{s}` (expected e.g. \"10GiB\", \"500MB\" or a number of bytes)");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size `{s}` is too large"))
+}
+
+/// The closest known key, for "did you mean".
+fn suggest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(name, k), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example from SPEC.md, "Configuration: deploy.toml", verbatim.
+    const SPEC_EXAMPLE: &str = r#"app = "myapp"
+deploy_to = "/srv/myapp"            # per-app root on each server
+
+[defaults]                          # every environment inherits these
+user = "deploy"
+ssh_key = "~/.ssh/id_ed25519"       # or DEPLOYCTL_SSH_KEY, or ssh-agent
+known_hosts = "~/.ssh/known_hosts"
+agent_socket = "/run/deploy-agent/agent.sock"
+strategy = "release"                # "release" (tarball) or "compose"
+keep_releases = 5
+
+[defaults.release]
+artifact = "dist/myapp.tar.gz"      # a .tar.gz built by CI; --artifact overrides
+shared = ["log", "tmp", ".env"]     # linked from <deploy_to>/shared into each release
+migrate = "bin/migrate"             # run in the new release dir before the switch
+restart = "sudo systemctl restart myapp"
+stop = "sudo systemctl stop myapp"  # used when a review-app instance is destroyed
+timeout = "5m"                      # per command
+
+[defaults.health]
+url = "http://127.0.0.1:4000/api/v1/status/"   # fetched by the agent, on the server
+expect_status = 200
+retries = 12
+interval = "5s"
+request_timeout = "3s"
+
+[environments.staging]
+hosts = ["staging-1.tail1234.ts.net", "deploy@10.0.0.5:2222"]
+
+[environments.production]
+hosts = ["prod-1", "prod-2", "prod-3"]
+confirm = true                      # needs --yes, or a typed "yes" on a terminal
+max_parallel = 10
+rollout = { batch = 1, canary = true, on_failure = "rollback-all" }
+promote_from = "staging"            # push refuses content staging has not run healthy
+[environments.production.verify]    # polled by the controller after the rollout
+urls = ["https://app.example.com/api/v1/status/", "https://app.fly.dev/"]
+retries = 9
+interval = "5s"
+
+[environments.edge]
+strategy = "compose"
+hosts = ["edge-1"]
+[environments.edge.compose]
+files = ["docker-compose.yml", "compose.production.yml"]
+env_file = ".env.production"        # copied into the release; holds pinned image tags
+project = "myapp"
+pull = true
+# compose_command = "docker compose"   # detected when absent; "docker-compose" for v1
+"#;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+        let map: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k: &str| map.get(k).cloned()
+    }
+
+    fn base_env() -> impl Fn(&str) -> Option<String> {
+        env_of(&[("USER", "ci"), ("HOME", "/home/ci")])
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "deploy.toml", &base_env())
+    }
+
+    fn parse_err(text: &str) -> ConfigError {
+        match parse(text) {
+            Ok(c) => panic!("expected an error, parsed {c:?}"),
+            Err(e) => e,
+        }
+    }
+
+    /// 1-based line of the first line containing `needle`.
+    fn line_of(text: &str, needle: &str) -> usize {
+        text.lines()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("`{needle}` not in text"))
+            + 1
+    }
+
+    fn assert_err(err: &ConfigError, line: usize, parts: &[&str]) {
+        let msg = err.to_string();
+        assert_eq!(err.line(), Some(line), "wrong line in: {msg}");
+        assert!(
+            msg.starts_with(&format!("deploy.toml:{line}: ")),
+            "no location in: {msg}"
+        );
+        for part in parts {
+            assert!(msg.contains(part), "`{part}` not in: {msg}");
+        }
+    }
+
+    const MINI: &str = r#"
+app = "myapp"
+deploy_to = "/srv/myapp"
+
+[environments.staging]
+hosts = ["staging-1"]
+"#;
+
+    #[test]
+    fn spec_example_parses_and_resolves() {
+        let config = parse(SPEC_EXAMPLE).unwrap();
+        assert_eq!(config.app, "myapp");
+        assert_eq!(config.path, PathBuf::from("deploy.toml"));
+        assert_eq!(
+            config.environment_names(),
+            ["edge", "production", "staging"]
+        );
+
+        let staging = config.environment("staging").unwrap();
+        assert_eq!(staging.name, "staging");
+        assert_eq!(staging.app, "myapp");
+        assert_eq!(staging.deploy_to, "/srv/myapp");
+        assert_eq!(
+            staging.hosts,
+            [
+                Host::Ssh {
+                    user: None,
+                    host: "staging-1.tail1234.ts.net".into(),
+                    port: 22
+                },
+                Host::Ssh {
+                    user: Some("deploy".into()),
+                    host: "10.0.0.5".into(),
+                    port: 2222
+                },
+            ]
+        );
+        assert_eq!(staging.user, "deploy");
+        assert_eq!(
+            staging.ssh_key,
+            Some(PathBuf::from("/home/ci/.ssh/id_ed25519"))
+        );
+        assert_eq!(
+            staging.known_hosts,
+            PathBuf::from("/home/ci/.ssh/known_hosts")
+        );
+        assert_eq!(staging.agent_socket, "/run/deploy-agent/agent.sock");
+        assert_eq!(staging.agent_bin, "deploy-agent");
+        assert!(!staging.accept_new_host_keys);
+        assert_eq!(staging.connect_timeout, Duration::from_secs(10));
+        assert_eq!(staging.connect_retries, 5);
+        assert_eq!(staging.strategy, Strategy::Release);
+        assert_eq!(staging.keep_releases, 5);
+        assert_eq!(staging.max_parallel, 10);
+        assert!(!staging.confirm);
+        assert_eq!(
+            staging.release,
+            ReleaseConfig {
+                artifact: Some("dist/myapp.tar.gz".into()),
+                shared: vec!["log".into(), "tmp".into(), ".env".into()],
+                migrate: Some("bin/migrate".into()),
+                restart: Some("sudo systemctl restart myapp".into()),
+                stop: Some("sudo systemctl stop myapp".into()),
+                timeout: Duration::from_secs(300),
+                max_unpacked_bytes: 10 << 30,
+            }
+        );
+        assert_eq!(
+            staging.health,
+            Some(HealthConfig {
+                url: "http://127.0.0.1:4000/api/v1/status/".into(),
+                expect_status: 200,
+                retries: 12,
+                interval: Duration::from_secs(5),
+                request_timeout: Duration::from_secs(3),
+            })
+        );
+        assert_eq!(
+            staging.rollout,
+            RolloutConfig {
+                batch: Batch::Percent(100),
+                canary: false,
+                on_failure: OnFailure::RollbackAll
+            }
+        );
+        assert_eq!(staging.verify, None);
+        assert_eq!(staging.instances, None);
+        assert_eq!(staging.promote_from, None);
+        assert_eq!(staging.compose.project, "myapp");
+        assert_eq!(staging.compose.files, [PathBuf::from("docker-compose.yml")]);
+
+        let prod = config.environment("production").unwrap();
+        assert_eq!(prod.hosts.len(), 3);
+        assert_eq!(prod.hosts[2].to_string(), "prod-3");
+        assert!(prod.confirm);
+        assert_eq!(prod.max_parallel, 10);
+        assert_eq!(
+            prod.rollout,
+            RolloutConfig {
+                batch: Batch::Count(1),
+                canary: true,
+                on_failure: OnFailure::RollbackAll
+            }
+        );
+        assert_eq!(prod.promote_from.as_deref(), Some("staging"));
+        assert_eq!(
+            prod.verify,
+            Some(VerifyConfig {
+                urls: vec![
+                    "https://app.example.com/api/v1/status/".into(),
+                    "https://app.fly.dev/".into()
+                ],
+                retries: 9,
+                interval: Duration::from_secs(5),
+                expect_status: 200,
+                request_timeout: Duration::from_secs(10),
+            })
+        );
+        assert_eq!(prod.health, staging.health);
+
+        let edge = config.environment("edge").unwrap();
+        assert_eq!(edge.strategy, Strategy::Compose);
+        assert_eq!(
+            edge.compose,
+            ComposeConfig {
+                files: vec!["docker-compose.yml".into(), "compose.production.yml".into()],
+                env_file: Some(".env.production".into()),
+                project: "myapp".into(),
+                pull: true,
+                compose_command: None,
+            }
+        );
+        assert_eq!(edge.user, "deploy");
+    }
+
+    #[test]
+    fn built_in_defaults() {
+        let env = parse(MINI).unwrap().environment("staging").unwrap();
+        assert_eq!(env.user, "ci");
+        assert_eq!(env.ssh_key, None);
+        assert_eq!(env.known_hosts, PathBuf::from("/home/ci/.ssh/known_hosts"));
+        assert_eq!(env.health, None);
+        assert_eq!(env.verify, None);
+        assert_eq!(env.release.shared, Vec::<String>::new());
+        assert_eq!(env.release.timeout, Duration::from_secs(300));
+        assert!(env.compose.pull);
+        assert_eq!(env.secrets, Vec::<String>::new());
+
+        let no_user = Config::parse(MINI, "deploy.toml", &env_of(&[("HOME", "/root")]))
+            .unwrap()
+            .environment("staging")
+            .unwrap();
+        assert_eq!(no_user.user, "root");
+    }
+
+    #[test]
+    fn tables_merge_key_by_key() {
+        let text = r#"
+app = "myapp"
+deploy_to = "/srv/myapp"
+[defaults]
+user = "deploy"
+keep_releases = 3
+[defaults.health]
+url = "http://127.0.0.1:4000/up"
+retries = 3
+interval = "1s"
+[defaults.release]
+restart = "systemctl restart myapp"
+timeout = "1m"
+[defaults.compose]
+files = ["a.yml"]
+pull = false
+rollout = { canary = true }
+
+[environments.staging]
+hosts = ["s1"]
+keep_releases = 7
+deploy_to = "/srv/other"
+[environments.staging.health]
+url = "http://127.0.0.1:5000/up"
+[environments.staging.release]
+migrate = "bin/migrate"
+[environments.staging.compose]
+project = "proj"
+[environments.staging.rollout]
+batch = "50%"
+"#;
+        // `rollout = { canary = true }` above sits inside [defaults.compose]: fix that.
+        let text = text.replace("rollout = { canary = true }\n", "");
+        let text = text.replace(
+            "[defaults.compose]",
+            "[defaults.rollout]\ncanary = true\n[defaults.compose]",
+        );
+        let env = parse(&text).unwrap().environment("staging").unwrap();
+        assert_eq!(env.deploy_to, "/srv/other");
+        assert_eq!(env.user, "deploy");
+        assert_eq!(env.keep_releases, 7);
+        let health = env.health.unwrap();
+        assert_eq!(health.url, "http://127.0.0.1:5000/up");
+        assert_eq!(health.retries, 3);
+        assert_eq!(health.interval, Duration::from_secs(1));
+        assert_eq!(health.expect_status, 200);
+        assert_eq!(env.release.migrate.as_deref(), Some("bin/migrate"));
+        assert_eq!(
+            env.release.restart.as_deref(),
+            Some("systemctl restart myapp")
+        );
+        assert_eq!(env.release.timeout, Duration::from_secs(60));
+        assert_eq!(env.compose.files, [PathBuf::from("a.yml")]);
+        assert!(!env.compose.pull);
+        assert_eq!(env.compose.project, "proj");
+        assert_eq!(env.rollout.batch, Batch::Percent(50));
+        assert!(env.rollout.canary);
+    }
+
+    #[test]
+    fn unknown_key_at_top_level() {
+        let text = format!("{MINI}\n");
+        let text = text.replace("deploy_to =", "deploytoo = \"x\"\ndeploy_to =");
+        let err = parse_err(&text);
+        assert_err(
+            &err,
+            line_of(&text, "deploytoo"),
+            &["`deploytoo`", "the top level"],
+        );
+        assert!(matches!(err, ConfigError::UnknownKey { .. }));
+
+        let text = MINI.replace("deploy_to =", "user = \"deploy\"\ndeploy_to =");
+        let err = parse_err(&text);
+        assert_err(&err, line_of(&text, "user ="), &["`user`", "[defaults]"]);
+    }
+
+    #[test]
+    fn unknown_key_in_defaults() {
+        let text = format!("{MINI}\n[defaults]\nuser = \"deploy\"\nhostz = [\"x\"]\n");
+        let err = parse_err(&text);
+        assert_err(
+            &err,
+            line_of(&text, "hostz"),
+            &["unknown key `hostz` in [defaults]", "did you mean `hosts`"],
+        );
+    }
+
+    #[test]
+    fn unknown_key_in_environment_and_health() {
+        let text = MINI.replace(
+            "hosts = [\"staging-1\"]",
+            "hosts = [\"staging-1\"]\nhostz = 1",
+        );
+        let err = parse_err(&text);
+        assert_err(
+            &err,
+            line_of(&text, "hostz"),
+            &["unknown key `hostz` in [environments.staging]"],
+        );
+
+        let text =
+            format!("{MINI}\n[environments.staging.health]\nurl = \"http://x/\"\n\nretrys = 3\n");
+        let err = parse_err(&text);
+        assert_err(
+            &err,
+            line_of(&text, "retrys"),
+            &[
+                "unknown key `retrys` in [environments.staging.health]",
+                "did you mean `retries`",
+            ],
+        );
+
+        // Inline tables too.
+        let text = format!("{MINI}rollout = {{ batch = 1, canery = true }}\n");
+        let err = parse_err(&text);
+        assert_err(
+            &err,
+            line_of(&text, "canery"),
+            &["`canery`", "[environments.staging.rollout]"],
+        );
+    }
+
+    #[test]
+    fn first_error_in_file_order() {
+        let text = format!("{MINI}zzz = 1\naaa = 2\n");
+        let err = parse_err(&text);
+        assert_err(&err, line_of(&text, "zzz"), &["`zzz`"]);
+    }
+
+    #[test]
+    fn syntax_error_has_a_line() {
+        let text = format!("{MINI}keep_releases = \n");
+        let err = parse_err(&text);
+        assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+        assert_eq!(err.line(), Some(line_of(&text, "keep_releases")));
+    }
+
+    #[test]
+    fn bad_duration() {
+        let text = format!(
+            "{MINI}[environments.staging.health]\nurl = \"http://x/\"\ninterval = \"5 parsecs\"\n"
+        );
+        let err = parse_err(&text);
+        assert_err(
+            &err,
+            line_of(&text, "parsecs"),
+            &["`environments.staging.health.interval`", "5 parsecs"],
+        );
+
+        let text = format!("{MINI}connect_timeout = 5\n");
+        let err = parse_err(&text);
+        assert_err(
+            &err,
+            line_of(&text, "connect_timeout"),
+            &[
+                "`environments.staging.connect_timeout`",
+                "duration",
+                "integer",
+            ],
+        );
+    }
+
+    #[test]
+    fn bad_values_name_key_and_line() {
+        let cases: &[(&str, &str)] = &[
+            ("strategy = \"rsync\"", "strategy"),
+            ("keep_releases = 0", "keep_releases"),
+            ("keep_releases = \"5\"", "keep_releases"),
+            ("max_parallel = -1", "max_parallel"),
+            (
+                "health = { url = \"http://x/\", retries = 0 }",
+                "health.retries",
+            ),
+            (
+                "health = { url = \"http://x/\", expect_status = 600 }",
+                "health.expect_status",
+            ),
+            ("health = { url = \"ftp://x/\" }", "health.url"),
+            (
+                "verify = { urls = [\"http://x/\"], expect_status = 99 }",
+                "verify.expect_status",
+            ),
+            ("rollout = { batch = \"150%\" }", "rollout.batch"),
+            ("rollout = { batch = 0 }", "rollout.batch"),
+            ("rollout = { batch = true }", "rollout.batch"),
+            ("rollout = { on_failure = \"pray\" }", "rollout.on_failure"),
+            (
+                "instances = true\ninstance_ports = \"4199-4100\"",
+                "instance_ports",
+            ),
+            (
+                "instances = true\ninstance_ports = \"lots\"",
+                "instance_ports",
+            ),
+            ("instances = true", "instances"),
+            (
+                "instances = true\ninstance_ports = \"4100-4199\"\ninstance_ttl = \"soon\"",
+                "instance_ttl",
+            ),
+            ("deploy_to = \"srv/app\"", "deploy_to"),
+            ("deploy_to = \"/srv/../etc\"", "deploy_to"),
+            ("agent_socket = \"agent.sock\"", "agent_socket"),
+            ("agent_bin = \"deploy agent; rm\"", "agent_bin"),
+            ("secrets = [\"DB-PASSWORD\"]", "secrets"),
+            ("release = { shared = [\"../etc\"] }", "release.shared"),
+            (
+                "release = { max_unpacked_size = \"10 parsecs\" }",
+                "release.max_unpacked_size",
+            ),
+            (
+                "release = { max_unpacked_size = 0 }",
+                "release.max_unpacked_size",
+            ),
+            ("release = { restart = \"\" }", "release.restart"),
+            ("compose = { files = [] }", "compose.files"),
+            ("compose = { project = \"My App\" }", "compose.project"),
+            ("user = \"bad user\"", "user"),
+            ("ssh_key = \"~bob/.ssh/id\"", "ssh_key"),
+            ("hosts = []", "hosts"),
+            ("health = 5", "health"),
+        ];
+        for (snippet, key) in cases {
+            // Replace the environment's hosts line when the case sets hosts.
+            let text = if snippet.starts_with("hosts") {
+                MINI.replace("hosts = [\"staging-1\"]", snippet)
+            } else {
+                format!("{MINI}{snippet}\n")
+            };
+            let err = parse_err(&text);
+            let last = snippet.lines().last().unwrap();
+            let key = format!("`environments.staging.{key}`");
+            assert_err(&err, line_of(&text, last), &[&key]);
+        }
+    }
+
+    #[test]
+    fn environment_without_hosts() {
+        let text = "app = \"a\"\ndeploy_to = \"/srv/a\"\n\n[environments.staging]\nuser = \"x\"\n";
+        let err = parse_err(text);
+        assert_err(&err, 4, &["`environments.staging.hosts`", "missing"]);
+    }
+
+    #[test]
+    fn missing_app_and_deploy_to() {
+        let err = parse_err("[environments.s]\nhosts = [\"h\"]\ndeploy_to = \"/srv/a\"\n");
+        assert!(err.to_string().starts_with("deploy.toml: `app`"), "{err}");
+        let err = parse_err("app = \"Bad\"\n[environments.s]\nhosts = [\"h\"]\n");
+        assert_err(&err, 1, &["`app`"]);
+        let err = parse_err("app = \"a\"\n[environments.s]\nhosts = [\"h\"]\n");
+        assert_err(&err, 2, &["`environments.s.deploy_to`"]);
+        let err = parse_err("app = \"a\"\ndeploy_to = \"/srv/a\"\n");
+        assert!(err.to_string().contains("no environments"), "{err}");
+        let err = parse_err("app = \"a\"\ndeploy_to = \"/srv/a\"\n[defaults]\nhosts = [\"h\"]\n");
+        assert_err(&err, 4, &["`defaults.hosts`", "per environment"]);
+    }
+
+    #[test]
+    fn bad_hosts() {
+        for (host, why) in [
+            ("", "empty host"),
+            ("deploy@", "empty host name"),
+            ("prod-1:99999", "bad port `99999`"),
+            ("prod-1:0", "bad port `0`"),
+            ("prod-1:", "bad port"),
+            ("::1", "brackets"),
+            ("[::1", "missing `]`"),
+            ("[nope]:22", "not an IPv6"),
+            ("pro d", "whitespace"),
+            ("a@b@c", "host name"),
+            ("deploy@local", "`local`"),
+            ("-oProxyCommand=x", "host name"),
+        ] {
+            let text = MINI.replace(
+                "hosts = [\"staging-1\"]",
+                &format!("hosts = [\n  \"ok-1\",\n  \"{host}\",\n]"),
+            );
+            let err = parse_err(&text);
+            assert_err(
+                &err,
+                line_of(&text, "ok-1") + 1,
+                &[&format!("bad host `{host}`"), why],
+            );
+        }
+        let text = MINI.replace("\"staging-1\"", "\"staging-1\", \"u@staging-1:22\"");
+        let err = parse_err(&text);
+        assert_err(&err, line_of(&text, "hosts"), &["listed twice"]);
+    }
+
+    #[test]
+    fn host_forms() {
+        let cases = [
+            ("local", Host::Local, "local"),
+            (
+                "prod-1",
+                Host::Ssh {
+                    user: None,
+                    host: "prod-1".into(),
+                    port: 22,
+                },
+                "prod-1",
+            ),
+            (
+                "deploy@10.0.0.5:2222",
+                Host::Ssh {
+                    user: Some("deploy".into()),
+                    host: "10.0.0.5".into(),
+                    port: 2222,
+                },
+                "deploy@10.0.0.5:2222",
+            ),
+            (
+                "[::1]:2222",
+                Host::Ssh {
+                    user: None,
+                    host: "::1".into(),
+                    port: 2222,
+                },
+                "[::1]:2222",
+            ),
+            (
+                "user@[::1]",
+                Host::Ssh {
+                    user: Some("user".into()),
+                    host: "::1".into(),
+                    port: 22,
+                },
+                "user@[::1]",
+            ),
+            (
+                "[2001:db8:0:0::1]:22",
+                Host::Ssh {
+                    user: None,
+                    host: "2001:db8::1".into(),
+                    port: 22,
+                },
+                "[2001:db8::1]",
+            ),
+            (
+                "host.example.com:22",
+                Host::Ssh {
+                    user: None,
+                    host: "host.example.com".into(),
+                    port: 22,
+                },
+                "host.example.com",
+            ),
+        ];
+        for (input, host, canonical) in cases {
+            let parsed: Host = input.parse().unwrap();
+            assert_eq!(parsed, host, "{input}");
+            assert_eq!(parsed.to_string(), canonical, "{input}");
+            assert_eq!(
+                canonical.parse::<Host>().unwrap(),
+                host,
+                "round trip {input}"
+            );
+        }
+        let h: Host = "deploy@h".parse().unwrap();
+        assert_eq!(h.user_or("other"), "deploy");
+        let h: Host = "h".parse().unwrap();
+        assert_eq!(h.user_or("other"), "other");
+    }
+
+    #[test]
+    fn local_and_ipv6_hosts_in_config() {
+        let text = MINI.replace(
+            "\"staging-1\"",
+            "\"local\", \"[::1]:2222\", \"me@[fe80::1]\"",
+        );
+        let env = parse(&text).unwrap().environment("staging").unwrap();
+        assert_eq!(env.hosts[0], Host::Local);
+        assert_eq!(env.hosts[1].to_string(), "[::1]:2222");
+        assert_eq!(env.hosts[2].user_or(&env.user), "me");
+        assert_eq!(env.hosts[2].address(), "[fe80::1]");
+
+        // Only `local` hosts: no HOME needed for the default known_hosts.
+        let text = MINI.replace("\"staging-1\"", "\"local\"");
+        let config = Config::parse(&text, "deploy.toml", &env_of(&[])).unwrap();
+        assert_eq!(config.environment("staging").unwrap().hosts, [Host::Local]);
+        let config = Config::parse(MINI, "deploy.toml", &env_of(&[])).unwrap();
+        let err = config.environment("staging").unwrap_err();
+        assert!(err.to_string().contains("`HOME` is not set"), "{err}");
+    }
+
+    #[test]
+    fn variable_expansion() {
+        let text = r#"
+app = "myapp"
+deploy_to = "/srv/${APP_DIR}"
+[defaults]
+user = "${USER_NAME}"
+ssh_key = "~/.ssh/${KEY_NAME}"
+[defaults.release]
+restart = "echo $${HOME} $$ ${DEPLOY_RELEASE_DIR} $PATH"
+[environments.review]
+hosts = ["${REVIEW_HOST}:2222"]
+instances = true
+instance_ports = "4100-4199"
+instance_ttl = "7d"
+url_template = "https://${DEPLOY_INSTANCE}.${DOMAIN}/"
+health = { url = "http://127.0.0.1:${DEPLOY_PORT}/up" }
+"#;
+        let env = env_of(&[
+            ("HOME", "/home/ci"),
+            ("APP_DIR", "myapp"),
+            ("USER_NAME", "deployer"),
+            ("KEY_NAME", "id_ed25519"),
+            ("REVIEW_HOST", "review-1"),
+            ("DOMAIN", "example.com"),
+            ("DEPLOY_PORT", "9999"),
+        ]);
+        let env = Config::parse(text, "deploy.toml", &env)
+            .unwrap()
+            .environment("review")
+            .unwrap();
+        assert_eq!(env.deploy_to, "/srv/myapp");
+        assert_eq!(env.user, "deployer");
+        assert_eq!(env.ssh_key, Some(PathBuf::from("/home/ci/.ssh/id_ed25519")));
+        assert_eq!(
+            env.release.restart.as_deref(),
+            Some("echo ${HOME} $$ ${DEPLOY_RELEASE_DIR} $PATH")
+        );
+        assert_eq!(env.hosts[0].to_string(), "review-1:2222");
+        let instances = env.instances.unwrap();
+        assert_eq!(instances.ports, 4100..=4199);
+        assert_eq!(instances.ttl, Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(
+            instances.url_template.as_deref(),
+            Some("https://${DEPLOY_INSTANCE}.example.com/")
+        );
+        assert_eq!(
+            env.health.unwrap().url,
+            "http://127.0.0.1:${DEPLOY_PORT}/up"
+        );
+    }
+
+    #[test]
+    fn unset_variable_is_an_error_for_the_environment_that_uses_it() {
+        let text = format!(
+            "{MINI}\n[environments.production]\nhosts = [\"prod-1\"]\nuser = \"${{PROD_USER}}\"\n"
+        );
+        let config = parse(&text).unwrap();
+        config.environment("staging").unwrap();
+        let err = config.environment("production").unwrap_err();
+        assert_err(
+            &err,
+            line_of(&text, "PROD_USER"),
+            &["`environments.production.user`", "`PROD_USER` is not set"],
+        );
+        assert!(matches!(err, ConfigError::UnsetVar { ref var, .. } if var == "PROD_USER"));
+
+        let text = format!("{MINI}user = \"${{oops\"\n");
+        let err = parse_err(&text);
+        assert_err(&err, line_of(&text, "oops"), &["unterminated"]);
+        let text = format!("{MINI}user = \"${{a b}}\"\n");
+        let err = parse_err(&text);
+        assert_err(&err, line_of(&text, "a b"), &["not a variable reference"]);
+    }
+
+    #[test]
+    fn env_var_overrides() {
+        let config = Config::parse(
+            SPEC_EXAMPLE,
+            "deploy.toml",
+            &env_of(&[
+                ("HOME", "/home/ci"),
+                ("DEPLOYCTL_USER", "ops"),
+                ("DEPLOYCTL_HOSTS", "a, b:2200 ,local"),
+                ("DEPLOYCTL_KEEP_RELEASES", "9"),
+                ("DEPLOYCTL_ACCEPT_NEW_HOST_KEYS", "true"),
+                ("DEPLOYCTL_SSH_KEY_PATH", "~/keys/ci"),
+                ("DEPLOYCTL_SSH_KEY", "-----BEGIN OPENSSH PRIVATE KEY-----"),
+                ("DEPLOYCTL_HEALTH_URL", "http://127.0.0.1:1/${NOT_EXPANDED}"),
+                ("DEPLOYCTL_BATCH", "25%"),
+                ("DEPLOYCTL_DEPLOY_TO", "/srv/x"),
+                ("DEPLOYCTL_CONFIRM", ""),
+            ]),
+        )
+        .unwrap();
+        let env = config.environment("production").unwrap();
+        assert_eq!(env.user, "ops");
+        assert_eq!(
+            env.hosts.iter().map(Host::to_string).collect::<Vec<_>>(),
+            ["a", "b:2200", "local"]
+        );
+        assert_eq!(env.keep_releases, 9);
+        assert!(env.accept_new_host_keys);
+        assert_eq!(env.ssh_key, Some(PathBuf::from("/home/ci/keys/ci")));
+        let health = env.health.unwrap();
+        assert_eq!(health.url, "http://127.0.0.1:1/${NOT_EXPANDED}");
+        assert_eq!(health.retries, 12);
+        assert_eq!(env.rollout.batch, Batch::Percent(25));
+        assert!(env.rollout.canary);
+        assert_eq!(env.deploy_to, "/srv/x");
+        assert!(env.confirm, "an empty override is ignored");
+
+        // DEPLOYCTL_SSH_KEY is key text, never a path.
+        let config = Config::parse(
+            MINI,
+            "deploy.toml",
+            &env_of(&[("HOME", "/h"), ("DEPLOYCTL_SSH_KEY", "secret")]),
+        )
+        .unwrap();
+        assert_eq!(config.environment("staging").unwrap().ssh_key, None);
+
+        // CLI flags: plain field assignment after resolution.
+        let mut env = config.environment("staging").unwrap();
+        env.accept_new_host_keys = true;
+        assert!(env.accept_new_host_keys);
+    }
+
+    #[test]
+    fn bad_override_names_the_variable() {
+        for (var, value, want) in [
+            ("DEPLOYCTL_KEEP_RELEASES", "many", "expected a number"),
+            ("DEPLOYCTL_KEEP_RELEASES", "0", "at least 1"),
+            ("DEPLOYCTL_CONFIRM", "maybe", "true or false"),
+            ("DEPLOYCTL_HOSTS", "a,,b", "empty host"),
+            ("DEPLOYCTL_CONNECT_TIMEOUT", "5 parsecs", "bad duration"),
+            ("DEPLOYCTL_BATCH", "150%", "percentage"),
+            ("DEPLOYCTL_STRATEGY", "ftp", "unknown strategy"),
+        ] {
+            let config = Config::parse(
+                MINI,
+                "deploy.toml",
+                &env_of(&[("HOME", "/h"), (var, value)]),
+            )
+            .unwrap();
+            let msg = config.environment("staging").unwrap_err().to_string();
+            assert!(
+                msg.starts_with(&format!("environment variable {var}: ")),
+                "{msg}"
+            );
+            assert!(msg.contains(want), "{msg}");
+        }
+    }
+
+    #[test]
+    fn every_override_is_handled() {
+        for (var, key) in ENV_OVERRIDES {
+            assert!(var.starts_with("DEPLOYCTL_"));
+            assert_ne!(*var, "DEPLOYCTL_SSH_KEY");
+            let mut layer = Layer::default();
+            set_override(&mut layer, var, key, "1").unwrap();
+        }
+    }
+
+    #[test]
+    fn unknown_environment_lists_known_ones() {
+        let err = parse(SPEC_EXAMPLE)
+            .unwrap()
+            .environment("prod")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no environment named `prod` (known: edge, production, staging)"
+        );
+    }
+
+    #[test]
+    fn promote_from_must_name_another_environment() {
+        let text = format!("{MINI}promote_from = \"qa\"\n");
+        let err = parse_err(&text);
+        assert_err(
+            &err,
+            line_of(&text, "promote_from"),
+            &[
+                "`environments.staging.promote_from`",
+                "`qa`",
+                "known: staging",
+            ],
+        );
+        let text = format!("{MINI}promote_from = \"staging\"\n");
+        let err = parse_err(&text);
+        assert_err(&err, line_of(&text, "promote_from"), &["itself"]);
+    }
+
+    #[test]
+    fn review_apps_and_secrets() {
+        let text = format!(
+            "{MINI}instances = true\ninstance_ports = \"4100\"\nsecrets = [\"DB_PASSWORD\", \"API_KEY\"]\nstrategy = \"compose\"\n"
+        );
+        let env = parse(&text).unwrap().environment("staging").unwrap();
+        let instances = env.instances.unwrap();
+        assert_eq!(instances.ports, 4100..=4100);
+        assert_eq!(instances.ttl, None);
+        assert_eq!(env.secrets, ["DB_PASSWORD", "API_KEY"]);
+        assert_eq!(env.strategy, Strategy::Compose);
+
+        // instance_ports without instances = true is inert.
+        let text = format!("{MINI}instance_ports = \"4100-4199\"\n");
+        assert_eq!(
+            parse(&text)
+                .unwrap()
+                .environment("staging")
+                .unwrap()
+                .instances,
+            None
+        );
+    }
+
+    #[test]
+    fn sizes_batches_and_ranges() {
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("500 MB"), Ok(500_000_000));
+        assert_eq!(parse_size("42"), Ok(42));
+        assert!(parse_size("1.5GiB").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+        let text = format!("{MINI}release = {{ max_unpacked_size = 1024 }}\n");
+        let env = parse(&text).unwrap().environment("staging").unwrap();
+        assert_eq!(env.release.max_unpacked_bytes, 1024);
+
+        assert_eq!(Batch::Count(1).size(5), 1);
+        assert_eq!(Batch::Count(10).size(5), 5);
+        assert_eq!(Batch::Percent(25).size(5), 2);
+        assert_eq!(Batch::Percent(100).size(5), 5);
+        assert_eq!(Batch::Percent(1).size(3), 1);
+        assert_eq!(parse_port_range(" 4100 - 4199 "), Ok(4100..=4199));
+        assert!(parse_port_range("0-10").is_err());
+    }
+
+    #[test]
+    fn load_reads_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deploy.toml");
+        std::fs::write(&path, SPEC_EXAMPLE).unwrap();
+        let config = Config::load(&path, &base_env()).unwrap();
+        assert_eq!(config.path, path);
+        config.environment("edge").unwrap();
+
+        std::fs::write(&path, format!("{MINI}hostz = 1\n")).unwrap();
+        let err = Config::load(&path, &base_env()).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}:7: ", path.display())),
+            "{err}"
+        );
+
+        let err = Config::load(&dir.path().join("nope.toml"), &base_env()).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn debug_hides_variables() {
+        let config = Config::parse(
+            MINI,
+            "deploy.toml",
+            &env_of(&[("HOME", "/h"), ("DEPLOYCTL_USER", "hunter2")]),
+        )
+        .unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,39 @@
+//! The exit codes deployctl promises (SPEC "Exit codes").
+
+/// Success.
+pub const OK: u8 = 0;
+/// The deploy failed and every host was rolled back cleanly (or never switched).
+pub const DEPLOY_FAILED: u8 = 1;
+/// Usage or configuration error: nothing was changed.
+pub const USAGE: u8 = 2;
+/// Could not connect, authenticate, or verify a host key.
+pub const CONNECT: u8 = 3;
+/// Another deploy holds the lock.
+pub const LOCKED: u8 = 4;
+/// A rollback failed or the fleet is on mixed versions: a human must look.
+pub const NEEDS_HUMAN: u8 = 5;
+
+/// A failure that ends the command with an exit code and a message.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn usage(message: impl Into<String>) -> Self {
+        Self::new(USAGE, message)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}

@@ -1,0 +1,521 @@
+//! The way to a host's agent: TCP (with a timeout, and retries with backoff for DNS that
+//! lags), SSH with a verified host key and public-key auth, then a
+//! `direct-streamlocal@openssh.com` channel to the agent's socket, or, when the server
+//! forbids that, an exec channel running `deploy-agent bridge`.
+//!
+//! - [`known_hosts`]: OpenSSH-compatible host-key matching.
+//! - [`keys`]: where client keys come from.
+
+pub mod keys;
+pub mod known_hosts;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::client;
+use russh::keys::{PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+use tokio::net::TcpStream;
+
+use crate::transport::Io;
+use keys::KeySource;
+use known_hosts::Verdict;
+
+/// Everything needed to reach one SSH host.
+#[derive(Debug, Clone)]
+pub struct SshTarget {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// The name to show: `deploy@web-1:2222`.
+    pub display: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct SshOptions {
+    pub known_hosts: PathBuf,
+    pub accept_new_host_keys: bool,
+    pub keys: Arc<Vec<KeySource>>,
+    pub connect_timeout: Duration,
+    pub connect_retries: u32,
+    pub agent_socket: String,
+    pub agent_bin: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error(
+        "{host}: host key is not known ({fingerprint}); add it to {known_hosts} \
+         (ssh-keyscan -p {port} {name} >> {known_hosts}) or run once with --accept-new-host-keys"
+    )]
+    UnknownHostKey {
+        host: String,
+        name: String,
+        port: u16,
+        fingerprint: String,
+        known_hosts: String,
+    },
+    #[error(
+        "{host}: HOST KEY CHANGED: the server offered {fingerprint}, which does not match \
+         {path}:{line}. This may be an attack. If the server was really re-keyed, remove \
+         the old entry (ssh-keygen -R) and verify the new fingerprint out of band"
+    )]
+    ChangedHostKey {
+        host: String,
+        fingerprint: String,
+        path: String,
+        line: usize,
+    },
+    #[error("{host}: host key {fingerprint} is REVOKED in {path}:{line}; refusing to connect")]
+    RevokedHostKey {
+        host: String,
+        fingerprint: String,
+        path: String,
+        line: usize,
+    },
+    #[error("{host}: cannot read known_hosts: {detail}")]
+    KnownHosts { host: String, detail: String },
+    #[error("{host}: could not connect after {attempts} attempt(s): {detail}")]
+    Connect {
+        host: String,
+        attempts: u32,
+        detail: String,
+    },
+    #[error("{host}: SSH handshake failed: {detail}")]
+    Handshake { host: String, detail: String },
+    #[error(
+        "{host}: authentication as {user} failed (tried: {tried}); check that the key is in \
+         ~{user}/.ssh/authorized_keys on the host"
+    )]
+    Auth {
+        host: String,
+        user: String,
+        tried: String,
+    },
+    #[error("{host}: {detail}")]
+    Agent { host: String, detail: String },
+}
+
+/// What our host-key check decided; russh only sees accept or reject.
+#[derive(Default)]
+struct Decision {
+    error: Option<SshError>,
+}
+
+struct Handler {
+    target: SshTarget,
+    opts: SshOptions,
+    decision: Arc<Mutex<Decision>>,
+}
+
+impl Handler {
+    fn verify(&self, key: &PublicKey) -> Result<(), SshError> {
+        let t = &self.target;
+        let fingerprint = known_hosts::fingerprint(key);
+        let path = &self.opts.known_hosts;
+        let verdict = known_hosts::check(path, &t.host, t.port, key).map_err(|e| {
+            SshError::KnownHosts {
+                host: t.display.clone(),
+                detail: e.to_string(),
+            }
+        })?;
+        match verdict {
+            Verdict::Trusted => Ok(()),
+            Verdict::Unknown if self.opts.accept_new_host_keys => {
+                known_hosts::append(path, &t.host, t.port, key).map_err(|e| {
+                    SshError::KnownHosts {
+                        host: t.display.clone(),
+                        detail: e.to_string(),
+                    }
+                })?;
+                eprintln!(
+                    "{}: new host key {fingerprint} added to {}",
+                    t.display,
+                    path.display()
+                );
+                Ok(())
+            }
+            Verdict::Unknown => Err(SshError::UnknownHostKey {
+                host: t.display.clone(),
+                name: t.host.clone(),
+                port: t.port,
+                fingerprint,
+                known_hosts: path.display().to_string(),
+            }),
+            Verdict::Changed { path, line } => Err(SshError::ChangedHostKey {
+                host: t.display.clone(),
+                fingerprint,
+                path: path.display().to_string(),
+                line,
+            }),
+            Verdict::Revoked { path, line } => Err(SshError::RevokedHostKey {
+                host: t.display.clone(),
+                fingerprint,
+                path: path.display().to_string(),
+                line,
+            }),
+        }
+    }
+}
+
+impl client::Handler for Handler {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        server_public_key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let result = match server_public_key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => self.verify(key),
+            PublicKeyOrCertificate::Certificate(_) => Err(SshError::KnownHosts {
+                host: self.target.display.clone(),
+                detail: "the server presented a host certificate; only plain host keys \
+                         in known_hosts are supported"
+                    .into(),
+            }),
+        };
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                self.decision.lock().unwrap_or_else(|p| p.into_inner()).error = Some(e);
+                Ok(false)
+            }
+        }
+    }
+}
+
+fn ssh_config(target: &SshTarget, opts: &SshOptions) -> client::Config {
+    use russh::cipher;
+    let mut preferred = russh::Preferred::default();
+    // AES-GCM is faster than chacha20-poly1305 where the CPU has AES instructions.
+    if has_aes_instructions() {
+        preferred.cipher = std::borrow::Cow::Owned(vec![
+            cipher::AES_128_GCM,
+            cipher::AES_256_GCM,
+            cipher::CHACHA20_POLY1305,
+            cipher::AES_256_CTR,
+            cipher::AES_128_CTR,
+        ]);
+    }
+    // Ask first for the key types known_hosts already records for this host, as
+    // OpenSSH does, so a host known by its ECDSA key is not "changed" by ed25519.
+    let known = known_hosts::known_host_key_algorithms(
+        std::slice::from_ref(&opts.known_hosts),
+        &target.host,
+        target.port,
+    );
+    if !known.is_empty() {
+        let mut keys: Vec<russh::keys::Algorithm> = Vec::new();
+        for a in known {
+            if a.is_rsa() {
+                keys.push(russh::keys::Algorithm::Rsa {
+                    hash: Some(russh::keys::HashAlg::Sha512),
+                });
+                keys.push(russh::keys::Algorithm::Rsa {
+                    hash: Some(russh::keys::HashAlg::Sha256),
+                });
+            } else {
+                keys.push(a);
+            }
+        }
+        for a in preferred.key.iter() {
+            if !keys.contains(a) {
+                keys.push(a.clone());
+            }
+        }
+        preferred.key = std::borrow::Cow::Owned(keys);
+    }
+    client::Config {
+        preferred,
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(15)),
+        keepalive_max: 4,
+        window_size: 16 * 1024 * 1024,
+        maximum_packet_size: 65535,
+        channel_buffer_size: 256,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+fn has_aes_instructions() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// TCP connect with a timeout per attempt and exponential backoff between attempts, for
+/// DNS and connection errors (in CI the Tailscale DNS answer can lag the job start).
+async fn tcp_connect(target: &SshTarget, opts: &SshOptions) -> Result<TcpStream, SshError> {
+    let attempts = opts.connect_retries.max(1);
+    let mut delay = Duration::from_millis(500);
+    let mut last = String::new();
+    for attempt in 1..=attempts {
+        let addr = (target.host.as_str(), target.port);
+        match tokio::time::timeout(opts.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = format!("timed out after {}s", opts.connect_timeout.as_secs_f32()),
+        }
+        if attempt < attempts {
+            tracing::debug!("{}: connect attempt {attempt} failed: {last}", target.display);
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(8));
+        }
+    }
+    Err(SshError::Connect {
+        host: target.display.clone(),
+        attempts,
+        detail: last,
+    })
+}
+
+/// An authenticated SSH session.
+pub struct Session {
+    handle: client::Handle<Handler>,
+    target: SshTarget,
+    opts: SshOptions,
+}
+
+pub async fn connect(target: SshTarget, opts: SshOptions) -> Result<Session, SshError> {
+    let tcp = tcp_connect(&target, &opts).await?;
+    let decision = Arc::new(Mutex::new(Decision::default()));
+    let handler = Handler {
+        target: target.clone(),
+        opts: opts.clone(),
+        decision: decision.clone(),
+    };
+    let config = Arc::new(ssh_config(&target, &opts));
+    let handshake = tokio::time::timeout(
+        opts.connect_timeout.max(Duration::from_secs(5)) * 2,
+        client::connect_stream(config, tcp, handler),
+    )
+    .await;
+    let mut handle = match handshake {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            if let Some(err) = decision
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .error
+                .take()
+            {
+                return Err(err);
+            }
+            return Err(SshError::Handshake {
+                host: target.display.clone(),
+                detail: e.to_string(),
+            });
+        }
+        Err(_) => {
+            return Err(SshError::Handshake {
+                host: target.display.clone(),
+                detail: "timed out".into(),
+            });
+        }
+    };
+    authenticate(&mut handle, &target, &opts).await?;
+    Ok(Session {
+        handle,
+        target,
+        opts,
+    })
+}
+
+async fn authenticate(
+    handle: &mut client::Handle<Handler>,
+    target: &SshTarget,
+    opts: &SshOptions,
+) -> Result<(), SshError> {
+    let mut tried = Vec::new();
+    for source in opts.keys.iter() {
+        match source {
+            KeySource::Key { key, origin } => {
+                let hash = if key.algorithm().is_rsa() {
+                    handle.best_supported_rsa_hash().await.ok().flatten().flatten()
+                } else {
+                    None
+                };
+                let k = PrivateKeyWithHashAlg::new(key.clone(), hash);
+                tried.push(origin.clone());
+                match handle.authenticate_publickey(&target.user, k).await {
+                    Ok(r) if r.success() => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(SshError::Handshake {
+                            host: target.display.clone(),
+                            detail: e.to_string(),
+                        });
+                    }
+                }
+            }
+            KeySource::Agent { path } => {
+                let Ok(mut agent) =
+                    russh::keys::agent::client::AgentClient::connect_uds(path).await
+                else {
+                    tried.push(format!("ssh-agent at {} (unreachable)", path.display()));
+                    continue;
+                };
+                let identities = agent.request_identities().await.unwrap_or_default();
+                if identities.is_empty() {
+                    tried.push("ssh-agent (no keys)".into());
+                }
+                for id in identities {
+                    let key = id.public_key().into_owned();
+                    let hash = if key.algorithm().is_rsa() {
+                        handle.best_supported_rsa_hash().await.ok().flatten().flatten()
+                    } else {
+                        None
+                    };
+                    tried.push(format!("ssh-agent key {}", known_hosts::fingerprint(&key)));
+                    if let Ok(r) = handle
+                        .authenticate_publickey_with(&target.user, key, hash, &mut agent)
+                        .await
+                        && r.success()
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    if tried.is_empty() {
+        tried.push("no key: set DEPLOYCTL_SSH_KEY, ssh_key, or run an ssh-agent".into());
+    }
+    Err(SshError::Auth {
+        host: target.display.clone(),
+        user: target.user.clone(),
+        tried: tried.join(", "),
+    })
+}
+
+impl Session {
+    /// A byte stream to the agent: streamlocal first, the exec bridge as fallback.
+    pub async fn open_agent(&self) -> Result<Box<dyn Io>, SshError> {
+        match self
+            .handle
+            .channel_open_direct_streamlocal(self.opts.agent_socket.clone())
+            .await
+        {
+            Ok(ch) => return Ok(Box::new(ch.into_stream())),
+            Err(e) => tracing::debug!(
+                "{}: streamlocal to {} refused ({e}); falling back to `deploy-agent bridge`",
+                self.target.display,
+                self.opts.agent_socket
+            ),
+        }
+        let ch = self
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(|e| self.agent_err(format!("cannot open a session channel: {e}")))?;
+        let cmd = format!(
+            "{} bridge --socket {}",
+            shell_quote(&self.opts.agent_bin),
+            shell_quote(&self.opts.agent_socket)
+        );
+        ch.exec(true, cmd)
+            .await
+            .map_err(|e| self.agent_err(format!("cannot run deploy-agent bridge: {e}")))?;
+        Ok(Box::new(ch.into_stream()))
+    }
+
+    /// Why the agent could not be reached, asked over a separate exec channel.
+    pub async fn diagnose_agent(&self) -> String {
+        let script = format!(
+            "if ! command -v {bin} >/dev/null 2>&1; then echo no-binary; \
+             elif [ ! -S {sock} ]; then echo no-socket; else echo socket-ok; fi",
+            bin = shell_quote(&self.opts.agent_bin),
+            sock = shell_quote(&self.opts.agent_socket)
+        );
+        let out = self.exec_capture(&script).await.unwrap_or_default();
+        match out.trim() {
+            "no-binary" => format!(
+                "deploy-agent is not installed ({} not found on the host); run `deployctl bootstrap ENV`",
+                self.opts.agent_bin
+            ),
+            "no-socket" => format!(
+                "no deploy-agent socket at {}; is deploy-agent running? (systemctl status deploy-agent)",
+                self.opts.agent_socket
+            ),
+            "socket-ok" => format!(
+                "the deploy-agent socket {} exists but did not answer; check that {} may open it \
+                 (socket_group) and the agent's log (journalctl -u deploy-agent)",
+                self.opts.agent_socket, self.target.user
+            ),
+            other => format!("could not reach deploy-agent at {} ({other})", self.opts.agent_socket),
+        }
+    }
+
+    /// Runs a command and returns its stdout (for diagnostics and bootstrap).
+    pub async fn exec_capture(&self, command: &str) -> Result<String, SshError> {
+        let mut ch = self
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(|e| self.agent_err(e.to_string()))?;
+        ch.exec(true, command)
+            .await
+            .map_err(|e| self.agent_err(e.to_string()))?;
+        let mut out = Vec::new();
+        while let Some(msg) = ch.wait().await {
+            match msg {
+                russh::ChannelMsg::Data { data } => out.extend_from_slice(&data),
+                russh::ChannelMsg::Eof | russh::ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    fn agent_err(&self, detail: String) -> SshError {
+        SshError::Agent {
+            host: self.target.display.clone(),
+            detail,
+        }
+    }
+
+    pub async fn close(self) {
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, "", "en")
+            .await;
+    }
+}
+
+/// Quotes a word for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-:=@%+,".contains(&b))
+    {
+        return s.to_owned();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("/run/deploy-agent/agent.sock"), "/run/deploy-agent/agent.sock");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote("$(rm -rf /)"), "'$(rm -rf /)'");
+        assert_eq!(shell_quote(""), "''");
+    }
+}

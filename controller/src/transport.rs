@@ -1,0 +1,124 @@
+//! From a configured host to a talking agent: SSH (or the local socket for `local`),
+//! the WebSocket framing, and the version handshake.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::client::{AgentClient, ClientError};
+use crate::config::{Environment, Host};
+use crate::ssh::{self, SshError, SshOptions, SshTarget, keys::KeySource};
+
+/// Any byte stream to an agent.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+    #[error("{host}: cannot connect to deploy-agent at {socket}: {detail}; is it running?")]
+    Local {
+        host: String,
+        socket: String,
+        detail: String,
+    },
+    #[error("{host}: {source}")]
+    Client { host: String, source: ClientError },
+}
+
+/// A connection to one host's agent, with the SSH session kept alive under it.
+pub struct HostConn {
+    pub name: String,
+    pub client: AgentClient,
+    ssh: Option<ssh::Session>,
+}
+
+impl HostConn {
+    pub async fn close(self) {
+        let HostConn { client, ssh, .. } = self;
+        client.close().await;
+        if let Some(s) = ssh {
+            s.close().await;
+        }
+    }
+}
+
+pub fn ssh_options(env: &Environment, keys: Arc<Vec<KeySource>>) -> SshOptions {
+    SshOptions {
+        known_hosts: env.known_hosts.clone(),
+        accept_new_host_keys: env.accept_new_host_keys,
+        keys,
+        connect_timeout: env.connect_timeout,
+        connect_retries: env.connect_retries,
+        agent_socket: env.agent_socket.clone(),
+        agent_bin: env.agent_bin.clone(),
+    }
+}
+
+/// Connects to one host and completes the agent handshake.
+pub async fn connect(
+    host: &Host,
+    env: &Environment,
+    keys: Arc<Vec<KeySource>>,
+) -> Result<HostConn, ConnectError> {
+    let name = host.to_string();
+    match host {
+        Host::Local => {
+            let socket = PathBuf::from(&env.agent_socket);
+            let stream = tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio::net::UnixStream::connect(&socket),
+            )
+            .await
+            .map_err(|_| "timed out".to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(|detail| ConnectError::Local {
+                host: name.clone(),
+                socket: env.agent_socket.clone(),
+                detail,
+            })?;
+            let client = AgentClient::handshake(Box::new(stream), &name)
+                .await
+                .map_err(|source| ConnectError::Client {
+                    host: name.clone(),
+                    source,
+                })?;
+            Ok(HostConn {
+                name,
+                client,
+                ssh: None,
+            })
+        }
+        Host::Ssh {
+            host: h, port, ..
+        } => {
+            let target = SshTarget {
+                host: h.clone(),
+                port: *port,
+                user: host.user_or(&env.user).to_owned(),
+                display: name.clone(),
+            };
+            let session = ssh::connect(target, ssh_options(env, keys)).await?;
+            let io = session.open_agent().await?;
+            match AgentClient::handshake(io, &name).await {
+                Ok(client) => Ok(HostConn {
+                    name,
+                    client,
+                    ssh: Some(session),
+                }),
+                Err(ClientError::Agent(e)) => Err(ConnectError::Client {
+                    host: name,
+                    source: ClientError::Agent(e),
+                }),
+                Err(_) => {
+                    let detail = session.diagnose_agent().await;
+                    session.close().await;
+                    Err(SshError::Agent { host: name, detail }.into())
+                }
+            }
+        }
+    }
+}
