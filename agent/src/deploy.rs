@@ -73,7 +73,13 @@ impl Run {
             "DEPLOY_RELEASE_DIR".into(),
             self.layout.release(release).display().to_string(),
         );
-        env.insert("DEPLOY_VERSION".into(), j.version.clone().unwrap_or_default());
+        // The version of the release this command runs for (on a rollback, the old one).
+        let version = if release == j.release {
+            j.version.clone()
+        } else {
+            self.layout.read_meta(release).and_then(|m| m.version)
+        };
+        env.insert("DEPLOY_VERSION".into(), version.unwrap_or_default());
         env.insert(
             "DEPLOY_PREVIOUS_RELEASE".into(),
             j.previous.clone().unwrap_or_default(),

@@ -260,7 +260,11 @@ impl Session {
         // Unpack on a blocking thread while the frames arrive.
         let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
         let limits = unpack::Limits {
-            max_total_bytes: self.shared.config.max_unpacked_bytes,
+            max_total_bytes: self
+                .shared
+                .config
+                .max_unpacked_bytes
+                .min(p.spec.max_unpacked_bytes.max(1)),
             ..unpack::Limits::default()
         };
         let dest = partial.clone();

@@ -163,11 +163,12 @@ pub enum ConfigError {
     /// The file is not valid TOML.
     #[error("{at}: {message}")]
     Syntax { at: Location, message: String },
-    #[error("{at}: unknown key `{key}` in {table}{hint}")]
+    #[error("{at}: unknown key `{key}` {}{hint}", table_words(table))]
     UnknownKey {
         at: Location,
         key: String,
-        /// `[environments.staging]`, `the top level`, ...
+        /// Dotted path of the table, e.g. `environments.staging.health`; empty for the
+        /// top level.
         table: String,
         /// Empty, or ` (did you mean `hosts`?)` and the like.
         hint: String,
@@ -188,6 +189,14 @@ pub enum ConfigError {
     },
     #[error("no environment named `{name}` (known: {})", known.join(", "))]
     UnknownEnvironment { name: String, known: Vec<String> },
+}
+
+fn table_words(table: &str) -> String {
+    if table.is_empty() {
+        "at the top level".to_string()
+    } else {
+        format!("in [{table}]")
+    }
 }
 
 impl ConfigError {
@@ -546,12 +555,15 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let walker = Walker { file: origin, text };
-        let doc = DeTable::parse(text).map_err(|e| ConfigError::Syntax {
-            at: match e.span() {
-                Some(span) => walker.at(span),
-                None => walker.whole_file(),
+        let doc = DeTable::parse(text).map_err(|e| match e.span() {
+            Some(span) => ConfigError::Syntax {
+                message: format!("{} (in `{}`)", e.message(), walker.line_text(span.start)),
+                at: walker.at(span),
             },
-            message: e.message().to_string(),
+            None => ConfigError::Syntax {
+                at: walker.whole_file(),
+                message: e.message().to_string(),
+            },
         })?;
         let doc = doc.get_ref();
         let raw = walker.walk(doc)?;
@@ -1252,6 +1264,20 @@ impl Walker<'_> {
         }
     }
 
+    /// The trimmed source line holding byte `pos`, shortened for messages.
+    fn line_text(&self, pos: usize) -> String {
+        let pos = pos.min(self.text.len());
+        let start = self.text[..pos].rfind('\n').map_or(0, |i| i + 1);
+        let end = self.text[pos..]
+            .find('\n')
+            .map_or(self.text.len(), |i| pos + i);
+        let line = self.text[start..end].trim();
+        match line.char_indices().nth(60) {
+            Some((i, _)) => format!("{}...", &line[..i]),
+            None => line.to_string(),
+        }
+    }
+
     fn whole_file(&self) -> Location {
         Location::File {
             file: self.file.to_string(),
@@ -1293,11 +1319,7 @@ impl Walker<'_> {
                 return Err(ConfigError::UnknownKey {
                     at: self.at(k.span()),
                     key: name.to_string(),
-                    table: if path.is_empty() {
-                        "the top level".to_string()
-                    } else {
-                        format!("[{path}]")
-                    },
+                    table: path.to_string(),
                     hint,
                 });
             }
@@ -2199,10 +2221,11 @@ interval = "1s"
 [defaults.release]
 restart = "systemctl restart myapp"
 timeout = "1m"
+[defaults.rollout]
+canary = true
 [defaults.compose]
 files = ["a.yml"]
 pull = false
-rollout = { canary = true }
 
 [environments.staging]
 hosts = ["s1"]
@@ -2217,13 +2240,7 @@ project = "proj"
 [environments.staging.rollout]
 batch = "50%"
 "#;
-        // `rollout = { canary = true }` above sits inside [defaults.compose]: fix that.
-        let text = text.replace("rollout = { canary = true }\n", "");
-        let text = text.replace(
-            "[defaults.compose]",
-            "[defaults.rollout]\ncanary = true\n[defaults.compose]",
-        );
-        let env = parse(&text).unwrap().environment("staging").unwrap();
+        let env = parse(text).unwrap().environment("staging").unwrap();
         assert_eq!(env.deploy_to, "/srv/other");
         assert_eq!(env.user, "deploy");
         assert_eq!(env.keep_releases, 7);
@@ -2253,7 +2270,7 @@ batch = "50%"
         assert_err(
             &err,
             line_of(&text, "deploytoo"),
-            &["`deploytoo`", "the top level"],
+            &["unknown key `deploytoo` at the top level"],
         );
         assert!(matches!(err, ConfigError::UnknownKey { .. }));
 
@@ -2320,7 +2337,18 @@ batch = "50%"
         let text = format!("{MINI}keep_releases = \n");
         let err = parse_err(&text);
         assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
-        assert_eq!(err.line(), Some(line_of(&text, "keep_releases")));
+        assert_err(
+            &err,
+            line_of(&text, "keep_releases"),
+            &["`keep_releases =`"],
+        );
+        let text = format!("{MINI}hosts = []\n");
+        let err = parse_err(&text);
+        assert_err(
+            &err,
+            line_of(&text, "hosts = []"),
+            &["duplicate key", "`hosts = []`"],
+        );
     }
 
     #[test]

@@ -1,1 +1,81 @@
+//! deployctl: deploys web apps to your own servers over SSH.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the command line (clap); [`run`] dispatches it.
+//! - [`config`]: `deploy.toml`, resolved per environment.
+//! - [`ssh`]: TCP + SSH with verified host keys ([`ssh::known_hosts`]) and client keys
+//!   ([`ssh::keys`]); [`transport`]: from a host to a talking agent (SSH or `local`).
+//! - [`client`]: typed calls to one agent.
+//! - [`commands`]: one module per command; [`demo`]: `deployctl demo`.
+//! - [`report`], [`output`]: results, exit codes, tables, `--json`, progress lines.
+//! - [`exit`]: the exit codes we promise.
 
+pub mod cli;
+pub mod client;
+pub mod commands;
+pub mod config;
+pub mod demo;
+pub mod exit;
+pub mod output;
+pub mod report;
+pub mod ssh;
+pub mod transport;
+
+use cli::{Cli, Command};
+use exit::Failure;
+
+/// Runs a parsed command line and returns the exit code.
+pub async fn run(cli: Cli) -> u8 {
+    match dispatch(&cli).await {
+        Ok(code) => code,
+        Err(f) => {
+            eprintln!("deployctl: {}", f.message);
+            f.code
+        }
+    }
+}
+
+async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
+    use commands::*;
+    match &cli.command {
+        Command::Push {
+            env,
+            artifact,
+            version,
+            skip_migrations,
+            yes,
+            lock_wait,
+        } => {
+            push::run(
+                cli,
+                push::PushArgs {
+                    env: env.env.clone(),
+                    json: env.json,
+                    artifact: artifact.clone(),
+                    version: version.clone(),
+                    skip_migrations: *skip_migrations,
+                    yes: *yes,
+                    lock_wait: *lock_wait,
+                },
+            )
+            .await
+        }
+        Command::Rollback {
+            env,
+            to,
+            yes,
+            lock_wait,
+        } => rollback::run(cli, &env.env, to.clone(), *yes, *lock_wait, env.json).await,
+        Command::Status { env } => info::run(cli, &env.env, info::What::Status, env.json).await,
+        Command::Releases { env } => {
+            info::run(cli, &env.env, info::What::Releases, env.json).await
+        }
+        Command::History { env, limit } => {
+            info::run(cli, &env.env, info::What::History { limit: *limit }, env.json).await
+        }
+        Command::Check { env } => check::run(cli, &env.env, env.json).await,
+        Command::Demo { keep } => demo::run(*keep).await,
+        Command::DemoApp { listen, dir, .. } => demo::serve_static(listen, dir).await,
+    }
+}

@@ -1,1 +1,28 @@
-fn main(){}
+//! `deployctl`: thin on purpose; see the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = deployctl::cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DEPLOYCTL_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("deployctl: cannot start the runtime: {e}");
+            return ExitCode::from(deployctl::exit::USAGE);
+        }
+    };
+    ExitCode::from(rt.block_on(deployctl::run(cli)))
+}

@@ -172,6 +172,8 @@ pub struct ReleaseSpec {
     pub command_timeout_ms: u64,
     pub keep_releases: u32,
     pub health: Option<HealthSpec>,
+    /// Cap on the unpacked size of a release; the agent's own cap applies too.
+    pub max_unpacked_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -203,11 +203,12 @@ fn ssh_config(target: &SshTarget, opts: &SshOptions) -> client::Config {
         std::slice::from_ref(&opts.known_hosts),
         &target.host,
         target.port,
-    );
+    )
+    .unwrap_or_default();
     if !known.is_empty() {
         let mut keys: Vec<russh::keys::Algorithm> = Vec::new();
         for a in known {
-            if a.is_rsa() {
+            if a.clone().is_rsa() {
                 keys.push(russh::keys::Algorithm::Rsa {
                     hash: Some(russh::keys::HashAlg::Sha512),
                 });

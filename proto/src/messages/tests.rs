@@ -44,6 +44,7 @@ fn spec() -> ReleaseSpec {
         command_timeout_ms: 300_000,
         keep_releases: 5,
         health: Some(health()),
+        max_unpacked_bytes: 1 << 30,
     }
 }
 
@@ -66,6 +67,7 @@ fn spec_json() -> serde_json::Value {
         "command_timeout_ms": 300000,
         "keep_releases": 5,
         "health": health_json(),
+        "max_unpacked_bytes": 1073741824u64,
     })
 }
 

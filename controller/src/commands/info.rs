@@ -1,0 +1,150 @@
+//! Read-only commands: `status`, `releases`, `history`.
+
+use proto::{History, Releases, Status};
+use serde_json::json;
+
+use super::{agent_failure, app_ref, close_all, connect_all, find_keys};
+use crate::cli::Cli;
+use crate::exit::{self, Failure};
+use crate::output::Progress;
+use crate::report::{outcome_name, table};
+
+pub enum What {
+    Status,
+    Releases,
+    History { limit: u32 },
+}
+
+pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8, Failure> {
+    let env = super::load_env(cli, env_name)?;
+    let keys = find_keys(&env)?;
+    let progress = Progress::new(true);
+    let mut conns = connect_all(&env, &keys, &progress).await?;
+    let mut docs = Vec::new();
+    let mut rows = Vec::new();
+    let mut code = exit::OK;
+    for c in conns.iter_mut() {
+        let app = app_ref(&env);
+        match &what {
+            What::Status => match c
+                .client
+                .call(Status {
+                    app,
+                    health: super::health_spec(&env),
+                })
+                .await
+            {
+                Ok(s) => {
+                    let health = match &s.health {
+                        Some(h) if h.healthy => "healthy".to_owned(),
+                        Some(h) => format!(
+                            "UNHEALTHY ({})",
+                            h.last_status
+                                .map(|c| format!("status {c}"))
+                                .or(h.last_error.clone())
+                                .unwrap_or_default()
+                        ),
+                        None => "-".into(),
+                    };
+                    let last = s
+                        .last
+                        .as_ref()
+                        .map(|l| {
+                            format!(
+                                "{:?} {} {} by {}",
+                                l.action,
+                                l.release,
+                                outcome_name(l.outcome),
+                                l.holder
+                            )
+                            .to_lowercase()
+                        })
+                        .unwrap_or_else(|| "-".into());
+                    rows.push(vec![
+                        c.name.clone(),
+                        s.current.as_ref().map(|r| r.id.clone()).unwrap_or("-".into()),
+                        s.current
+                            .as_ref()
+                            .and_then(|r| r.version.clone())
+                            .unwrap_or("-".into()),
+                        health,
+                        last,
+                        s.lock
+                            .as_ref()
+                            .map(|l| format!("locked by {}", l.holder))
+                            .unwrap_or_default(),
+                    ]);
+                    docs.push(json!({"host": c.name, "status": s}));
+                }
+                Err(e) => {
+                    let f = agent_failure(&c.name, e);
+                    code = code.max(f.code);
+                    rows.push(vec![c.name.clone(), format!("error: {}", f.message)]);
+                    docs.push(json!({"host": c.name, "error": f.message}));
+                }
+            },
+            What::Releases => match c.client.call(Releases { app }).await {
+                Ok(r) => {
+                    for rel in &r.releases {
+                        rows.push(vec![
+                            c.name.clone(),
+                            rel.id.clone(),
+                            rel.version.clone().unwrap_or("-".into()),
+                            serde_json::to_value(rel.status)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_owned))
+                                .unwrap_or_default(),
+                            if rel.current { "*".into() } else { String::new() },
+                            rel.created.clone(),
+                        ]);
+                    }
+                    docs.push(json!({"host": c.name, "releases": r.releases}));
+                }
+                Err(e) => {
+                    let f = agent_failure(&c.name, e);
+                    code = code.max(f.code);
+                    rows.push(vec![c.name.clone(), format!("error: {}", f.message)]);
+                    docs.push(json!({"host": c.name, "error": f.message}));
+                }
+            },
+            What::History { limit } => match c.client.call(History { app, limit: *limit }).await {
+                Ok(h) => {
+                    for e in &h.entries {
+                        rows.push(vec![
+                            c.name.clone(),
+                            e.finished.clone(),
+                            format!("{:?}", e.action).to_lowercase(),
+                            e.release.clone(),
+                            e.version.clone().unwrap_or("-".into()),
+                            outcome_name(e.outcome).into(),
+                            e.holder.clone(),
+                            e.error.clone().unwrap_or_default(),
+                        ]);
+                    }
+                    docs.push(json!({"host": c.name, "history": h.entries}));
+                }
+                Err(e) => {
+                    let f = agent_failure(&c.name, e);
+                    code = code.max(f.code);
+                    rows.push(vec![c.name.clone(), format!("error: {}", f.message)]);
+                    docs.push(json!({"host": c.name, "error": f.message}));
+                }
+            },
+        }
+    }
+    close_all(conns).await;
+    if json {
+        let doc = json!({"environment": env.name, "app": env.app, "hosts": docs});
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    } else {
+        let header: &[&str] = match what {
+            What::Status => &["HOST", "CURRENT", "VERSION", "HEALTH", "LAST DEPLOY", "LOCK"],
+            What::Releases => &["HOST", "RELEASE", "VERSION", "STATUS", "CURRENT", "CREATED"],
+            What::History { .. } => &[
+                "HOST", "FINISHED", "ACTION", "RELEASE", "VERSION", "OUTCOME", "BY", "ERROR",
+            ],
+        };
+        println!("{}", table(header, &rows));
+    }
+    Ok(code)
+}

@@ -1,0 +1,231 @@
+//! One module per command; this one holds what they share: loading the environment,
+//! finding keys, connecting to every host, and taking the fleet lock.
+
+pub mod check;
+pub mod info;
+pub mod push;
+pub mod rollback;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::{AppRef, ErrorCode, HealthSpec, ReleaseSpec};
+
+use crate::cli::Cli;
+use crate::client::ClientError;
+use crate::config::{Config, Environment, Host};
+use crate::exit::{self, Failure};
+use crate::output::Progress;
+use crate::ssh::keys::{self, KeySource};
+use crate::transport::{self, ConnectError, HostConn};
+
+pub fn load_env(cli: &Cli, name: &str) -> Result<Environment, Failure> {
+    let getenv = |k: &str| std::env::var(k).ok();
+    let config = Config::load(&cli.config, &getenv).map_err(|e| Failure::usage(e.to_string()))?;
+    let mut env = config
+        .environment(name)
+        .map_err(|e| Failure::usage(e.to_string()))?;
+    if cli.accept_new_host_keys {
+        env.accept_new_host_keys = true;
+    }
+    Ok(env)
+}
+
+pub fn find_keys(env: &Environment) -> Result<Arc<Vec<KeySource>>, Failure> {
+    if env.hosts.iter().all(|h| matches!(h, Host::Local)) {
+        return Ok(Arc::new(Vec::new()));
+    }
+    let env_key = std::env::var("DEPLOYCTL_SSH_KEY").ok();
+    let auth_sock = std::env::var_os("SSH_AUTH_SOCK").map(Into::into);
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    keys::discover(
+        env_key.as_deref(),
+        env.ssh_key.as_deref(),
+        auth_sock,
+        home.as_deref(),
+    )
+    .map(Arc::new)
+    .map_err(|e| Failure::usage(e.to_string()))
+}
+
+pub fn app_ref(env: &Environment) -> AppRef {
+    AppRef {
+        name: env.app.clone(),
+        deploy_to: env.deploy_to.clone(),
+    }
+}
+
+pub fn release_spec(env: &Environment) -> ReleaseSpec {
+    ReleaseSpec {
+        shared: env.release.shared.clone(),
+        migrate: env.release.migrate.clone(),
+        restart: env.release.restart.clone(),
+        stop: env.release.stop.clone(),
+        command_timeout_ms: env.release.timeout.as_millis() as u64,
+        keep_releases: env.keep_releases,
+        health: health_spec(env),
+        max_unpacked_bytes: env.release.max_unpacked_bytes,
+    }
+}
+
+pub fn health_spec(env: &Environment) -> Option<HealthSpec> {
+    env.health.as_ref().map(|h| HealthSpec {
+        url: h.url.clone(),
+        expect_status: h.expect_status,
+        retries: h.retries,
+        interval_ms: h.interval.as_millis() as u64,
+        request_timeout_ms: h.request_timeout.as_millis() as u64,
+    })
+}
+
+/// Who is deploying, as recorded in the lock and the history.
+pub fn holder() -> String {
+    if std::env::var("GITHUB_ACTIONS").as_deref() == Ok("true") {
+        let repo = std::env::var("GITHUB_REPOSITORY").unwrap_or_default();
+        let run = std::env::var("GITHUB_RUN_ID").unwrap_or_default();
+        let actor = std::env::var("GITHUB_ACTOR").unwrap_or_default();
+        return format!("github:{repo}#{run} ({actor})");
+    }
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(current_user_name)
+        .unwrap_or_else(|| "unknown".into());
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    format!("{user}@{host}")
+}
+
+/// The name of the current uid from /etc/passwd (USER is unset under some CI runners).
+fn current_user_name() -> Option<String> {
+    let uid = rustix::process::getuid().as_raw();
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let _ = f.next();
+        (f.next()?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
+    })
+}
+
+/// Connects to every host at once. Any failure means the command does nothing.
+pub async fn connect_all(
+    env: &Environment,
+    keys: &Arc<Vec<KeySource>>,
+    progress: &Progress,
+) -> Result<Vec<HostConn>, Failure> {
+    let mut set = tokio::task::JoinSet::new();
+    for (i, host) in env.hosts.iter().cloned().enumerate() {
+        let env = env.clone();
+        let keys = keys.clone();
+        set.spawn(async move { (i, transport::connect(&host, &env, keys).await) });
+    }
+    let mut ok: Vec<(usize, HostConn)> = Vec::new();
+    let mut errors: Vec<(usize, ConnectError)> = Vec::new();
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok((i, Ok(c))) => ok.push((i, c)),
+            Ok((i, Err(e))) => errors.push((i, e)),
+            Err(e) => return Err(Failure::new(exit::CONNECT, format!("connect task: {e}"))),
+        }
+    }
+    if !errors.is_empty() {
+        errors.sort_by_key(|(i, _)| *i);
+        for (_, e) in &errors {
+            progress.error(None, &e.to_string());
+        }
+        for (_, c) in ok {
+            c.close().await;
+        }
+        let code = errors
+            .iter()
+            .map(|(_, e)| connect_exit_code(e))
+            .max()
+            .unwrap_or(exit::CONNECT);
+        let list: Vec<String> = errors.iter().map(|(_, e)| e.to_string()).collect();
+        return Err(Failure::new(
+            code,
+            format!(
+                "{} of {} host(s) could not be reached; nothing was changed:\n  {}",
+                errors.len(),
+                env.hosts.len(),
+                list.join("\n  ")
+            ),
+        ));
+    }
+    ok.sort_by_key(|(i, _)| *i);
+    for (_, c) in &ok {
+        progress.line(
+            &c.name,
+            &format!(
+                "connected (deploy-agent {} on {})",
+                c.client.hello.version, c.client.hello.hostname
+            ),
+        );
+    }
+    Ok(ok.into_iter().map(|(_, c)| c).collect())
+}
+
+fn connect_exit_code(_e: &ConnectError) -> u8 {
+    exit::CONNECT
+}
+
+/// Takes the app lock on every host, in a fixed order (by host name) so two rollouts
+/// cannot deadlock. On failure the locks taken so far are freed when the connections
+/// close.
+pub async fn lock_all(
+    conns: &mut [HostConn],
+    env: &Environment,
+    version: Option<String>,
+    wait: Option<Duration>,
+    progress: &Progress,
+) -> Result<(), Failure> {
+    let mut order: Vec<usize> = (0..conns.len()).collect();
+    order.sort_by(|a, b| conns[*a].name.cmp(&conns[*b].name));
+    let holder = holder();
+    for i in order {
+        let c = &mut conns[i];
+        let req = proto::Lock {
+            app: app_ref(env),
+            holder: holder.clone(),
+            version: version.clone(),
+            wait_ms: wait.map(|d| d.as_millis() as u64).unwrap_or(0),
+        };
+        if wait.is_some() {
+            progress.line(&c.name, "waiting for the deploy lock");
+        }
+        match c.client.call(req).await {
+            Ok(_) => {}
+            Err(e) => return Err(agent_failure(&c.name, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Maps an agent error to an exit code and message.
+pub fn agent_failure(host: &str, e: ClientError) -> Failure {
+    let code = match &e {
+        ClientError::Agent(p) => match p.code {
+            ErrorCode::Locked => exit::LOCKED,
+            ErrorCode::PathNotAllowed | ErrorCode::BadRequest | ErrorCode::NotFound => exit::USAGE,
+            ErrorCode::VersionMismatch => exit::CONNECT,
+            ErrorCode::RollbackFailed => exit::NEEDS_HUMAN,
+            _ => exit::DEPLOY_FAILED,
+        },
+        _ => exit::CONNECT,
+    };
+    let mut msg = format!("{host}: {e}");
+    if code == exit::LOCKED {
+        msg.push_str("; retry later, or pass --lock-wait 5m to wait for it");
+    }
+    Failure::new(code, msg)
+}
+
+pub async fn close_all(conns: Vec<HostConn>) {
+    for c in conns {
+        c.close().await;
+    }
+}

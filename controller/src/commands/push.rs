@@ -1,0 +1,314 @@
+//! `deployctl push ENV`: connect to every host, take every lock, stream the artifact to
+//! each agent, and report how each deploy ended.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use proto::{DeployReport, Push, UploadEnd};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use super::{agent_failure, app_ref, close_all, connect_all, find_keys, holder, lock_all};
+use crate::cli::Cli;
+use crate::client::ClientError;
+use crate::config::{Environment, Strategy};
+use crate::exit::{self, Failure};
+use crate::output::{Progress, mib};
+use crate::report::{self, HostResult};
+use crate::transport::HostConn;
+
+pub struct PushArgs {
+    pub env: String,
+    pub json: bool,
+    pub artifact: Option<PathBuf>,
+    pub version: Option<String>,
+    pub skip_migrations: bool,
+    pub yes: bool,
+    pub lock_wait: Option<Duration>,
+}
+
+pub async fn run(cli: &Cli, args: PushArgs) -> Result<u8, Failure> {
+    let env = super::load_env(cli, &args.env)?;
+    if env.strategy == Strategy::Compose {
+        return Err(Failure::usage(format!(
+            "environment {}: strategy \"compose\" is not supported by this build yet; \
+             use strategy = \"release\"",
+            env.name
+        )));
+    }
+    let artifact = args
+        .artifact
+        .clone()
+        .or_else(|| env.release.artifact.clone())
+        .ok_or_else(|| {
+            Failure::usage(format!(
+                "no artifact: pass --artifact PATH or set release.artifact for {}",
+                env.name
+            ))
+        })?;
+    let meta = std::fs::metadata(&artifact).map_err(|e| {
+        Failure::usage(format!("artifact {}: {e}", artifact.display()))
+    })?;
+    if !meta.is_file() {
+        return Err(Failure::usage(format!(
+            "artifact {} is not a file",
+            artifact.display()
+        )));
+    }
+    confirm(&env, args.yes, "push")?;
+    let keys = find_keys(&env)?;
+    let progress = Progress::new(args.json);
+    let started = Instant::now();
+    let mut conns = connect_all(&env, &keys, &progress).await?;
+    let result = push_all(&env, &args, &artifact, meta.len(), &mut conns, &progress).await;
+    close_all(conns).await;
+    let (release, results) = result?;
+    let code = report::exit_code(&results);
+    report::print_deploy(
+        "push",
+        &env,
+        Some(&release),
+        &results,
+        code,
+        started.elapsed(),
+        args.json,
+    );
+    Ok(code)
+}
+
+async fn push_all(
+    env: &Environment,
+    args: &PushArgs,
+    artifact: &Path,
+    size: u64,
+    conns: &mut [HostConn],
+    progress: &Progress,
+) -> Result<(String, Vec<HostResult>), Failure> {
+    lock_all(conns, env, args.version.clone(), args.lock_wait, progress).await?;
+    let release = next_release_id(conns, env).await?;
+    progress.info(&format!(
+        "deploying {} ({}) as release {release}{} to {} host(s)",
+        artifact.display(),
+        mib(size),
+        args.version
+            .as_deref()
+            .map(|v| format!(" (version {v})"))
+            .unwrap_or_default(),
+        conns.len()
+    ));
+    let holder = holder();
+    let limit = (env.max_parallel.max(1)) as usize;
+    let mut results = Vec::new();
+    for chunk in conns.chunks_mut(limit) {
+        let futures = chunk.iter_mut().map(|c| {
+            let req = Push {
+                app: app_ref(env),
+                release: release.clone(),
+                version: args.version.clone(),
+                holder: holder.clone(),
+                size,
+                skip_migrations: args.skip_migrations,
+                spec: super::release_spec(env),
+            };
+            push_one(c, req, artifact, size, progress)
+        });
+        results.extend(futures_util::future::join_all(futures).await);
+    }
+    Ok((release, results))
+}
+
+async fn push_one(
+    conn: &mut HostConn,
+    req: Push,
+    artifact: &Path,
+    size: u64,
+    progress: &Progress,
+) -> HostResult {
+    let host = conn.name.clone();
+    let started = Instant::now();
+    match upload_and_deploy(conn, req, artifact, size, progress).await {
+        Ok(report) => HostResult::from_report(&host, report),
+        Err(e) => {
+            progress.error(Some(&host), &e.message);
+            HostResult::from_failure(&host, e, started.elapsed())
+        }
+    }
+}
+
+async fn upload_and_deploy(
+    conn: &mut HostConn,
+    req: Push,
+    artifact: &Path,
+    size: u64,
+    progress: &Progress,
+) -> Result<DeployReport, Failure> {
+    let host = conn.name.clone();
+    let ready = conn
+        .client
+        .call(req)
+        .await
+        .map_err(|e| agent_failure(&host, e))?;
+    if let Some(prev) = &ready.previous {
+        progress.line(&host, &format!("current release is {prev}"));
+    }
+    let mut file = tokio::fs::File::open(artifact)
+        .await
+        .map_err(|e| Failure::usage(format!("artifact {}: {e}", artifact.display())))?;
+    let bar = progress.upload_bar(&host, size);
+    let t = Instant::now();
+    let mut hasher = Sha256::new();
+    let mut sent: u64 = 0;
+    loop {
+        let mut buf = vec![0u8; proto::CHUNK_SIZE];
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = file
+                .read(&mut buf[filled..])
+                .await
+                .map_err(|e| Failure::usage(format!("reading {}: {e}", artifact.display())))?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        buf.truncate(filled);
+        hasher.update(&buf);
+        sent += filled as u64;
+        conn.client
+            .send_data(buf)
+            .await
+            .map_err(|e| lost(&host, "during the upload", e))?;
+        if let Some(b) = &bar {
+            b.set_position(sent);
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let secs = t.elapsed().as_secs_f64().max(0.001);
+    progress.line(
+        &host,
+        &format!(
+            "uploaded {} in {:.1}s ({}/s)",
+            mib(sent),
+            secs,
+            mib((sent as f64 / secs) as u64)
+        ),
+    );
+    let sha256 = hex::encode(hasher.finalize());
+    conn.client
+        .send_request(UploadEnd { sha256, size: sent })
+        .await
+        .map_err(|e| lost(&host, "at the end of the upload", e))?;
+    let report = conn
+        .client
+        .response::<UploadEnd>(&mut |ev| progress.line(&host, &ev.message))
+        .await
+        .map_err(|e| match e {
+            ClientError::Agent(_) => agent_failure(&host, e),
+            other => Failure::new(
+                exit::NEEDS_HUMAN,
+                format!(
+                    "{host}: lost contact while the agent deployed ({other}); the agent \
+                     finishes or rolls back on its own: run `deployctl status` to see how it ended"
+                ),
+            ),
+        })?;
+    Ok(report)
+}
+
+fn lost(host: &str, when: &str, e: ClientError) -> Failure {
+    match e {
+        ClientError::Agent(_) => agent_failure(host, e),
+        other => Failure::new(
+            exit::CONNECT,
+            format!("{host}: connection lost {when}: {other}; nothing was changed on this host"),
+        ),
+    }
+}
+
+/// The id for this rollout: now, or one second past the newest release on any host, so
+/// ids stay unique and sort in deploy order even for pushes within the same second.
+async fn next_release_id(conns: &mut [HostConn], env: &Environment) -> Result<String, Failure> {
+    let mut newest: Option<String> = None;
+    for c in conns.iter_mut() {
+        let list = c
+            .client
+            .call(proto::Releases { app: app_ref(env) })
+            .await
+            .map_err(|e| agent_failure(&c.name, e))?;
+        if let Some(last) = list.releases.last()
+            && newest.as_deref().is_none_or(|n| last.id.as_str() > n)
+        {
+            newest = Some(last.id.clone());
+        }
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let mut id = format_id(now);
+    if let Some(n) = newest
+        && id <= n
+    {
+        id = parse_id(&n)
+            .map(|t| format_id(t + time::Duration::seconds(1)))
+            .unwrap_or(id);
+    }
+    Ok(id)
+}
+
+const ID_FORMAT: &[time::format_description::BorrowedFormatItem<'static>] =
+    time::macros::format_description!("[year][month][day][hour][minute][second]");
+
+pub fn format_id(t: time::OffsetDateTime) -> String {
+    t.format(ID_FORMAT).unwrap_or_default()
+}
+
+fn parse_id(id: &str) -> Option<time::OffsetDateTime> {
+    time::PrimitiveDateTime::parse(id, &ID_FORMAT)
+        .ok()
+        .map(|p| p.assume_utc())
+}
+
+/// Environments with `confirm = true` need --yes, or a typed "yes" on a terminal.
+pub fn confirm(env: &Environment, yes: bool, what: &str) -> Result<(), Failure> {
+    if !env.confirm || yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(Failure::usage(format!(
+            "{} requires confirmation: pass --yes (no terminal to ask on)",
+            env.name
+        )));
+    }
+    eprint!(
+        "{what} to {} ({} host(s)). Type \"yes\" to continue: ",
+        env.name,
+        env.hosts.len()
+    );
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    if line.trim() == "yes" {
+        Ok(())
+    } else {
+        Err(Failure::usage("not confirmed; nothing was changed"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_and_step_by_a_second() {
+        let t = parse_id("20261122235959").unwrap();
+        assert_eq!(format_id(t), "20261122235959");
+        assert_eq!(
+            format_id(t + time::Duration::seconds(1)),
+            "20261123000000"
+        );
+        assert!(parse_id("garbage").is_none());
+    }
+}

@@ -1,0 +1,100 @@
+//! `deployctl rollback ENV [--to RELEASE]`: every host back to one earlier release.
+
+use std::time::{Duration, Instant};
+
+use proto::Rollback;
+
+use super::{agent_failure, app_ref, close_all, connect_all, find_keys, holder, lock_all};
+use crate::cli::Cli;
+use crate::exit::{self, Failure};
+use crate::output::Progress;
+use crate::report::{self, HostResult};
+
+pub async fn run(
+    cli: &Cli,
+    env_name: &str,
+    to: Option<String>,
+    yes: bool,
+    lock_wait: Option<Duration>,
+    json: bool,
+) -> Result<u8, Failure> {
+    let env = super::load_env(cli, env_name)?;
+    super::push::confirm(&env, yes, "rollback")?;
+    let keys = find_keys(&env)?;
+    let progress = Progress::new(json);
+    let started = Instant::now();
+    let mut conns = connect_all(&env, &keys, &progress).await?;
+    let result = async {
+        lock_all(&mut conns, &env, None, lock_wait, &progress).await?;
+        // With --to, every host must have the release before any host changes.
+        if let Some(to) = &to {
+            let mut missing = Vec::new();
+            for c in conns.iter_mut() {
+                let list = c
+                    .client
+                    .call(proto::Releases { app: app_ref(&env) })
+                    .await
+                    .map_err(|e| agent_failure(&c.name, e))?;
+                let found = list
+                    .releases
+                    .iter()
+                    .any(|r| &r.id == to || r.version.as_deref() == Some(to.as_str()));
+                if !found {
+                    missing.push(c.name.clone());
+                }
+            }
+            if !missing.is_empty() {
+                return Err(Failure::usage(format!(
+                    "release {to:?} does not exist on {}; nothing was changed \
+                     (see `deployctl releases {}`)",
+                    missing.join(", "),
+                    env.name
+                )));
+            }
+        }
+        let holder = holder();
+        let mut results = Vec::new();
+        let futures = conns.iter_mut().map(|c| {
+            let req = Rollback {
+                app: app_ref(&env),
+                to: to.clone(),
+                holder: holder.clone(),
+                spec: super::release_spec(&env),
+            };
+            let progress = progress.clone();
+            async move {
+                let t = Instant::now();
+                let host = c.name.clone();
+                match c
+                    .client
+                    .call_with(req, |ev| progress.line(&host, &ev.message))
+                    .await
+                {
+                    Ok(r) => HostResult::from_report(&host, r),
+                    Err(e) => {
+                        let f = agent_failure(&host, e);
+                        progress.error(Some(&host), &f.message);
+                        HostResult::from_failure(&host, f, t.elapsed())
+                    }
+                }
+            }
+        });
+        results.extend(futures_util::future::join_all(futures).await);
+        Ok::<_, Failure>(results)
+    }
+    .await;
+    close_all(conns).await;
+    let results = result?;
+    let code = report::exit_code(&results);
+    let target = results.iter().find_map(|r| r.release.clone());
+    report::print_deploy(
+        "rollback",
+        &env,
+        target.as_deref(),
+        &results,
+        code,
+        started.elapsed(),
+        json,
+    );
+    Ok(if results.is_empty() { exit::OK } else { code })
+}
