@@ -1,0 +1,6 @@
+//! End-to-end tests: the real `deployctl` and `deploy-agent` binaries, a real OpenSSH
+//! sshd on loopback with throwaway keys. One test binary; one module per area.
+
+mod check;
+mod release;
+mod support;
