@@ -132,7 +132,10 @@ fn resolve_existing_prefix(path: &Path) -> PathBuf {
             }
             return out;
         }
-        match (existing.file_name().map(|f| f.to_owned()), existing.parent()) {
+        match (
+            existing.file_name().map(|f| f.to_owned()),
+            existing.parent(),
+        ) {
             (Some(name), Some(parent)) => {
                 rest.push(name);
                 existing = parent.to_path_buf();

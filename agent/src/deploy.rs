@@ -7,9 +7,7 @@ use std::path::{Component, Path};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proto::{
-    Action, DeployReport, Event, HistoryEntry, Outcome, ReleaseStatus, Stage, StepReport,
-};
+use proto::{Action, DeployReport, Event, HistoryEntry, Outcome, ReleaseStatus, Stage, StepReport};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::exec;
@@ -98,10 +96,11 @@ impl Run {
         self.events.send(stage, format!("running `{command}`"));
         let env = self.env(release);
         let dir = self.layout.release(release);
-        let log = self
-            .layout
-            .logs()
-            .join(format!("{}.{}.log", self.journal.release, stage_name(stage)));
+        let log = self.layout.logs().join(format!(
+            "{}.{}.log",
+            self.journal.release,
+            stage_name(stage)
+        ));
         let timeout = Duration::from_millis(self.journal.spec.command_timeout_ms.max(1));
         let result = exec::run(exec::Command {
             stage,
@@ -187,7 +186,9 @@ impl Run {
             self.step(
                 Stage::LinkShared,
                 t,
-                result.clone().map(|_| format!("linked {}", shared.join(", "))),
+                result
+                    .clone()
+                    .map(|_| format!("linked {}", shared.join(", "))),
             );
         }
         result
@@ -209,7 +210,9 @@ impl Run {
                     return self.fail_before_switch(e).await;
                 }
                 if let Err(e) = self.command(Stage::Migrate, &cmd, &release).await {
-                    return self.fail_before_switch(format!("migration failed: {e}")).await;
+                    return self
+                        .fail_before_switch(format!("migration failed: {e}"))
+                        .await;
                 }
             }
             Some(_) => self
@@ -227,13 +230,18 @@ impl Run {
             return self.fail_before_switch(e).await;
         }
         let t = Instant::now();
-        self.events.send(Stage::Switch, format!("current -> releases/{release}"));
+        self.events
+            .send(Stage::Switch, format!("current -> releases/{release}"));
         if let Err(e) = switch::switch(&self.layout, &release) {
             let msg = format!("could not switch current: {e}");
             self.step(Stage::Switch, t, Err(msg.clone()));
             return self.fail_before_switch(msg).await;
         }
-        self.step(Stage::Switch, t, Ok(format!("current -> releases/{release}")));
+        self.step(
+            Stage::Switch,
+            t,
+            Ok(format!("current -> releases/{release}")),
+        );
         self.restart_and_check(Phase::Restarting).await
     }
 
@@ -275,7 +283,11 @@ impl Run {
                 Ok(removed) if !removed.is_empty() => {
                     self.events
                         .send(Stage::Prune, format!("removed {}", removed.join(", ")));
-                    self.step(Stage::Prune, t, Ok(format!("removed {}", removed.join(", "))));
+                    self.step(
+                        Stage::Prune,
+                        t,
+                        Ok(format!("removed {}", removed.join(", "))),
+                    );
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -284,7 +296,8 @@ impl Run {
                 }
             }
         }
-        self.events.send(Stage::Health, format!("release {release} is live"));
+        self.events
+            .send(Stage::Health, format!("release {release} is live"));
         self.finish(Outcome::Live, None)
     }
 
@@ -327,7 +340,11 @@ impl Run {
                         Outcome::RollbackFailed
                     }
                     Ok(()) => {
-                        self.step(Stage::Rollback, t, Ok(format!("current -> releases/{prev}")));
+                        self.step(
+                            Stage::Rollback,
+                            t,
+                            Ok(format!("current -> releases/{prev}")),
+                        );
                         let restart_ok = match self.journal.spec.restart.clone() {
                             Some(cmd) => self.command(Stage::Restart, &cmd, &prev).await.is_ok(),
                             None => true,
@@ -365,9 +382,10 @@ impl Run {
                 Stage::Rollback,
                 "ROLLBACK FAILED: the previous release is not healthy either; a human must look",
             ),
-            _ => self
-                .events
-                .send(Stage::Rollback, "rolled back: the previous release serves again"),
+            _ => self.events.send(
+                Stage::Rollback,
+                "rolled back: the previous release serves again",
+            ),
         }
         self.finish(outcome, Some(error))
     }
@@ -420,11 +438,7 @@ pub fn link_shared(layout: &Layout, release: &str, paths: &[String]) -> Result<(
     let dir = layout.release(release);
     for p in paths {
         let rel = Path::new(p);
-        if rel.is_absolute()
-            || rel
-                .components()
-                .any(|c| !matches!(c, Component::Normal(_)))
-        {
+        if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
             return Err(format!(
                 "shared path {p:?} must be relative, without `..` or `.`"
             ));
@@ -457,7 +471,9 @@ pub fn link_shared(layout: &Layout, release: &str, paths: &[String]) -> Result<(
                 .map(|m| m.file_type().is_symlink())
                 .unwrap_or(false)
             {
-                return Err(format!("shared path {p:?}: a parent in the release is a symlink"));
+                return Err(format!(
+                    "shared path {p:?}: a parent in the release is a symlink"
+                ));
             }
             std::fs::create_dir_all(parent)
                 .map_err(|e| format!("create {}: {e}", parent.display()))?;
@@ -486,12 +502,22 @@ mod tests {
         let r = "20260101000000";
         std::fs::create_dir_all(l.release(r).join("log")).unwrap();
         std::fs::write(l.release(r).join("log/shipped.txt"), "x").unwrap();
-        link_shared(&l, r, &["log".into(), ".env".into(), "config/db.yml".into()]).unwrap();
+        link_shared(
+            &l,
+            r,
+            &["log".into(), ".env".into(), "config/db.yml".into()],
+        )
+        .unwrap();
         assert!(l.shared().join("log").is_dir());
         assert!(l.shared().join(".env").is_file());
         assert!(l.shared().join("config/db.yml").is_file());
         let log = l.release(r).join("log");
-        assert!(std::fs::symlink_metadata(&log).unwrap().file_type().is_symlink());
+        assert!(
+            std::fs::symlink_metadata(&log)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
         assert_eq!(std::fs::read_link(&log).unwrap(), l.shared().join("log"));
         assert!(link_shared(&l, r, &["../escape".into()]).is_err());
         assert!(link_shared(&l, r, &["/etc".into()]).is_err());

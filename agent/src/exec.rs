@@ -234,8 +234,6 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
         // leave nothing running behind the test: stop the one we started, by PID
         let pid = std::fs::read_to_string(dir.path().join("daemon.pid")).unwrap();
-        let _ = std::process::Command::new("kill")
-            .arg(pid.trim())
-            .status();
+        let _ = std::process::Command::new("kill").arg(pid.trim()).status();
     }
 }

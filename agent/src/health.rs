@@ -44,7 +44,9 @@ pub fn parse_url(url: &str) -> Result<Target, String> {
         None => (rest, "/"),
     };
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let end = v6.find(']').ok_or_else(|| format!("{url}: bad IPv6 host"))?;
+        let end = v6
+            .find(']')
+            .ok_or_else(|| format!("{url}: bad IPv6 host"))?;
         let host = &v6[..end];
         let port = v6[end + 1..].strip_prefix(':').unwrap_or("80");
         (host.to_owned(), port)
@@ -154,7 +156,10 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 /// Polls until healthy or out of tries. `on_attempt` sees each result (for progress).
-pub async fn wait_healthy(spec: &HealthSpec, mut on_attempt: impl FnMut(u32, &Probe)) -> HealthReport {
+pub async fn wait_healthy(
+    spec: &HealthSpec,
+    mut on_attempt: impl FnMut(u32, &Probe),
+) -> HealthReport {
     let mut report = HealthReport {
         url: spec.url.clone(),
         healthy: false,

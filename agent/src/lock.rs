@@ -145,7 +145,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop(a);
         assert_eq!(waiter.await.unwrap().unwrap(), "bob");
-        assert!(locks.holder(app).is_none(), "bob's guard dropped with the task");
+        assert!(
+            locks.holder(app).is_none(),
+            "bob's guard dropped with the task"
+        );
         assert!(!file.exists());
     }
 

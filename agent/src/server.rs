@@ -163,7 +163,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let listener = bind(&shared.config)?;
     for job in pending {
         let s = shared.clone();
-        shared.tasks.spawn(async move { recover::finish(&s, job).await });
+        shared
+            .tasks
+            .spawn(async move { recover::finish(&s, job).await });
     }
     tracing::info!(
         socket = %shared.config.socket.display(),

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use proto::codec::{self, Connection, Frame};
 use proto::{
-    Action, AppRef, CheckReply, DeployReport, ErrorCode, HelloReply, HistoryReply, LockInfo,
-    Event, Outcome, PROTOCOL_VERSION, PathCheck, ProtoError, PushReady, ReleaseInfo,
-    ReleaseStatus, ReleasesReply, Request, Response, StatusReply, Unlocked,
+    Action, AppRef, CheckReply, DeployReport, ErrorCode, Event, HelloReply, HistoryReply, LockInfo,
+    Outcome, PROTOCOL_VERSION, PathCheck, ProtoError, PushReady, ReleaseInfo, ReleaseStatus,
+    ReleasesReply, Request, Response, StatusReply, Unlocked,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -135,11 +135,9 @@ impl Session {
                     Err(e) => Err(e),
                 },
                 Request::Status(s) => self.status(s).await,
-                Request::Releases(r) => self.layout(&r.app).map(|l| {
-                    Response::Releases(ReleasesReply {
-                        releases: l.list(),
-                    })
-                }),
+                Request::Releases(r) => self
+                    .layout(&r.app)
+                    .map(|l| Response::Releases(ReleasesReply { releases: l.list() })),
                 Request::History(h) => self.layout(&h.app).map(|l| {
                     Response::History(HistoryReply {
                         entries: journal::read_history(&l, h.limit as usize),
@@ -205,7 +203,12 @@ impl Session {
         let guard = self
             .shared
             .locks
-            .acquire(&key, layout.lock_file(), info, Duration::from_millis(l.wait_ms))
+            .acquire(
+                &key,
+                layout.lock_file(),
+                info,
+                Duration::from_millis(l.wait_ms),
+            )
             .await
             .map_err(|h| locked(&l.app, &h))?;
         let info = guard.info.clone();
@@ -535,7 +538,6 @@ impl Session {
     }
 }
 
-
 /// The newest live release older than `current`.
 fn previous_live(list: &[ReleaseInfo], current: Option<&str>) -> Option<ReleaseInfo> {
     let current = current?;
@@ -611,4 +613,3 @@ mod tests {
         assert!(previous_live(&list, None).is_none());
     }
 }
-

@@ -22,7 +22,12 @@ Examples:
 )]
 pub struct Cli {
     /// Path to deploy.toml
-    #[arg(long, global = true, default_value = "deploy.toml", env = "DEPLOYCTL_CONFIG")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "deploy.toml",
+        env = "DEPLOYCTL_CONFIG"
+    )]
     pub config: PathBuf,
 
     /// Trust and record the host key of a host seen for the first time (like
@@ -46,7 +51,9 @@ pub struct EnvArgs {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Deploy a release to every host of an environment
-    #[command(after_help = "Examples:\n  deployctl push staging\n  deployctl push production --artifact dist/app.tar.gz --version v1.4.2 --yes")]
+    #[command(
+        after_help = "Examples:\n  deployctl push staging\n  deployctl push production --artifact dist/app.tar.gz --version v1.4.2 --yes"
+    )]
     Push {
         #[command(flatten)]
         env: EnvArgs,
@@ -67,7 +74,9 @@ pub enum Command {
         lock_wait: Option<std::time::Duration>,
     },
     /// Switch back to an earlier release (the previous one by default)
-    #[command(after_help = "Examples:\n  deployctl rollback production\n  deployctl rollback production --to 20261122214450\n  deployctl rollback production --to v1.4.1")]
+    #[command(
+        after_help = "Examples:\n  deployctl rollback production\n  deployctl rollback production --to 20261122214450\n  deployctl rollback production --to v1.4.1"
+    )]
     Rollback {
         #[command(flatten)]
         env: EnvArgs,

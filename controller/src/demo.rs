@@ -86,7 +86,11 @@ fn build_artifact(path: &Path, version: &str, healthy: bool) -> std::io::Result<
     add("bin/migrate", 0o755, MIGRATE)?;
     add("bin/restart", 0o755, RESTART)?;
     add("bin/stop", 0o755, STOP)?;
-    add("public/index.html", 0o644, &INDEX.replace("VERSION", version))?;
+    add(
+        "public/index.html",
+        0o644,
+        &INDEX.replace("VERSION", version),
+    )?;
     if healthy {
         add(
             "public/api/v1/status/index.html",
@@ -140,7 +144,11 @@ pub async fn run(keep: bool) -> Result<u8, Failure> {
 
     println!("deployctl demo: a real deploy-agent and the sample app, all on this machine");
     println!("  work dir : {}", dir.display());
-    println!("  agent    : {} (socket {})", agent_bin.display(), socket.display());
+    println!(
+        "  agent    : {} (socket {})",
+        agent_bin.display(),
+        socket.display()
+    );
     println!("  app      : http://127.0.0.1:{port}/");
 
     let log = std::fs::File::create(dir.join("agent.log")).map_err(io)?;
@@ -227,7 +235,10 @@ hosts = ["local"]
         }
     };
 
-    step(1, "push v1: upload, unpack, migrate, switch current, restart, health check");
+    step(
+        1,
+        "push v1: upload, unpack, migrate, switch current, restart, health check",
+    );
     let code = crate::commands::push::run(&dummy, push("v1")).await?;
     expect("push v1", code, exit::OK);
     println!("  the app now serves: {}", fetch(port, "/"));
@@ -247,15 +258,8 @@ hosts = ["local"]
     println!("  the app still serves: {}", fetch(port, "/"));
 
     step(4, "rollback --to v1: by version label");
-    let code = crate::commands::rollback::run(
-        &dummy,
-        "demo",
-        Some("v1".into()),
-        true,
-        None,
-        false,
-    )
-    .await?;
+    let code = crate::commands::rollback::run(&dummy, "demo", Some("v1".into()), true, None, false)
+        .await?;
     expect("rollback --to v1", code, exit::OK);
     println!("  the app now serves: {}", fetch(port, "/"));
 

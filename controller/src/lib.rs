@@ -68,11 +68,15 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             lock_wait,
         } => rollback::run(cli, &env.env, to.clone(), *yes, *lock_wait, env.json).await,
         Command::Status { env } => info::run(cli, &env.env, info::What::Status, env.json).await,
-        Command::Releases { env } => {
-            info::run(cli, &env.env, info::What::Releases, env.json).await
-        }
+        Command::Releases { env } => info::run(cli, &env.env, info::What::Releases, env.json).await,
         Command::History { env, limit } => {
-            info::run(cli, &env.env, info::What::History { limit: *limit }, env.json).await
+            info::run(
+                cli,
+                &env.env,
+                info::What::History { limit: *limit },
+                env.json,
+            )
+            .await
         }
         Command::Check { env } => check::run(cli, &env.env, env.json).await,
         Command::Demo { keep } => demo::run(*keep).await,

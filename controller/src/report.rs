@@ -112,10 +112,7 @@ pub fn print_deploy(
         .map(|r| {
             vec![
                 r.host.clone(),
-                r.outcome
-                    .map(outcome_name)
-                    .unwrap_or("error")
-                    .to_owned(),
+                r.outcome.map(outcome_name).unwrap_or("error").to_owned(),
                 r.release.clone().unwrap_or_else(|| "-".into()),
                 r.current.clone().unwrap_or_else(|| "-".into()),
                 format!("{:.1}s", r.duration_ms as f64 / 1000.0),
@@ -139,7 +136,15 @@ pub fn print_deploy(
                 for s in rep.steps.iter().filter(|s| !s.success) {
                     if !s.output.trim().is_empty() {
                         println!("  output of `{}`:", s.command.as_deref().unwrap_or("?"));
-                        for l in s.output.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev() {
+                        for l in s
+                            .output
+                            .lines()
+                            .rev()
+                            .take(15)
+                            .collect::<Vec<_>>()
+                            .into_iter()
+                            .rev()
+                        {
                             println!("    {l}");
                         }
                     }
@@ -153,7 +158,15 @@ pub fn print_deploy(
                     && rep.outcome != Outcome::Live
                 {
                     println!("  last restart output:");
-                    for l in s.output.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev() {
+                    for l in s
+                        .output
+                        .lines()
+                        .rev()
+                        .take(10)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                    {
                         println!("    {l}");
                     }
                 }
@@ -163,10 +176,16 @@ pub fn print_deploy(
     let verdict = match code {
         exit::OK => "done".to_owned(),
         exit::DEPLOY_FAILED => "FAILED: every host is back on its previous release".to_owned(),
-        exit::NEEDS_HUMAN => "FAILED: a rollback failed or hosts are on mixed versions; a human must look".to_owned(),
+        exit::NEEDS_HUMAN => {
+            "FAILED: a rollback failed or hosts are on mixed versions; a human must look".to_owned()
+        }
         other => format!("FAILED (exit {other})"),
     };
-    println!("{command} {}: {verdict} in {:.1}s", env.name, took.as_secs_f64());
+    println!(
+        "{command} {}: {verdict} in {:.1}s",
+        env.name,
+        took.as_secs_f64()
+    );
 }
 
 pub fn outcome_name(o: Outcome) -> &'static str {
@@ -234,8 +253,15 @@ mod tests {
         assert_eq!(exit_code(&[r(Some(Live), 0), r(Some(Live), 0)]), 0);
         assert_eq!(exit_code(&[r(Some(RolledBack), 1)]), 1);
         assert_eq!(exit_code(&[r(Some(Failed), 1), r(Some(RolledBack), 1)]), 1);
-        assert_eq!(exit_code(&[r(Some(Live), 0), r(Some(RolledBack), 1)]), 5, "mixed");
-        assert_eq!(exit_code(&[r(Some(RollbackFailed), 5), r(Some(Failed), 1)]), 5);
+        assert_eq!(
+            exit_code(&[r(Some(Live), 0), r(Some(RolledBack), 1)]),
+            5,
+            "mixed"
+        );
+        assert_eq!(
+            exit_code(&[r(Some(RollbackFailed), 5), r(Some(Failed), 1)]),
+            5
+        );
         assert_eq!(exit_code(&[r(None, 3)]), 3);
     }
 

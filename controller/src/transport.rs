@@ -92,9 +92,7 @@ pub async fn connect(
                 ssh: None,
             })
         }
-        Host::Ssh {
-            host: h, port, ..
-        } => {
+        Host::Ssh { host: h, port, .. } => {
             let target = SshTarget {
                 host: h.clone(),
                 port: *port,

@@ -14,7 +14,7 @@ pub trait Rpc: Into<Request> {
     type Response: DeserializeOwned;
     /// Picks this request's answer out of a [`Response`]; any other variant is
     /// handed back unchanged so the caller can report it.
-    fn unwrap_response(response: Response) -> Result<Self::Response, Response>;
+    fn unwrap_response(response: Response) -> Result<Self::Response, Box<Response>>;
 }
 
 macro_rules! rpc {
@@ -26,10 +26,10 @@ macro_rules! rpc {
         }
         impl Rpc for $req {
             type Response = $resp;
-            fn unwrap_response(response: Response) -> Result<$resp, Response> {
+            fn unwrap_response(response: Response) -> Result<$resp, Box<Response>> {
                 match response {
                     Response::$variant(r) => Ok(r),
-                    other => Err(other),
+                    other => Err(Box::new(other)),
                 }
             }
         }

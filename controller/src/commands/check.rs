@@ -31,7 +31,8 @@ pub async fn run(cli: &Cli, env_name: &str, json: bool) -> Result<u8, Failure> {
                         .await;
                     let hello = c.client.hello.clone();
                     c.close().await;
-                    r.map(|r| (hello, r)).map_err(|e| (exit::CONNECT, e.to_string()))
+                    r.map(|r| (hello, r))
+                        .map_err(|e| (exit::CONNECT, e.to_string()))
                 }
                 Err(e) => Err((exit::CONNECT, e.to_string())),
             };
@@ -57,18 +58,21 @@ pub async fn run(cli: &Cli, env_name: &str, json: bool) -> Result<u8, Failure> {
                         code = code.max(exit::USAGE);
                         (
                             false,
-                            format!(
-                                "deploy_to {} is outside the agent's allowed_roots",
-                                p.path
-                            ),
+                            format!("deploy_to {} is outside the agent's allowed_roots", p.path),
                         )
                     }
                     Some(p) => (
                         true,
                         format!(
                             "{} {}",
-                            p.free_bytes.map(|b| format!("{} free", mib(b))).unwrap_or_default(),
-                            if p.exists { "" } else { "(deploy_to will be created)" }
+                            p.free_bytes
+                                .map(|b| format!("{} free", mib(b)))
+                                .unwrap_or_default(),
+                            if p.exists {
+                                ""
+                            } else {
+                                "(deploy_to will be created)"
+                            }
                         )
                         .trim()
                         .to_owned(),
@@ -92,7 +96,13 @@ pub async fn run(cli: &Cli, env_name: &str, json: bool) -> Result<u8, Failure> {
             Err((c, message)) => {
                 code = code.max(c);
                 progress.error(Some(&name), &message);
-                rows.push(vec![name.clone(), "FAIL".into(), "-".into(), "-".into(), message.clone()]);
+                rows.push(vec![
+                    name.clone(),
+                    "FAIL".into(),
+                    "-".into(),
+                    "-".into(),
+                    message.clone(),
+                ]);
                 docs.push(json!({"host": name, "ok": false, "error": message}));
             }
         }
@@ -101,7 +111,10 @@ pub async fn run(cli: &Cli, env_name: &str, json: bool) -> Result<u8, Failure> {
         let doc = json!({"environment": env.name, "exit_code": code, "hosts": docs});
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
-        println!("{}", table(&["HOST", "CHECK", "HOSTNAME", "AGENT", "NOTE"], &rows));
+        println!(
+            "{}",
+            table(&["HOST", "CHECK", "HOSTNAME", "AGENT", "NOTE"], &rows)
+        );
     }
     Ok(code)
 }

@@ -62,7 +62,10 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                         .unwrap_or_else(|| "-".into());
                     rows.push(vec![
                         c.name.clone(),
-                        s.current.as_ref().map(|r| r.id.clone()).unwrap_or("-".into()),
+                        s.current
+                            .as_ref()
+                            .map(|r| r.id.clone())
+                            .unwrap_or("-".into()),
                         s.current
                             .as_ref()
                             .and_then(|r| r.version.clone())
@@ -94,7 +97,11 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                                 .ok()
                                 .and_then(|v| v.as_str().map(str::to_owned))
                                 .unwrap_or_default(),
-                            if rel.current { "*".into() } else { String::new() },
+                            if rel.current {
+                                "*".into()
+                            } else {
+                                String::new()
+                            },
                             rel.created.clone(),
                         ]);
                     }
@@ -138,7 +145,14 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
         let header: &[&str] = match what {
-            What::Status => &["HOST", "CURRENT", "VERSION", "HEALTH", "LAST DEPLOY", "LOCK"],
+            What::Status => &[
+                "HOST",
+                "CURRENT",
+                "VERSION",
+                "HEALTH",
+                "LAST DEPLOY",
+                "LOCK",
+            ],
             What::Releases => &["HOST", "RELEASE", "VERSION", "STATUS", "CURRENT", "CREATED"],
             What::History { .. } => &[
                 "HOST", "FINISHED", "ACTION", "RELEASE", "VERSION", "OUTCOME", "BY", "ERROR",

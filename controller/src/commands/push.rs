@@ -47,9 +47,8 @@ pub async fn run(cli: &Cli, args: PushArgs) -> Result<u8, Failure> {
                 env.name
             ))
         })?;
-    let meta = std::fs::metadata(&artifact).map_err(|e| {
-        Failure::usage(format!("artifact {}: {e}", artifact.display()))
-    })?;
+    let meta = std::fs::metadata(&artifact)
+        .map_err(|e| Failure::usage(format!("artifact {}: {e}", artifact.display())))?;
     if !meta.is_file() {
         return Err(Failure::usage(format!(
             "artifact {} is not a file",
@@ -305,10 +304,7 @@ mod tests {
     fn ids_round_trip_and_step_by_a_second() {
         let t = parse_id("20261122235959").unwrap();
         assert_eq!(format_id(t), "20261122235959");
-        assert_eq!(
-            format_id(t + time::Duration::seconds(1)),
-            "20261123000000"
-        );
+        assert_eq!(format_id(t + time::Duration::seconds(1)), "20261123000000");
         assert!(parse_id("garbage").is_none());
     }
 }

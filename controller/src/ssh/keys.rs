@@ -132,13 +132,17 @@ mod tests {
         let text = std::fs::read_to_string(&p).unwrap().replace('\n', "\r\n");
         let text = text.trim_end().to_owned();
         let keys = discover(Some(&text), Some(Path::new("/nonexistent")), None, None).unwrap();
-        assert!(matches!(&keys[..], [KeySource::Key { origin, .. }] if origin == "DEPLOYCTL_SSH_KEY"));
+        assert!(
+            matches!(&keys[..], [KeySource::Key { origin, .. }] if origin == "DEPLOYCTL_SSH_KEY")
+        );
     }
 
     #[test]
     fn a_bad_env_key_never_echoes_its_text() {
         let secret = "-----BEGIN OPENSSH PRIVATE KEY-----\nc2VjcmV0LXZhbHVlLTEyMzQ=\n-----END OPENSSH PRIVATE KEY-----\n";
-        let err = discover(Some(secret), None, None, None).unwrap_err().to_string();
+        let err = discover(Some(secret), None, None, None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("DEPLOYCTL_SSH_KEY"), "{err}");
         assert!(!err.contains("c2VjcmV0"), "{err}");
     }
@@ -154,7 +158,16 @@ mod tests {
         let home = tempfile::tempdir().unwrap();
         std::fs::create_dir(home.path().join(".ssh")).unwrap();
         std::fs::copy(&p, home.path().join(".ssh/id_ed25519")).unwrap();
-        let keys = discover(None, None, Some("/tmp/agent.sock".into()), Some(home.path())).unwrap();
-        assert!(matches!(&keys[..], [KeySource::Agent { .. }, KeySource::Key { .. }]));
+        let keys = discover(
+            None,
+            None,
+            Some("/tmp/agent.sock".into()),
+            Some(home.path()),
+        )
+        .unwrap();
+        assert!(matches!(
+            &keys[..],
+            [KeySource::Agent { .. }, KeySource::Key { .. }]
+        ));
     }
 }

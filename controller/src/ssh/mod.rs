@@ -113,12 +113,11 @@ impl Handler {
         let t = &self.target;
         let fingerprint = known_hosts::fingerprint(key);
         let path = &self.opts.known_hosts;
-        let verdict = known_hosts::check(path, &t.host, t.port, key).map_err(|e| {
-            SshError::KnownHosts {
+        let verdict =
+            known_hosts::check(path, &t.host, t.port, key).map_err(|e| SshError::KnownHosts {
                 host: t.display.clone(),
                 detail: e.to_string(),
-            }
-        })?;
+            })?;
         match verdict {
             Verdict::Trusted => Ok(()),
             Verdict::Unknown if self.opts.accept_new_host_keys => {
@@ -177,7 +176,10 @@ impl client::Handler for Handler {
         match result {
             Ok(()) => Ok(true),
             Err(e) => {
-                self.decision.lock().unwrap_or_else(|p| p.into_inner()).error = Some(e);
+                self.decision
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .error = Some(e);
                 Ok(false)
             }
         }
@@ -271,7 +273,10 @@ async fn tcp_connect(target: &SshTarget, opts: &SshOptions) -> Result<TcpStream,
             Err(_) => last = format!("timed out after {}s", opts.connect_timeout.as_secs_f32()),
         }
         if attempt < attempts {
-            tracing::debug!("{}: connect attempt {attempt} failed: {last}", target.display);
+            tracing::debug!(
+                "{}: connect attempt {attempt} failed: {last}",
+                target.display
+            );
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(8));
         }
@@ -345,7 +350,12 @@ async fn authenticate(
         match source {
             KeySource::Key { key, origin } => {
                 let hash = if key.algorithm().is_rsa() {
-                    handle.best_supported_rsa_hash().await.ok().flatten().flatten()
+                    handle
+                        .best_supported_rsa_hash()
+                        .await
+                        .ok()
+                        .flatten()
+                        .flatten()
                 } else {
                     None
                 };
@@ -376,7 +386,12 @@ async fn authenticate(
                 for id in identities {
                     let key = id.public_key().into_owned();
                     let hash = if key.algorithm().is_rsa() {
-                        handle.best_supported_rsa_hash().await.ok().flatten().flatten()
+                        handle
+                            .best_supported_rsa_hash()
+                            .await
+                            .ok()
+                            .flatten()
+                            .flatten()
                     } else {
                         None
                     };
@@ -456,7 +471,10 @@ impl Session {
                  (socket_group) and the agent's log (journalctl -u deploy-agent)",
                 self.opts.agent_socket, self.target.user
             ),
-            other => format!("could not reach deploy-agent at {} ({other})", self.opts.agent_socket),
+            other => format!(
+                "could not reach deploy-agent at {} ({other})",
+                self.opts.agent_socket
+            ),
         }
     }
 
@@ -513,7 +531,10 @@ mod tests {
 
     #[test]
     fn quoting() {
-        assert_eq!(shell_quote("/run/deploy-agent/agent.sock"), "/run/deploy-agent/agent.sock");
+        assert_eq!(
+            shell_quote("/run/deploy-agent/agent.sock"),
+            "/run/deploy-agent/agent.sock"
+        );
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote("$(rm -rf /)"), "'$(rm -rf /)'");

@@ -435,7 +435,7 @@ fn rpc_ties_each_request_to_its_response() {
         Ok(Unlocked { released: false })
     );
     // any other answer is handed back for the caller to report
-    assert_eq!(Status::unwrap_response(ok.clone()), Err(ok));
+    assert_eq!(Status::unwrap_response(ok.clone()), Err(Box::new(ok)));
     let push: Request = Push {
         app: app(),
         release: "1".into(),

@@ -138,15 +138,16 @@ fn bridge_fallback_when_streamlocal_is_forbidden() {
 fn missing_agent_socket_is_a_clear_error() {
     let s = site();
     s.write_config("", "");
-    let cfg = s
-        .env
-        .read("deploy.toml")
-        .replace(s.agent.socket.to_str().unwrap(), "/run/nonexistent/agent.sock");
+    let cfg = s.env.read("deploy.toml").replace(
+        s.agent.socket.to_str().unwrap(),
+        "/run/nonexistent/agent.sock",
+    );
     s.env.write("deploy.toml", cfg);
     let out = s.run(&["check", "test"]);
     out.assert_exit(3);
     assert!(
-        out.stderr.contains("no deploy-agent socket at /run/nonexistent/agent.sock"),
+        out.stderr
+            .contains("no deploy-agent socket at /run/nonexistent/agent.sock"),
         "{out}"
     );
 }
@@ -158,12 +159,17 @@ fn accept_new_records_the_key_and_then_it_is_trusted() {
     let out = s.run(&["check", "test", "--accept-new-host-keys"]);
     out.assert_exit(0);
     let kh = s.env.read("known_hosts");
-    assert!(kh.contains(&format!("[127.0.0.1]:{}", s.sshd().port)), "{kh}");
+    assert!(
+        kh.contains(&format!("[127.0.0.1]:{}", s.sshd().port)),
+        "{kh}"
+    );
     s.run(&["check", "test"]).assert_exit(0);
     // a changed key is still refused under accept-new
     let other = s.sshd().other_host_key_pub();
-    s.env
-        .write("known_hosts", format!("[127.0.0.1]:{} {other}\n", s.sshd().port));
+    s.env.write(
+        "known_hosts",
+        format!("[127.0.0.1]:{} {other}\n", s.sshd().port),
+    );
     s.run(&["check", "test", "--accept-new-host-keys"])
         .assert_exit(3);
 }
@@ -178,7 +184,10 @@ fn unreachable_host_is_exit_3_after_retries() {
     let cfg = s
         .env
         .read("deploy.toml")
-        .replace(&format!("127.0.0.1:{}", s.sshd().port), &format!("127.0.0.1:{port}"))
+        .replace(
+            &format!("127.0.0.1:{}", s.sshd().port),
+            &format!("127.0.0.1:{port}"),
+        )
         .replace("connect_retries = 1", "connect_retries = 2");
     s.env.write("deploy.toml", cfg);
     let out = s.run(&["check", "test"]);
@@ -213,5 +222,8 @@ fn no_environment_named_is_a_usage_error() {
     s.write_config("", "");
     let out = s.run(&["check", "nope"]);
     out.assert_exit(2);
-    assert!(out.stderr.contains("test"), "lists the known environments: {out}");
+    assert!(
+        out.stderr.contains("test"),
+        "lists the known environments: {out}"
+    );
 }
