@@ -613,3 +613,61 @@ mod tests {
         assert!(previous_live(&list, None).is_none());
     }
 }
+
+#[cfg(test)]
+mod handshake_tests {
+    use super::*;
+    use crate::config::{AgentConfig, Overrides};
+    use proto::{Hello, Request};
+
+    async fn hello(protocol: u32) -> Response {
+        let dir = tempfile::tempdir().unwrap();
+        let config = AgentConfig::load(&Overrides {
+            config: None,
+            socket: Some(dir.path().join("s.sock")),
+            socket_group: None,
+            allowed_roots: vec![dir.path().to_path_buf()],
+        })
+        .unwrap();
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let shared = Arc::new(Shared::new(config, rx));
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(serve(shared, b));
+        let mut conn = codec::connect(a).await.unwrap();
+        conn.send(&Request::Hello(Hello {
+            protocol,
+            version: "9.9.9".into(),
+        }))
+        .await
+        .unwrap();
+        conn.recv_json::<Response>().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn same_protocol_is_welcome() {
+        match hello(PROTOCOL_VERSION).await {
+            Response::Hello(h) => assert_eq!(h.protocol, PROTOCOL_VERSION),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_newer_controller_is_told_to_upgrade_the_agent() {
+        match hello(PROTOCOL_VERSION + 1).await {
+            Response::Error(e) => {
+                assert_eq!(e.code, ErrorCode::VersionMismatch);
+                assert!(e.message.contains("upgrade deploy-agent"), "{}", e.message);
+                assert!(e.message.contains("9.9.9"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_older_controller_is_told_to_upgrade_itself() {
+        match hello(0).await {
+            Response::Error(e) => assert!(e.message.contains("upgrade deployctl"), "{}", e.message),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `deployctl` and `deploy-agent` binaries, a real OpenSSH
 //! sshd on loopback with throwaway keys. One test binary; one module per area.
 
+mod agent;
 mod check;
 mod release;
 mod support;
