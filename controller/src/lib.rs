@@ -8,6 +8,7 @@
 //!   ([`ssh::keys`]); [`transport`]: from a host to a talking agent (SSH or `local`).
 //! - [`client`]: typed calls to one agent.
 //! - [`commands`]: one module per command; [`demo`]: `deployctl demo`.
+//! - [`rollout`]: batches, canary, verification, fleet-wide rollback.
 //! - [`report`], [`output`]: results, exit codes, tables, `--json`, progress lines.
 //! - [`exit`]: the exit codes we promise.
 
@@ -19,6 +20,7 @@ pub mod demo;
 pub mod exit;
 pub mod output;
 pub mod report;
+pub mod rollout;
 pub mod ssh;
 pub mod transport;
 

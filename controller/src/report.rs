@@ -22,6 +22,12 @@ pub struct HostResult {
     pub exit_code: u8,
     pub duration_ms: u64,
     pub report: Option<DeployReport>,
+    /// The rollout batch (1-based) this host was in.
+    pub batch: Option<u32>,
+    /// The host was not reached: the rollout stopped before its batch.
+    pub skipped: bool,
+    /// How the fleet-wide rollback (`on_failure = "rollback-all"`) ended on this host.
+    pub fleet_rollback: Option<Outcome>,
 }
 
 impl HostResult {
@@ -41,7 +47,34 @@ impl HostResult {
             exit_code,
             duration_ms: r.duration_ms,
             report: Some(r),
+            batch: None,
+            skipped: false,
+            fleet_rollback: None,
         }
+    }
+
+    pub fn skipped(host: &str) -> Self {
+        Self {
+            host: host.to_owned(),
+            outcome: None,
+            release: None,
+            previous: None,
+            current: None,
+            error: None,
+            exit_code: exit::OK,
+            duration_ms: 0,
+            report: None,
+            batch: None,
+            skipped: true,
+            fleet_rollback: None,
+        }
+    }
+
+    /// Still on the new release when the command ends.
+    /// (A fleet rollback that ends `Live` put the host back on its previous release;
+    /// any other outcome left it on the new one.)
+    pub fn on_new_release(&self) -> bool {
+        self.outcome == Some(Outcome::Live) && self.fleet_rollback != Some(Outcome::Live)
     }
 
     pub fn from_failure(host: &str, f: Failure, took: Duration) -> Self {
@@ -55,36 +88,62 @@ impl HostResult {
             exit_code: f.code,
             duration_ms: took.as_millis() as u64,
             report: None,
+            batch: None,
+            skipped: false,
+            fleet_rollback: None,
         }
     }
 }
 
 /// What the per-host results add up to (SPEC "Exit codes").
+///
+/// 0 when every host that was deployed is live; 5 when a rollback failed or some hosts
+/// run the new release while others do not; otherwise the worst failure (1 when every
+/// host is back on, or never left, its previous release).
 pub fn exit_code(results: &[HostResult]) -> u8 {
-    if results.is_empty() {
+    let touched: Vec<&HostResult> = results.iter().filter(|r| !r.skipped).collect();
+    if touched.is_empty() {
         return exit::OK;
     }
-    if results.iter().any(|r| r.exit_code == exit::NEEDS_HUMAN) {
+    let rollback_failed = touched.iter().any(|r| {
+        r.exit_code == exit::NEEDS_HUMAN || r.fleet_rollback.is_some_and(|o| o != Outcome::Live)
+    });
+    if rollback_failed {
         return exit::NEEDS_HUMAN;
     }
-    let live = results
-        .iter()
-        .filter(|r| r.outcome == Some(Outcome::Live))
-        .count();
-    if live == results.len() {
+    let all_live = touched.len() == results.len()
+        && touched
+            .iter()
+            .all(|r| r.outcome == Some(Outcome::Live) && r.fleet_rollback.is_none());
+    if all_live {
         return exit::OK;
     }
-    if live > 0 {
+    if touched.iter().any(|r| r.on_new_release()) {
         // Some hosts run the new release and some do not.
         return exit::NEEDS_HUMAN;
     }
-    results
+    touched
         .iter()
         .map(|r| r.exit_code)
+        .filter(|&c| c != exit::OK)
         .max()
         .unwrap_or(exit::DEPLOY_FAILED)
 }
 
+/// The exit code of a rollout: as [`exit_code`], except that a rollout that stopped
+/// (a failed host or failed verification) is never 0; if it left every host on the new
+/// release (`on_failure = "stop"`), a human must look.
+pub fn rollout_exit_code(results: &[HostResult], failed: bool) -> u8 {
+    let code = exit_code(results);
+    if failed && code == exit::OK {
+        return exit::NEEDS_HUMAN;
+    }
+    code
+}
+
+/// Prints the result of a push or rollback. `fleet` carries the rollout's own findings
+/// (verification, why it stopped) for the JSON document and the text summary.
+#[allow(clippy::too_many_arguments)]
 pub fn print_deploy(
     command: &str,
     env: &Environment,
@@ -93,9 +152,10 @@ pub fn print_deploy(
     code: u8,
     took: Duration,
     json: bool,
+    fleet: Option<&crate::rollout::RolloutReport>,
 ) {
     if json {
-        let doc = serde_json::json!({
+        let mut doc = serde_json::json!({
             "command": command,
             "environment": env.name,
             "app": env.app,
@@ -104,25 +164,60 @@ pub fn print_deploy(
             "duration_ms": took.as_millis() as u64,
             "hosts": results,
         });
+        if let Some(f) = fleet {
+            doc["verify"] = serde_json::json!(f.verify);
+            doc["failure"] = serde_json::json!(f.failure);
+            doc["on_failure"] = serde_json::json!(f.on_failure);
+        }
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return;
     }
+    let batches = results.iter().any(|r| r.batch.is_some_and(|b| b > 1));
     let rows: Vec<Vec<String>> = results
         .iter()
         .map(|r| {
-            vec![
-                r.host.clone(),
-                r.outcome.map(outcome_name).unwrap_or("error").to_owned(),
+            let outcome = if r.skipped {
+                "not started".to_owned()
+            } else {
+                let base = r.outcome.map(outcome_name).unwrap_or("error");
+                match r.fleet_rollback {
+                    Some(Outcome::Live) => format!("{base}, rolled back"),
+                    Some(o) => format!("{base}, ROLLBACK {}", outcome_name(o)),
+                    None => base.to_owned(),
+                }
+            };
+            let mut row = vec![r.host.clone()];
+            if batches {
+                row.push(r.batch.map(|b| b.to_string()).unwrap_or_else(|| "-".into()));
+            }
+            row.extend([
+                outcome,
                 r.release.clone().unwrap_or_else(|| "-".into()),
                 r.current.clone().unwrap_or_else(|| "-".into()),
                 format!("{:.1}s", r.duration_ms as f64 / 1000.0),
-            ]
+            ]);
+            row
         })
         .collect();
-    println!(
-        "{}",
-        table(&["HOST", "OUTCOME", "RELEASE", "CURRENT", "TIME"], &rows)
-    );
+    let header: &[&str] = if batches {
+        &["HOST", "BATCH", "OUTCOME", "RELEASE", "RUNNING NOW", "TIME"]
+    } else {
+        &["HOST", "OUTCOME", "RELEASE", "RUNNING NOW", "TIME"]
+    };
+    println!("{}", table(header, &rows));
+    if let Some(f) = fleet {
+        for v in &f.verify {
+            println!(
+                "verify {}: {} ({} attempt(s))",
+                v.url,
+                if v.ok { "ok" } else { "FAILED" },
+                v.attempts
+            );
+        }
+        if let Some(why) = &f.failure {
+            println!("rollout stopped: {why}");
+        }
+    }
     for r in results {
         if let Some(e) = &r.error {
             println!("{}: {e}", r.host);
@@ -244,7 +339,42 @@ mod tests {
             exit_code: code,
             duration_ms: 0,
             report: None,
+            batch: None,
+            skipped: false,
+            fleet_rollback: None,
         }
+    }
+
+    #[test]
+    fn fleet_outcomes() {
+        use Outcome::*;
+        let back = |o| HostResult {
+            fleet_rollback: Some(o),
+            ..r(Some(Live), 0)
+        };
+        let skipped = HostResult::skipped("h3");
+        // host 1 took it and went back cleanly, host 2 failed: one version, exit 1
+        assert_eq!(
+            exit_code(&[back(Live), r(Some(RolledBack), 1), skipped.clone()]),
+            1
+        );
+        // the fleet rollback failed on host 1
+        assert_eq!(exit_code(&[back(RollbackFailed), r(Some(Failed), 1)]), 5);
+        // the rollback was itself undone: host 1 is still on the new release
+        assert_eq!(exit_code(&[back(RolledBack), r(Some(Failed), 1)]), 5);
+        // on_failure = "stop": host 1 stays on the new release
+        assert_eq!(
+            exit_code(&[r(Some(Live), 0), r(Some(Failed), 1), skipped]),
+            5
+        );
+        // verification failed and every host was rolled back
+        assert_eq!(rollout_exit_code(&[back(Live), back(Live)], true), 1);
+        // verification failed and on_failure = "stop" left them all on it
+        assert_eq!(
+            rollout_exit_code(&[r(Some(Live), 0), r(Some(Live), 0)], true),
+            5
+        );
+        assert_eq!(rollout_exit_code(&[r(Some(Live), 0)], false), 0);
     }
 
     #[test]

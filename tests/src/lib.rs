@@ -428,6 +428,10 @@ pub struct SshdOptions {
     /// before the harness defaults and override them; lines from the first `Match` on go at the
     /// end. Cumulative keywords (`Port`, `ListenAddress`, `HostKey`, ...) add to the defaults.
     pub extra_config: Vec<String>,
+    /// A command that starts sshd: `wrap[0] wrap[1..] SSHD -D -f CONFIG -E LOG`, e.g. a
+    /// `unshare -m` wrapper that gives this "host" its own view of the filesystem. It
+    /// must end by exec'ing its arguments, so the PID we hold is sshd's.
+    pub wrap: Vec<String>,
 }
 
 impl Default for SshdOptions {
@@ -435,6 +439,7 @@ impl Default for SshdOptions {
         SshdOptions {
             allow_streamlocal: true,
             extra_config: Vec::new(),
+            wrap: Vec::new(),
         }
     }
 }
@@ -499,7 +504,15 @@ impl Sshd {
                 check_sshd_config(&sshd_bin, &config);
             }
             let _ = fs::remove_file(&log_file);
-            let mut child = Command::new(&sshd_bin)
+            let mut cmd = match opts.wrap.split_first() {
+                Some((program, args)) => {
+                    let mut c = Command::new(program);
+                    c.args(args).arg(&sshd_bin);
+                    c
+                }
+                None => Command::new(&sshd_bin),
+            };
+            let mut child = cmd
                 .arg("-D")
                 .arg("-f")
                 .arg(&config)

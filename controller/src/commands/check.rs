@@ -14,7 +14,7 @@ use crate::transport;
 pub async fn run(cli: &Cli, env_name: &str, json: bool) -> Result<u8, Failure> {
     let env = load_env(cli, env_name)?;
     let keys = find_keys(&env)?;
-    let progress = Progress::new(json);
+    let progress = Progress::new(false);
     let mut set = tokio::task::JoinSet::new();
     for (i, host) in env.hosts.iter().cloned().enumerate() {
         let env = env.clone();

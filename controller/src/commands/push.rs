@@ -16,6 +16,7 @@ use crate::config::{Environment, Strategy};
 use crate::exit::{self, Failure};
 use crate::output::{Progress, mib};
 use crate::report::{self, HostResult};
+use crate::rollout::{self, RolloutReport};
 use crate::transport::HostConn;
 
 pub struct PushArgs {
@@ -57,21 +58,22 @@ pub async fn run(cli: &Cli, args: PushArgs) -> Result<u8, Failure> {
     }
     confirm(&env, args.yes, "push")?;
     let keys = find_keys(&env)?;
-    let progress = Progress::new(args.json);
+    let progress = Progress::new(false);
     let started = Instant::now();
     let mut conns = connect_all(&env, &keys, &progress).await?;
     let result = push_all(&env, &args, &artifact, meta.len(), &mut conns, &progress).await;
     close_all(conns).await;
-    let (release, results) = result?;
-    let code = report::exit_code(&results);
+    let (release, rollout) = result?;
+    let code = report::rollout_exit_code(&rollout.hosts, rollout.failure.is_some());
     report::print_deploy(
         "push",
         &env,
         Some(&release),
-        &results,
+        &rollout.hosts,
         code,
         started.elapsed(),
         args.json,
+        Some(&rollout),
     );
     Ok(code)
 }
@@ -83,7 +85,7 @@ async fn push_all(
     size: u64,
     conns: &mut [HostConn],
     progress: &Progress,
-) -> Result<(String, Vec<HostResult>), Failure> {
+) -> Result<(String, RolloutReport), Failure> {
     lock_all(conns, env, args.version.clone(), args.lock_wait, progress).await?;
     let release = next_release_id(conns, env).await?;
     progress.info(&format!(
@@ -97,24 +99,23 @@ async fn push_all(
         conns.len()
     ));
     let holder = holder();
-    let limit = (env.max_parallel.max(1)) as usize;
-    let mut results = Vec::new();
-    for chunk in conns.chunks_mut(limit) {
-        let futures = chunk.iter_mut().map(|c| {
-            let req = Push {
-                app: app_ref(env),
-                release: release.clone(),
-                version: args.version.clone(),
-                holder: holder.clone(),
-                size,
-                skip_migrations: args.skip_migrations,
-                spec: super::release_spec(env),
-            };
-            push_one(c, req, artifact, size, progress)
-        });
-        results.extend(futures_util::future::join_all(futures).await);
-    }
-    Ok((release, results))
+    let spec = super::release_spec(env);
+    let report = rollout::run(env, conns, progress, |c| {
+        let req = Push {
+            app: app_ref(env),
+            release: release.clone(),
+            version: args.version.clone(),
+            holder: holder.clone(),
+            size,
+            skip_migrations: args.skip_migrations,
+            spec: spec.clone(),
+        };
+        let artifact = artifact.to_path_buf();
+        let progress = progress.clone();
+        Box::pin(async move { push_one(c, req, &artifact, size, &progress).await })
+    })
+    .await;
+    Ok((release, report))
 }
 
 async fn push_one(

@@ -21,7 +21,7 @@ pub async fn run(
     let env = super::load_env(cli, env_name)?;
     super::push::confirm(&env, yes, "rollback")?;
     let keys = find_keys(&env)?;
-    let progress = Progress::new(json);
+    let progress = Progress::new(false);
     let started = Instant::now();
     let mut conns = connect_all(&env, &keys, &progress).await?;
     let result = async {
@@ -95,6 +95,7 @@ pub async fn run(
         code,
         started.elapsed(),
         json,
+        None,
     );
     Ok(if results.is_empty() { exit::OK } else { code })
 }

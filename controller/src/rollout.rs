@@ -1,0 +1,326 @@
+//! Rolling a release out across a fleet: batches (a canary first, if asked), at most
+//! `max_parallel` hosts at once, a stop at the first failure, outside-in verification,
+//! and `on_failure` handling so the fleet ends on one version.
+//!
+//! The per-host deploy itself is a closure, so this module knows nothing of uploads.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use proto::{Outcome, Rollback};
+
+use crate::commands::{agent_failure, app_ref, holder, release_spec};
+use crate::config::{Batch, Environment, OnFailure, VerifyConfig};
+use crate::output::Progress;
+use crate::report::HostResult;
+use crate::transport::HostConn;
+
+/// Host indices per batch, in order.
+pub fn plan(hosts: usize, batch: Batch, canary: bool) -> Vec<Vec<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    if canary && hosts > 1 {
+        out.push(vec![0]);
+        start = 1;
+    }
+    let size = batch.size(hosts).max(1);
+    let rest: Vec<usize> = (start..hosts).collect();
+    for chunk in rest.chunks(size) {
+        out.push(chunk.to_vec());
+    }
+    out
+}
+
+/// What verification from the outside found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VerifyResult {
+    pub url: String,
+    pub ok: bool,
+    pub attempts: u32,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct RolloutReport {
+    pub hosts: Vec<HostResult>,
+    pub verify: Vec<VerifyResult>,
+    /// Why the rollout stopped, if it did.
+    pub failure: Option<String>,
+    pub on_failure: Option<&'static str>,
+}
+
+/// A per-host deploy: borrows the host's connection for as long as it runs.
+pub type HostFuture<'a> = Pin<Box<dyn Future<Output = HostResult> + 'a>>;
+
+/// Runs `deploy` on each host, batch by batch. On the first failure (or failed
+/// verification) applies `on_failure`.
+pub async fn run<F>(
+    env: &Environment,
+    conns: &mut [HostConn],
+    progress: &Progress,
+    deploy: F,
+) -> RolloutReport
+where
+    F: for<'a> Fn(&'a mut HostConn) -> HostFuture<'a>,
+{
+    let batches = plan(conns.len(), env.rollout.batch, env.rollout.canary);
+    let mut results: Vec<Option<HostResult>> = vec![None; conns.len()];
+    let mut failure = None;
+    let parallel = (env.max_parallel.max(1)) as usize;
+    let total = batches.len();
+    for (b, batch) in batches.iter().enumerate() {
+        if total > 1 {
+            let canary = if env.rollout.canary && b == 0 {
+                " (canary)"
+            } else {
+                ""
+            };
+            let names: Vec<&str> = batch.iter().map(|&i| conns[i].name.as_str()).collect();
+            progress.info(&format!(
+                "batch {}/{total}{canary}: {}",
+                b + 1,
+                names.join(", ")
+            ));
+        }
+        for wave in batch.chunks(parallel) {
+            let futs = conns
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| wave.contains(i))
+                .map(|(i, c)| {
+                    let fut = deploy(c);
+                    async move { (i, fut.await) }
+                });
+            for (i, mut r) in futures_util::future::join_all(futs).await {
+                r.batch = Some(b as u32 + 1);
+                if r.outcome != Some(Outcome::Live) && failure.is_none() {
+                    failure = Some(format!(
+                        "{} failed in batch {}: {}",
+                        r.host,
+                        b + 1,
+                        r.error.clone().unwrap_or_else(|| "see above".into())
+                    ));
+                }
+                results[i] = Some(r);
+            }
+        }
+        if failure.is_some() {
+            break;
+        }
+    }
+    let mut report = RolloutReport::default();
+    if failure.is_none()
+        && let Some(v) = &env.verify
+        && !v.urls.is_empty()
+    {
+        progress.info(&format!("verifying {} URL(s) from outside", v.urls.len()));
+        report.verify = verify(v, progress).await;
+        if let Some(bad) = report.verify.iter().find(|r| !r.ok) {
+            failure = Some(format!(
+                "verification of {} failed after {} attempt(s): {}",
+                bad.url,
+                bad.attempts,
+                bad.last_error
+                    .clone()
+                    .or(bad.last_status.map(|s| format!("status {s}")))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    // Hosts never reached stay as they were.
+    let mut hosts: Vec<HostResult> = results
+        .into_iter()
+        .zip(conns.iter())
+        .map(|(r, c)| r.unwrap_or_else(|| HostResult::skipped(&c.name)))
+        .collect();
+    if let Some(why) = &failure {
+        progress.error(None, why);
+        match env.rollout.on_failure {
+            OnFailure::RollbackAll => {
+                report.on_failure = Some("rollback-all");
+                let took: Vec<usize> = hosts
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, h)| h.outcome == Some(Outcome::Live))
+                    .map(|(i, _)| i)
+                    .collect();
+                if !took.is_empty() {
+                    progress.info(&format!(
+                        "rolling back {} host(s) that took the new release, so the fleet stays on one version",
+                        took.len()
+                    ));
+                }
+                let futs = conns
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| took.contains(i))
+                    .map(|(i, c)| {
+                        let previous = hosts[i].previous.clone();
+                        async move { (i, roll_back_host(c, env, previous, progress).await) }
+                    });
+                for (i, r) in futures_util::future::join_all(futs).await {
+                    let h = &mut hosts[i];
+                    match r {
+                        Ok(rep) => {
+                            h.fleet_rollback = Some(rep.outcome);
+                            h.current = rep.current.clone();
+                            if rep.outcome != Outcome::Live {
+                                h.error = Some(format!(
+                                    "took the release, then the rollback to {} failed: {}",
+                                    h.previous.clone().unwrap_or_default(),
+                                    rep.error.unwrap_or_default()
+                                ));
+                            }
+                        }
+                        Err(e) => {
+                            h.fleet_rollback = Some(Outcome::RollbackFailed);
+                            h.error = Some(format!("took the release; rollback failed: {e}"));
+                        }
+                    }
+                }
+            }
+            OnFailure::Stop => {
+                report.on_failure = Some("stop");
+            }
+        }
+    }
+    report.hosts = hosts;
+    report.failure = failure;
+    report
+}
+
+/// Polls each URL from here (outside in) until it answers `expect_status`.
+pub async fn verify(v: &VerifyConfig, progress: &Progress) -> Vec<VerifyResult> {
+    let client = match reqwest::Client::builder()
+        .timeout(v.request_timeout)
+        .user_agent(concat!("deployctl/", env!("CARGO_PKG_VERSION")))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            return v
+                .urls
+                .iter()
+                .map(|u| VerifyResult {
+                    url: u.clone(),
+                    ok: false,
+                    attempts: 0,
+                    last_status: None,
+                    last_error: Some(format!("http client: {e}")),
+                })
+                .collect();
+        }
+    };
+    let checks = v.urls.iter().map(|url| {
+        let client = client.clone();
+        async move {
+            let mut r = VerifyResult {
+                url: url.clone(),
+                ok: false,
+                attempts: 0,
+                last_status: None,
+                last_error: None,
+            };
+            let tries = v.retries.max(1);
+            for attempt in 1..=tries {
+                r.attempts = attempt;
+                match client.get(url).send().await {
+                    Ok(resp) => {
+                        let code = resp.status().as_u16();
+                        r.last_status = Some(code);
+                        r.last_error = None;
+                        if code == v.expect_status {
+                            r.ok = true;
+                            progress
+                                .info(&format!("verify {url}: {code} after {attempt} attempt(s)"));
+                            return r;
+                        }
+                    }
+                    Err(e) => r.last_error = Some(error_chain(&e)),
+                }
+                if attempt < tries {
+                    tokio::time::sleep(v.interval).await;
+                }
+            }
+            progress.error(
+                None,
+                &format!(
+                    "verify {url}: {} after {} attempt(s)",
+                    r.last_error
+                        .clone()
+                        .or(r.last_status.map(|s| format!("status {s}")))
+                        .unwrap_or_default(),
+                    r.attempts
+                ),
+            );
+            r
+        }
+    });
+    futures_util::future::join_all(checks).await
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Switches `host` back to the release it ran before this rollout.
+pub async fn roll_back_host(
+    conn: &mut HostConn,
+    env: &Environment,
+    previous: Option<String>,
+    progress: &Progress,
+) -> Result<proto::DeployReport, String> {
+    let Some(previous) = previous else {
+        return Err(
+            "it had no release before this rollout, so there is nothing to go back to".into(),
+        );
+    };
+    let host = conn.name.clone();
+    progress.line(&host, &format!("rolling back to {previous}"));
+    let r = conn
+        .client
+        .call_with(
+            Rollback {
+                app: app_ref(env),
+                to: Some(previous),
+                holder: holder(),
+                spec: release_spec(env),
+            },
+            |ev| progress.line(&host, &ev.message),
+        )
+        .await
+        .map_err(|e| agent_failure(&host, e).message)?;
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans() {
+        assert_eq!(
+            plan(3, Batch::Count(1), false),
+            vec![vec![0], vec![1], vec![2]]
+        );
+        assert_eq!(plan(3, Batch::Percent(100), false), vec![vec![0, 1, 2]]);
+        assert_eq!(
+            plan(5, Batch::Count(2), true),
+            vec![vec![0], vec![1, 2], vec![3, 4]]
+        );
+        assert_eq!(
+            plan(4, Batch::Percent(50), true),
+            vec![vec![0], vec![1, 2], vec![3]]
+        );
+        assert_eq!(plan(1, Batch::Count(5), true), vec![vec![0]]);
+        assert!(plan(0, Batch::Count(1), false).is_empty());
+    }
+}

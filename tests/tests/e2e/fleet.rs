@@ -1,0 +1,467 @@
+//! Fleet rollouts over several real hosts.
+//!
+//! Each "host" is a real sshd plus a real agent, started together in their own mount
+//! namespace (`unshare -m`) in which the same path (`deploy_to`, the agent socket) is
+//! bound to that host's own directory, so one config addresses three servers that do not
+//! share a filesystem, exactly as in production.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use deployctl_e2e::{Output, Sshd, SshdOptions, TestEnv, bin, deployctl};
+
+struct Host {
+    sshd: Sshd,
+    /// This host's view of the shared mount point, from outside.
+    dir: PathBuf,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("agent.pid")) {
+            let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+        }
+    }
+}
+
+struct Fleet {
+    env: TestEnv,
+    /// The path every host sees as its own (the mount point).
+    mnt: PathBuf,
+    hosts: Vec<Host>,
+}
+
+const START: &str = r#"mount --bind "$1" "$2" || exit 1
+"$3" serve --socket "$2/run/agent.sock" --allowed-root "$2" > "$1/agent.log" 2>&1 &
+echo $! > "$1/agent.pid"
+shift 3
+exec "$@""#;
+
+impl Fleet {
+    fn start(n: usize) -> Fleet {
+        let env = TestEnv::new();
+        let mnt = env.mkdir("mnt");
+        let mut hosts: Vec<Host> = Vec::new();
+        for i in 0..n {
+            let dir = env.mkdir(&format!("host{i}"));
+            std::fs::create_dir_all(dir.join("run")).unwrap();
+            let mut extra = Vec::new();
+            if let Some(first) = hosts.first() {
+                // One client key for the whole fleet: the first host's.
+                extra.push(format!(
+                    "AuthorizedKeysFile {}",
+                    first.sshd.dir.join("authorized_keys").display()
+                ));
+            }
+            let wrap = vec![
+                "unshare".into(),
+                "-m".into(),
+                "--propagation".into(),
+                "private".into(),
+                "sh".into(),
+                "-c".into(),
+                START.into(),
+                "sh".into(),
+                dir.display().to_string(),
+                mnt.display().to_string(),
+                bin("deploy-agent").display().to_string(),
+            ];
+            let sshd = Sshd::start(SshdOptions {
+                extra_config: extra,
+                wrap,
+                ..Default::default()
+            });
+            let sock = dir.join("run/agent.sock");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "agent of host {i} did not start: {}",
+                    std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            hosts.push(Host { sshd, dir });
+        }
+        let known: String = hosts
+            .iter()
+            .map(|h| format!("{}\n", h.sshd.known_hosts_line()))
+            .collect();
+        env.write("known_hosts", known);
+        Fleet { env, mnt, hosts }
+    }
+
+    fn host_names(&self) -> Vec<String> {
+        self.hosts
+            .iter()
+            .map(|h| format!("{}@127.0.0.1:{}", h.sshd.user, h.sshd.port))
+            .collect()
+    }
+
+    /// deploy.toml with environment `prod` over every host; `env_extra` goes into
+    /// `[environments.prod]`, `tail` at the end.
+    fn config(&self, env_extra: &str, tail: &str) {
+        self.config_hosts(&self.host_names(), env_extra, tail);
+    }
+
+    fn config_hosts(&self, hosts: &[String], env_extra: &str, tail: &str) {
+        let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+        let text = format!(
+            r#"app = "app"
+deploy_to = "{mnt}/app"
+
+[defaults]
+ssh_key = "{key}"
+known_hosts = "{kh}"
+agent_socket = "{mnt}/run/agent.sock"
+agent_bin = "{agent}"
+connect_timeout = "5s"
+connect_retries = 1
+keep_releases = 5
+
+[defaults.release]
+migrate = "sh bin/migrate"
+
+[environments.prod]
+hosts = [{hosts}]
+{env_extra}
+
+{tail}
+"#,
+            mnt = self.mnt.display(),
+            key = self.hosts[0].sshd.client_key.display(),
+            kh = self.env.path("known_hosts").display(),
+            agent = bin("deploy-agent").display(),
+            hosts = hosts.join(", "),
+        );
+        self.env.write("deploy.toml", text);
+    }
+
+    /// A release whose migration fails on a host holding `shared/fail-migrate`, and
+    /// sleeps on one holding `shared/slow-migrate`.
+    fn artifact(&self, version: &str) -> PathBuf {
+        let path = self.env.path(&format!("{version}.tar.gz"));
+        let f = std::fs::File::create(&path).unwrap();
+        let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+        let mut tar = tar::Builder::new(gz);
+        let migrate = "set -eu\n\
+            [ -e \"$DEPLOY_TO/shared/slow-migrate\" ] && sleep 4\n\
+            if [ -e \"$DEPLOY_TO/shared/fail-migrate\" ]; then echo 'migration exploded' >&2; exit 1; fi\n\
+            echo migrated\n";
+        for (name, body, mode) in [
+            ("bin/migrate", migrate.to_owned(), 0o755),
+            ("VERSION", format!("{version}\n"), 0o644),
+        ] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(body.len() as u64);
+            h.set_mode(mode);
+            h.set_cksum();
+            tar.append_data(&mut h, name, body.as_bytes()).unwrap();
+        }
+        tar.into_inner().unwrap().finish().unwrap();
+        path
+    }
+
+    fn push(&self, version: &str, extra: &[&str]) -> Output {
+        let art = self.artifact(version);
+        let mut args = vec![
+            "push",
+            "prod",
+            "--artifact",
+            art.to_str().unwrap(),
+            "--version",
+            version,
+            "--yes",
+        ];
+        args.extend_from_slice(extra);
+        deployctl(self.env.root(), &args, &[])
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        deployctl(self.env.root(), args, &[])
+    }
+
+    /// The version label `current` points at on host `i` (None: no current).
+    fn version_on(&self, i: usize) -> Option<String> {
+        std::fs::read_to_string(self.hosts[i].dir.join("app/current/VERSION"))
+            .ok()
+            .map(|s| s.trim().to_owned())
+    }
+
+    fn versions(&self) -> Vec<Option<String>> {
+        (0..self.hosts.len()).map(|i| self.version_on(i)).collect()
+    }
+
+    fn mark(&self, i: usize, marker: &str) {
+        let shared = self.hosts[i].dir.join("app/shared");
+        std::fs::create_dir_all(&shared).unwrap();
+        std::fs::write(shared.join(marker), "").unwrap();
+    }
+
+    fn unmark(&self, i: usize, marker: &str) {
+        let _ = std::fs::remove_file(self.hosts[i].dir.join("app/shared").join(marker));
+    }
+
+    fn release_dirs(&self, i: usize) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.hosts[i].dir.join("app/releases"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+fn some(v: &str) -> Option<String> {
+    Some(v.to_owned())
+}
+
+#[test]
+fn canary_then_batches_put_every_host_on_one_release() {
+    let f = Fleet::start(3);
+    f.config("rollout = { batch = 1, canary = true }", "");
+    let out = f.push("v1", &["--json"]);
+    out.assert_exit(0);
+    let doc = out.json();
+    let hosts = doc["hosts"].as_array().unwrap();
+    let batches: Vec<u64> = hosts.iter().map(|h| h["batch"].as_u64().unwrap()).collect();
+    assert_eq!(batches, vec![1, 2, 3], "{out}");
+    let release = doc["release"].as_str().unwrap();
+    for (i, h) in hosts.iter().enumerate() {
+        assert_eq!(h["outcome"], "live");
+        assert_eq!(h["current"], release, "host {i} names the release the same");
+    }
+    assert_eq!(f.versions(), vec![some("v1"), some("v1"), some("v1")]);
+    // The canary went alone: its deploy finished before the second batch began.
+    assert!(out.stderr.contains("batch 1/3 (canary)"), "{out}");
+}
+
+#[test]
+fn a_late_failure_rolls_the_whole_fleet_back() {
+    let f = Fleet::start(3);
+    f.config("rollout = { batch = 1 }", "");
+    f.push("v1", &[]).assert_exit(0);
+    f.mark(2, "fail-migrate");
+    let out = f.push("v2", &["--json"]);
+    out.assert_exit(1);
+    assert_eq!(
+        f.versions(),
+        vec![some("v1"), some("v1"), some("v1")],
+        "every host back on v1: {out}"
+    );
+    let doc = out.json();
+    assert_eq!(doc["on_failure"], "rollback-all");
+    assert_eq!(doc["hosts"][0]["fleet_rollback"], "live", "{out}");
+    assert_eq!(doc["hosts"][1]["fleet_rollback"], "live");
+    assert_eq!(doc["hosts"][2]["outcome"], "failed");
+    assert!(
+        doc["failure"]
+            .as_str()
+            .unwrap()
+            .contains("failed in batch 3"),
+        "{out}"
+    );
+    let history = f.run(&["history", "prod", "--json"]);
+    history.assert_exit(0);
+    assert!(history.stdout.contains("\"rollback\""), "{history}");
+}
+
+#[test]
+fn on_failure_stop_leaves_mixed_versions_and_exits_5() {
+    let f = Fleet::start(3);
+    f.config("rollout = { batch = 1, on_failure = \"stop\" }", "");
+    f.push("v1", &[]).assert_exit(0);
+    f.mark(1, "fail-migrate");
+    let out = f.push("v2", &[]);
+    out.assert_exit(5);
+    assert_eq!(f.versions(), vec![some("v2"), some("v1"), some("v1")]);
+    // the table says which host runs what
+    assert!(out.stdout.contains("RUNNING NOW"), "{out}");
+    assert!(out.stdout.contains("not started"), "{out}");
+    assert!(out.stdout.contains("a human must look"), "{out}");
+}
+
+#[test]
+fn a_failed_canary_touches_no_other_host() {
+    let f = Fleet::start(3);
+    f.config("rollout = { batch = 2, canary = true }", "");
+    f.push("v1", &[]).assert_exit(0);
+    let before: Vec<Vec<String>> = (0..3).map(|i| f.release_dirs(i)).collect();
+    f.mark(0, "fail-migrate");
+    let out = f.push("v2", &[]);
+    out.assert_exit(1);
+    assert_eq!(f.versions(), vec![some("v1"), some("v1"), some("v1")]);
+    assert_eq!(f.release_dirs(1), before[1], "host 2 never got v2: {out}");
+    assert_eq!(f.release_dirs(2), before[2], "host 3 never got v2");
+}
+
+#[test]
+fn an_unreachable_host_at_the_start_changes_nothing_anywhere() {
+    let f = Fleet::start(2);
+    f.config("", "");
+    f.push("v1", &[]).assert_exit(0);
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut hosts = f.host_names();
+    hosts.push(format!("127.0.0.1:{closed}"));
+    f.config_hosts(&hosts, "", "");
+    let before: Vec<Vec<String>> = (0..2).map(|i| f.release_dirs(i)).collect();
+    let out = f.push("v2", &[]);
+    out.assert_exit(3);
+    assert!(out.stderr.contains("nothing was changed"), "{out}");
+    assert_eq!(f.versions(), vec![some("v1"), some("v1")]);
+    assert_eq!(
+        (0..2).map(|i| f.release_dirs(i)).collect::<Vec<_>>(),
+        before
+    );
+}
+
+#[test]
+fn the_fleet_lock_refuses_a_second_rollout_and_lock_wait_waits() {
+    let f = Fleet::start(2);
+    f.config("", "");
+    f.push("v1", &[]).assert_exit(0);
+    // The first rollout holds every lock while host 2 migrates slowly.
+    f.mark(1, "slow-migrate");
+    let art = f.artifact("v2");
+    let mut first = std::process::Command::new(bin("deployctl"))
+        .current_dir(f.env.root())
+        .args(["push", "prod", "--yes", "--version", "v2", "--artifact"])
+        .arg(&art)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // wait until the slow host has its lock file (the rollout is under way)
+    let lock = f.hosts[1].dir.join("app/.deploy/lock");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !lock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the first rollout never took the lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = f.push("v3", &[]);
+    second.assert_exit(4);
+    assert!(second.stderr.contains("is being deployed by"), "{second}");
+    let waited = f.push("v4", &["--lock-wait", "30s"]);
+    let status = first.wait().unwrap();
+    assert!(status.success(), "the first rollout succeeded");
+    waited.assert_exit(0);
+    assert_eq!(f.versions(), vec![some("v4"), some("v4")]);
+    // v3 never reached any host
+    let history = f.run(&["history", "prod", "--json"]);
+    assert!(!history.stdout.contains("\"v3\""), "{history}");
+}
+
+#[test]
+fn rollback_to_checks_every_host_first() {
+    let f = Fleet::start(2);
+    f.config("", "");
+    f.push("v1", &[]).assert_exit(0);
+    f.push("v2", &[]).assert_exit(0);
+    // host 2 lost v1 (pruned by hand)
+    let v1_dir = f.release_dirs(1)[0].clone();
+    std::fs::remove_dir_all(f.hosts[1].dir.join("app/releases").join(&v1_dir)).unwrap();
+    let out = f.run(&["rollback", "prod", "--to", "v1", "--yes"]);
+    out.assert_exit(2);
+    assert!(out.stderr.contains("does not exist on"), "{out}");
+    assert_eq!(
+        f.versions(),
+        vec![some("v2"), some("v2")],
+        "nothing changed"
+    );
+    // without --to: the previous release on every host where it exists
+    let out = f.run(&["rollback", "prod", "--to", "v2", "--yes"]);
+    out.assert_exit(0);
+}
+
+#[test]
+fn rollback_without_to_goes_to_the_previous_release_everywhere() {
+    let f = Fleet::start(2);
+    f.config("", "");
+    f.push("v1", &[]).assert_exit(0);
+    f.push("v2", &[]).assert_exit(0);
+    let out = f.run(&["rollback", "prod", "--yes"]);
+    out.assert_exit(0);
+    assert_eq!(f.versions(), vec![some("v1"), some("v1")]);
+}
+
+/// A tiny HTTP server on loopback answering every request with `status`.
+fn status_server(status: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        // bounded: this serves at most 100 requests and then stops
+        for s in l.incoming().take(100) {
+            let Ok(mut s) = s else { continue };
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf);
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+            );
+        }
+    });
+    (port, hits)
+}
+
+#[test]
+fn verification_passes_and_fails_from_outside() {
+    let f = Fleet::start(2);
+    f.config("", "");
+    f.push("v1", &[]).assert_exit(0);
+    let (good, good_hits) = status_server(200);
+    f.config(
+        "",
+        &format!(
+            "[environments.prod.verify]\nurls = [\"http://127.0.0.1:{good}/\"]\nretries = 3\ninterval = \"100ms\""
+        ),
+    );
+    let out = f.push("v2", &["--json"]);
+    out.assert_exit(0);
+    assert_eq!(out.json()["verify"][0]["ok"], true);
+    assert!(good_hits.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let (bad, bad_hits) = status_server(503);
+    f.config(
+        "",
+        &format!(
+            "[environments.prod.verify]\nurls = [\"http://127.0.0.1:{good}/\", \"http://127.0.0.1:{bad}/\"]\nretries = 3\ninterval = \"100ms\""
+        ),
+    );
+    let out = f.push("v3", &["--json"]);
+    out.assert_exit(1);
+    assert_eq!(
+        bad_hits.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "3 tries"
+    );
+    assert_eq!(f.versions(), vec![some("v2"), some("v2")], "{out}");
+    let doc = out.json();
+    assert!(
+        doc["failure"].as_str().unwrap().contains("verification"),
+        "{out}"
+    );
+}
+
+#[test]
+fn confirm_needs_yes_without_a_terminal() {
+    let f = Fleet::start(1);
+    f.config("confirm = true", "");
+    let art = f.artifact("v1");
+    let out = f.run(&["push", "prod", "--artifact", art.to_str().unwrap()]);
+    out.assert_exit(2);
+    assert!(out.stderr.contains("--yes"), "{out}");
+    assert_eq!(f.versions(), vec![None]);
+    f.push("v1", &[]).assert_exit(0);
+}
