@@ -3,5 +3,6 @@
 
 mod agent;
 mod check;
+mod fleet;
 mod release;
 mod support;
