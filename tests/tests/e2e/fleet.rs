@@ -121,6 +121,7 @@ keep_releases = 5
 
 [defaults.release]
 migrate = "sh bin/migrate"
+restart = "sh bin/restart"
 
 [environments.prod]
 hosts = [{hosts}]
@@ -148,8 +149,12 @@ hosts = [{hosts}]
             [ -e \"$DEPLOY_TO/shared/slow-migrate\" ] && sleep 4\n\
             if [ -e \"$DEPLOY_TO/shared/fail-migrate\" ]; then echo 'migration exploded' >&2; exit 1; fi\n\
             echo migrated\n";
+        let restart = "set -eu\n\
+            if [ -e \"$DEPLOY_TO/shared/fail-restart-$DEPLOY_VERSION\" ]; then echo \"$DEPLOY_VERSION will not start\" >&2; exit 1; fi\n\
+            echo \"started $DEPLOY_VERSION\"\n";
         for (name, body, mode) in [
             ("bin/migrate", migrate.to_owned(), 0o755),
+            ("bin/restart", restart.to_owned(), 0o755),
             ("VERSION", format!("{version}\n"), 0o644),
         ] {
             let mut h = tar::Header::new_gnu();
@@ -296,6 +301,26 @@ fn a_failed_canary_touches_no_other_host() {
     assert_eq!(f.versions(), vec![some("v1"), some("v1"), some("v1")]);
     assert_eq!(f.release_dirs(1), before[1], "host 2 never got v2: {out}");
     assert_eq!(f.release_dirs(2), before[2], "host 3 never got v2");
+}
+
+#[test]
+fn a_failed_fleet_rollback_exits_5_and_says_which_host_runs_what() {
+    let f = Fleet::start(2);
+    f.config("rollout = { batch = 1 }", "");
+    f.push("v1", &[]).assert_exit(0);
+    f.push("v2", &[]).assert_exit(0);
+    // v2 can no longer start on host 1, and v3's migration fails on host 2:
+    // host 1 takes v3, host 2 fails, and going back to v2 on host 1 fails.
+    f.mark(0, "fail-restart-v2");
+    f.mark(1, "fail-migrate");
+    let out = f.push("v3", &[]);
+    out.assert_exit(5);
+    assert_eq!(f.versions(), vec![some("v3"), some("v2")], "{out}");
+    // the table says which host runs what, and that host 1's rollback failed
+    assert!(out.stdout.contains("RUNNING NOW"), "{out}");
+    assert!(out.stdout.contains("live, ROLLBACK rolled_back"), "{out}");
+    assert!(out.stdout.contains("rollback to"), "{out}");
+    assert!(out.stdout.contains("a human must look"), "{out}");
 }
 
 #[test]
