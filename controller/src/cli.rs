@@ -111,6 +111,47 @@ pub enum Command {
         #[command(flatten)]
         env: EnvArgs,
     },
+    /// Install or upgrade deploy-agent, its config, group and unit on every host
+    #[command(
+        long_about = "Install or upgrade deploy-agent on every host of ENV, over SSH (host keys \
+checked as for every command), as root or with `sudo -n`.\n\n\
+Per host: uploads the agent binary (sha256-checked; it must run `--version` on the host \
+before it replaces anything) to agent_bin when that is absolute, else \
+/usr/local/bin/deploy-agent; writes /etc/deploy-agent/agent.toml (socket = agent_socket, \
+socket_group, allowed_roots gets the parent of deploy_to; other roots and keys are kept); \
+creates the group and adds the SSH user to it; installs the systemd unit (and, when the \
+unit runs the agent as its own User=, creates that user and a missing deploy_to owned by \
+it), then daemon-reload, enable, and start or restart when something changed. Then it checks the \
+agent like `deployctl check` does, and that it runs the version just installed.\n\n\
+Idempotent: only what differs (by sha256) is written, and a second run says \"up to \
+date\". <deploy_to> (the agent's journal and history) is never touched.\n\n\
+--no-systemd is for test rigs and containers without systemd: it installs the binary and \
+config, and runs the agent as a background process (setsid nohup deploy-agent serve) whose \
+pid is kept in agent.pid next to the socket, with its log in agent.log; an upgrade stops \
+the old agent by that pid (never by name) and starts the new one. Nothing restarts it if \
+it dies or the machine reboots. Without --no-systemd, a host without systemd is refused \
+(exit 2) before anything changes.\n\n\
+Exit codes: 0 ok; 1 installing or verifying failed on a host; 2 usage or configuration \
+(or no systemd); 3 could not connect, authenticate, verify a host key, or use sudo.",
+        after_help = "Examples:\n  deployctl bootstrap staging\n  deployctl bootstrap production --agent-binary target/x86_64-unknown-linux-musl/release/deploy-agent\n  deployctl bootstrap ci --no-systemd --prefix /tmp/rig"
+    )]
+    Bootstrap {
+        #[command(flatten)]
+        env: EnvArgs,
+        /// The deploy-agent binary to install [default: the one next to deployctl]
+        #[arg(long, value_name = "PATH")]
+        agent_binary: Option<PathBuf>,
+        /// No systemd: run the agent as a background process (test rigs, containers)
+        #[arg(long)]
+        no_systemd: bool,
+        /// Root /etc/deploy-agent and the binary's dir under DIR on the hosts (test rigs;
+        /// needs --no-systemd). agent_socket is used as configured.
+        #[arg(long, value_name = "DIR")]
+        prefix: Option<PathBuf>,
+        /// The group that may open the agent's socket (created when missing)
+        #[arg(long, value_name = "GROUP", default_value = "deploy")]
+        socket_group: String,
+    },
     /// The whole story on this machine, no server needed
     Demo {
         /// Keep the demo's directory afterwards and print where it is

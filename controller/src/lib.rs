@@ -81,6 +81,26 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             .await
         }
         Command::Check { env } => check::run(cli, &env.env, env.json).await,
+        Command::Bootstrap {
+            env,
+            agent_binary,
+            no_systemd,
+            prefix,
+            socket_group,
+        } => {
+            bootstrap::run(
+                cli,
+                bootstrap::BootstrapArgs {
+                    env: env.env.clone(),
+                    json: env.json,
+                    agent_binary: agent_binary.clone(),
+                    no_systemd: *no_systemd,
+                    prefix: prefix.clone(),
+                    socket_group: socket_group.clone(),
+                },
+            )
+            .await
+        }
         Command::Demo { keep } => demo::run(*keep).await,
         Command::DemoApp { listen, dir, .. } => demo::serve_static(listen, dir).await,
     }

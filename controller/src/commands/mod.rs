@@ -1,6 +1,7 @@
 //! One module per command; this one holds what they share: loading the environment,
 //! finding keys, connecting to every host, and taking the fleet lock.
 
+pub mod bootstrap;
 pub mod check;
 pub mod info;
 pub mod push;

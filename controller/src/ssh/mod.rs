@@ -499,6 +499,61 @@ impl Session {
         Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
+    /// Runs a command with `input` as its stdin (then EOF) and returns its exit status
+    /// (`None` when it was killed by a signal or the channel closed without one), stdout
+    /// and stderr. Stdin is streamed, not held in memory; when the command exits before
+    /// reading all of it, the rest is dropped. Used by bootstrap to upload files.
+    pub async fn exec_with_input(
+        &self,
+        command: &str,
+        input: impl tokio::io::AsyncRead + Unpin,
+    ) -> Result<(Option<u32>, Vec<u8>, Vec<u8>), SshError> {
+        let ch = self
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(|e| self.agent_err(e.to_string()))?;
+        ch.exec(true, command)
+            .await
+            .map_err(|e| self.agent_err(e.to_string()))?;
+        let (mut read, write) = ch.split();
+        let send = async {
+            write.data(input).await?;
+            write.eof().await
+        };
+        tokio::pin!(send);
+        let mut sending = true;
+        let mut send_error = None;
+        let (mut status, mut stdout, mut stderr) = (None, Vec::new(), Vec::new());
+        loop {
+            tokio::select! {
+                r = &mut send, if sending => {
+                    sending = false;
+                    if let Err(e) = r {
+                        send_error = Some(e.to_string());
+                    }
+                }
+                msg = read.wait() => match msg {
+                    Some(russh::ChannelMsg::Data { data }) => stdout.extend_from_slice(&data),
+                    Some(russh::ChannelMsg::ExtendedData { data, ext: 1 }) => {
+                        stderr.extend_from_slice(&data)
+                    }
+                    Some(russh::ChannelMsg::ExitStatus { exit_status }) => {
+                        status = Some(exit_status)
+                    }
+                    Some(russh::ChannelMsg::Close) | None => break,
+                    Some(_) => {}
+                },
+            }
+        }
+        if status.is_none()
+            && let Some(e) = send_error
+        {
+            return Err(self.agent_err(format!("sending a command's input: {e}")));
+        }
+        Ok((status, stdout, stderr))
+    }
+
     fn agent_err(&self, detail: String) -> SshError {
         SshError::Agent {
             host: self.target.display.clone(),

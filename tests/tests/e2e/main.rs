@@ -2,6 +2,7 @@
 //! sshd on loopback with throwaway keys. One test binary; one module per area.
 
 mod agent;
+mod bootstrap;
 mod check;
 mod fleet;
 mod release;
