@@ -1,6 +1,13 @@
 //! The release lifecycle after the upload: link shared paths, migrate, switch, restart,
 //! check health, and confirm or roll back. Runs in its own task, owned by the agent: a
 //! controller that goes away changes nothing about how it ends.
+//!
+//! A compose release (`spec.compose`) goes the same way. Before the switch: Docker must
+//! answer, the files must parse (`config -q`) and, with `pull`, the images must pull;
+//! any failure there leaves `current` and the running containers untouched. "Restart"
+//! is `up -d --force-recreate --remove-orphans` with the release's own files, so a
+//! rollback (and recovery) runs the previous release's files. A failed release is
+//! reported with `ps` and the last log lines of the services in trouble.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path};
@@ -10,6 +17,7 @@ use std::time::{Duration, Instant};
 use proto::{Action, DeployReport, Event, HistoryEntry, Outcome, ReleaseStatus, Stage, StepReport};
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::compose::{self, Compose, Project};
 use crate::exec;
 use crate::health;
 use crate::journal::{self, Journal, Phase};
@@ -45,6 +53,8 @@ pub struct Run {
     pub steps: Vec<StepReport>,
     pub health: Option<proto::HealthReport>,
     started: Instant,
+    /// The compose command, once detected.
+    compose: Option<Compose>,
     /// Held until the run ends.
     _lock: Arc<LockGuard>,
 }
@@ -58,6 +68,7 @@ impl Run {
             steps: Vec::new(),
             health: None,
             started: Instant::now(),
+            compose: None,
             _lock: lock,
         }
     }
@@ -105,6 +116,7 @@ impl Run {
         let result = exec::run(exec::Command {
             stage,
             command,
+            argv: None,
             dir: &dir,
             env: &env,
             timeout,
@@ -125,6 +137,328 @@ impl Run {
                 self.steps.push(step);
                 Err(e.to_string())
             }
+        }
+    }
+
+    /// Runs an agent command (compose, docker) in `release`'s dir; reports nothing.
+    /// `name` keeps its log apart: `.deploy/logs/<deploy>.<name>.<release>.log`.
+    async fn exec_argv(
+        &self,
+        stage: Stage,
+        name: &str,
+        argv: &[String],
+        release: &str,
+        timeout: Option<Duration>,
+    ) -> Result<StepReport, (StepReport, exec::ExecError)> {
+        let env = self.env(release);
+        let dir = self.layout.release(release);
+        let log = self
+            .layout
+            .logs()
+            .join(format!("{}.{name}.{release}.log", self.journal.release));
+        // Each run of a step reports its own output, not the previous run's.
+        let _ = std::fs::remove_file(&log);
+        let spec_timeout = Duration::from_millis(self.journal.spec.command_timeout_ms.max(1));
+        let shown = compose::display(argv);
+        exec::run(exec::Command {
+            stage,
+            command: &shown,
+            argv: Some(argv),
+            dir: &dir,
+            env: &env,
+            timeout: timeout.map_or(spec_timeout, |t| t.min(spec_timeout)),
+            log,
+        })
+        .await
+    }
+
+    /// Like [`Run::command`] for an agent command: shown, reported, and on failure an
+    /// error that carries the end of its output.
+    async fn argv_command(
+        &mut self,
+        stage: Stage,
+        name: &str,
+        argv: &[String],
+        release: &str,
+    ) -> Result<(), String> {
+        let shown = compose::display(argv);
+        self.events.send(stage, format!("running `{shown}`"));
+        match self.exec_argv(stage, name, argv, release, None).await {
+            Ok(step) => {
+                self.events.send(
+                    stage,
+                    format!("`{shown}` succeeded in {}ms", step.duration_ms),
+                );
+                self.steps.push(step);
+                Ok(())
+            }
+            Err((step, e)) => {
+                let msg = with_output(&e.to_string(), &step.output);
+                self.events.send(stage, msg.clone());
+                self.steps.push(step);
+                Err(msg)
+            }
+        }
+    }
+
+    /// The compose project `release` runs with: its own recorded files, with the project
+    /// name and command of this run. `None` for the release strategy.
+    fn compose_spec(&self, release: &str) -> Option<proto::ComposeSpec> {
+        let now = self.journal.spec.compose.clone()?;
+        let mut spec = compose::recorded(&self.layout.release(release)).unwrap_or(now.clone());
+        spec.project = now.project;
+        spec.command = now.command;
+        spec.pull = now.pull;
+        Some(spec)
+    }
+
+    /// The configured compose command, or the first of v2 and v1 that answers.
+    async fn compose_bin(&mut self, release: &str) -> Result<Compose, String> {
+        if let Some(c) = &self.compose {
+            return Ok(c.clone());
+        }
+        let configured = self
+            .journal
+            .spec
+            .compose
+            .as_ref()
+            .and_then(|c| c.command.clone());
+        let candidates = match &configured {
+            Some(cmd) => vec![Compose::from_command(cmd)?],
+            None => Compose::candidates().to_vec(),
+        };
+        let mut tried = Vec::new();
+        let mut last = None;
+        for c in candidates {
+            match self
+                .exec_argv(
+                    Stage::Validate,
+                    "compose-version",
+                    &c.version(),
+                    release,
+                    Some(PROBE_TIMEOUT),
+                )
+                .await
+            {
+                Ok(_) => {
+                    self.events
+                        .send(Stage::Validate, format!("using `{}`", c.name()));
+                    self.compose = Some(c.clone());
+                    return Ok(c);
+                }
+                Err((step, e)) => {
+                    tried.push(with_output(&e.to_string(), &step.output));
+                    last = Some(step);
+                }
+            }
+        }
+        if let Some(step) = last {
+            self.steps.push(step);
+        }
+        Err(match configured {
+            Some(cmd) => format!(
+                "compose_command `{cmd}` does not work on this host: {}",
+                tried.join("; ")
+            ),
+            None => format!(
+                "neither `docker compose` (v2) nor `docker-compose` (v1) works on this host \
+                 ({}); install one, or set compose_command",
+                tried.join("; ")
+            ),
+        })
+    }
+
+    /// Everything that can fail before a compose release changes anything: the files,
+    /// Docker, compose itself, `config -q`, and `pull` when asked.
+    async fn compose_prepare(&mut self) -> Result<(), String> {
+        let release = self.journal.release.clone();
+        let Some(spec) = self.journal.spec.compose.clone() else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        let dir = self.layout.release(&release);
+        let files = compose::check_spec(&spec).and_then(|()| {
+            for f in spec.files.iter().chain(spec.env_file.iter()) {
+                let meta = std::fs::symlink_metadata(dir.join(f));
+                if !meta.is_ok_and(|m| m.is_file()) {
+                    return Err(format!("{f} is not a file in the release"));
+                }
+            }
+            compose::record(&dir, &spec)
+                .map_err(|e| format!("cannot record the compose files: {e}"))
+        });
+        if let Err(e) = files {
+            self.step(Stage::Validate, t, Err(e.clone()));
+            return Err(e);
+        }
+
+        self.events
+            .send(Stage::Validate, "checking that Docker answers");
+        if let Err((step, e)) = self
+            .exec_argv(
+                Stage::Validate,
+                "docker-info",
+                &compose::docker_info(),
+                &release,
+                Some(PROBE_TIMEOUT),
+            )
+            .await
+        {
+            let msg = match e {
+                exec::ExecError::Spawn { .. } => format!(
+                    "Docker is not installed on this host (no `docker` command on the \
+                     agent's PATH): {e}"
+                ),
+                _ => with_output(
+                    &format!("Docker is not running or not reachable on this host: {e}"),
+                    &step.output,
+                ),
+            };
+            self.steps.push(step);
+            return Err(msg);
+        }
+        let bin = self.compose_bin(&release).await?;
+        let p = Project::of(&spec);
+        if let Err(e) = self
+            .argv_command(Stage::Validate, "compose-config", &bin.config(p), &release)
+            .await
+        {
+            return Err(format!("the compose files do not validate: {e}"));
+        }
+        if spec.pull {
+            if let Err(e) = self
+                .argv_command(Stage::Pull, "compose-pull", &bin.pull(p), &release)
+                .await
+            {
+                return Err(format!("pull failed, nothing was recreated: {e}"));
+            }
+        } else {
+            self.events.send(Stage::Pull, "skipped (pull = false)");
+        }
+        Ok(())
+    }
+
+    /// Restarts `release`: compose `up` with its files, or the `restart` command.
+    async fn restart(&mut self, release: &str) -> Result<(), String> {
+        if let Some(spec) = self.compose_spec(release) {
+            let bin = self.compose_bin(release).await?;
+            let argv = bin.up(Project::of(&spec));
+            return self
+                .argv_command(Stage::Restart, "compose-up", &argv, release)
+                .await;
+        }
+        match self.journal.spec.restart.clone() {
+            Some(cmd) => self.command(Stage::Restart, &cmd, release).await,
+            None => Ok(()),
+        }
+    }
+
+    /// After a compose release failed: `ps`, and the last log lines of the services
+    /// that are not running or not healthy (of every service when none stands out, as
+    /// when only the health URL failed). Reported as failed steps so they are shown.
+    async fn diagnose(&mut self, release: &str, stage: Stage) {
+        let Some(spec) = self.compose_spec(release) else {
+            return;
+        };
+        let Ok(bin) = self.compose_bin(release).await else {
+            return;
+        };
+        let p = Project::of(&spec);
+        let troubled = self.troubled_services(&spec.project, release).await;
+        let why = if troubled.is_empty() {
+            "the release failed; state of its services".to_owned()
+        } else {
+            format!("not running or not healthy: {}", troubled.join(", "))
+        };
+        let ps = match self
+            .exec_argv(
+                stage,
+                "compose-ps",
+                &bin.ps(p),
+                release,
+                Some(PROBE_TIMEOUT),
+            )
+            .await
+        {
+            Ok(s) | Err((s, _)) => s,
+        };
+        self.steps.push(StepReport {
+            success: false,
+            error: Some(why),
+            ..ps
+        });
+        let logs = match self
+            .exec_argv(
+                stage,
+                "compose-logs",
+                &bin.logs(p, &troubled),
+                release,
+                Some(PROBE_TIMEOUT),
+            )
+            .await
+        {
+            Ok(s) | Err((s, _)) => s,
+        };
+        let whose = if troubled.is_empty() {
+            "every service".to_owned()
+        } else {
+            troubled.join(", ")
+        };
+        let log = self.layout.logs().join(format!(
+            "{}.compose-logs.{release}.log",
+            self.journal.release
+        ));
+        self.steps.push(StepReport {
+            success: false,
+            error: Some(format!("last {} log lines of {whose}", compose::LOG_LINES)),
+            output: exec::tail(&log, LOGS_TAIL_BYTES),
+            ..logs
+        });
+        self.events.send(
+            stage,
+            format!(
+                "collected `ps` and the last {} log lines of {whose}",
+                compose::LOG_LINES
+            ),
+        );
+    }
+
+    /// Services of `project` with a container that is not running or not healthy.
+    async fn troubled_services(&self, project: &str, release: &str) -> Vec<String> {
+        let ids = match self
+            .exec_argv(
+                Stage::Health,
+                "docker-ps",
+                &compose::project_containers(project),
+                release,
+                Some(PROBE_TIMEOUT),
+            )
+            .await
+        {
+            Ok(s) => s.output,
+            Err(_) => return Vec::new(),
+        };
+        // The log holds stderr too: keep only what looks like a container id.
+        let ids: Vec<String> = ids
+            .split_whitespace()
+            .filter(|w| w.len() >= 12 && w.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_owned)
+            .collect();
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        match self
+            .exec_argv(
+                Stage::Health,
+                "docker-inspect",
+                &compose::inspect(&ids),
+                release,
+                Some(PROBE_TIMEOUT),
+            )
+            .await
+        {
+            Ok(s) => compose::troubled_services(&s.output),
+            Err(_) => Vec::new(),
         }
     }
 
@@ -203,6 +537,9 @@ impl Run {
         if let Err(e) = self.link_shared() {
             return self.fail_before_switch(e).await;
         }
+        if let Err(e) = self.compose_prepare().await {
+            return self.fail_before_switch(e).await;
+        }
         let migrate = self.journal.spec.migrate.clone();
         match migrate {
             Some(cmd) if !self.journal.skip_migrations => {
@@ -252,9 +589,8 @@ impl Run {
             if let Err(e) = self.persist(Phase::Restarting) {
                 return self.roll_back(e).await;
             }
-            if let Some(cmd) = self.journal.spec.restart.clone()
-                && let Err(e) = self.command(Stage::Restart, &cmd, &release).await
-            {
+            if let Err(e) = self.restart(&release).await {
+                self.diagnose(&release, Stage::Restart).await;
                 return self.roll_back(format!("restart failed: {e}")).await;
             }
         }
@@ -262,6 +598,7 @@ impl Run {
             return self.roll_back(e).await;
         }
         if let Err(e) = self.check_health().await {
+            self.diagnose(&release, Stage::Health).await;
             return self.roll_back(e).await;
         }
         self.confirm().await
@@ -345,13 +682,16 @@ impl Run {
                             t,
                             Ok(format!("current -> releases/{prev}")),
                         );
-                        let restart_ok = match self.journal.spec.restart.clone() {
-                            Some(cmd) => self.command(Stage::Restart, &cmd, &prev).await.is_ok(),
-                            None => true,
-                        };
+                        let restart_ok = self.restart(&prev).await.is_ok();
                         if restart_ok && self.check_health().await.is_ok() {
                             Outcome::RolledBack
                         } else {
+                            let stage = if restart_ok {
+                                Stage::Health
+                            } else {
+                                Stage::Restart
+                            };
+                            self.diagnose(&prev, stage).await;
                             Outcome::RollbackFailed
                         }
                     }
@@ -366,7 +706,11 @@ impl Run {
                 match std::fs::remove_file(self.layout.current()) {
                     Ok(()) => {
                         self.step(Stage::Rollback, t, Ok("removed current".into()));
-                        Outcome::RolledBack
+                        // A compose project that did not run before does not run after.
+                        match self.compose_down(&release).await {
+                            Ok(()) => Outcome::RolledBack,
+                            Err(_) => Outcome::RollbackFailed,
+                        }
                     }
                     Err(e) => {
                         self.step(Stage::Rollback, t, Err(format!("remove current: {e}")));
@@ -388,6 +732,17 @@ impl Run {
             ),
         }
         self.finish(outcome, Some(error))
+    }
+
+    /// For a compose release: stops and removes its containers (volumes are kept).
+    async fn compose_down(&mut self, release: &str) -> Result<(), String> {
+        let Some(spec) = self.compose_spec(release) else {
+            return Ok(());
+        };
+        let bin = self.compose_bin(release).await?;
+        let argv = bin.down(Project::of(&spec));
+        self.argv_command(Stage::Rollback, "compose-down", &argv, release)
+            .await
     }
 
     fn finish(self, outcome: Outcome, error: Option<String>) -> DeployReport {
@@ -420,6 +775,33 @@ impl Run {
             duration_ms: self.started.elapsed().as_millis() as u64,
         }
     }
+}
+
+/// Limit for commands that only look (`docker info`, `version`, `ps`, `logs`).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The compose logs of a failure report: 50 lines of a few services.
+const LOGS_TAIL_BYTES: u64 = 16 * 1024;
+
+/// `error`, plus the last lines a failed command printed (compose's own message), on
+/// one line: this is the summary that history, status and annotations show; the whole
+/// output stays in the step's report.
+fn with_output(error: &str, output: &str) -> String {
+    let lines: Vec<&str> = output
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        return error.to_owned();
+    }
+    let mut tail = lines[lines.len().saturating_sub(4)..].join(" | ");
+    if tail.len() > 600 {
+        let cut = (tail.len() - 600..tail.len())
+            .find(|i| tail.is_char_boundary(*i))
+            .unwrap_or(0);
+        tail.replace_range(..cut, "...");
+    }
+    format!("{error}: {tail}")
 }
 
 fn stage_name(stage: Stage) -> &'static str {
@@ -493,6 +875,20 @@ pub fn link_shared(layout: &Layout, release: &str, paths: &[String]) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_summary_is_one_line_with_the_end_of_the_output() {
+        assert_eq!(with_output("`x` failed", "\n  \n"), "`x` failed");
+        let out = "Pulling web ...\n\nERROR: for web  boom\n  in \"./a.yml\", line 3\n";
+        assert_eq!(
+            with_output("pull failed", out),
+            "pull failed: Pulling web ... | ERROR: for web  boom | in \"./a.yml\", line 3"
+        );
+        let long = format!("{}\n", "é".repeat(1000));
+        let s = with_output("e", &long);
+        assert!(s.len() < 700 && s.starts_with("e: ...é"), "{s}");
+        assert!(!s.contains('\n'));
+    }
 
     #[test]
     fn shared_paths_are_linked_and_created() {

@@ -1,6 +1,8 @@
-//! Running the app's own commands (`migrate`, `restart`, `stop`).
+//! Running the app's own commands (`migrate`, `restart`, `stop`) and the agent's own
+//! (compose steps).
 //!
-//! Each runs as `sh -c CMD` in the release dir, in its own process group, with stdin
+//! An app command runs as `sh -c CMD`, an agent command as a plain argv (no shell), in
+//! the release dir, in its own process group, with stdin
 //! closed and stdout+stderr going to a log file rather than a pipe: a restart command
 //! that leaves a daemon behind holding its output open must not hang the agent. On a
 //! timeout the whole process group is killed.
@@ -33,7 +35,10 @@ pub enum ExecError {
 
 pub struct Command<'a> {
     pub stage: Stage,
+    /// Run with `sh -c`; when `argv` is set, only how the command is shown.
     pub command: &'a str,
+    /// Run this program with these arguments, without a shell.
+    pub argv: Option<&'a [String]>,
     pub dir: &'a Path,
     pub env: &'a BTreeMap<String, String>,
     pub timeout: Duration,
@@ -81,9 +86,25 @@ async fn run_inner(cmd: &Command<'_>) -> Result<(), ExecError> {
         .open(&cmd.log)
         .map_err(spawn_err)?;
     let log2 = log.try_clone().map_err(spawn_err)?;
-    let mut child = tokio::process::Command::new("/bin/sh")
-        .arg("-c")
-        .arg(cmd.command)
+    let mut command = match cmd.argv {
+        Some([program, args @ ..]) => {
+            let mut c = tokio::process::Command::new(program);
+            c.args(args);
+            c
+        }
+        Some([]) => {
+            return Err(spawn_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "empty command",
+            )));
+        }
+        None => {
+            let mut c = tokio::process::Command::new("/bin/sh");
+            c.arg("-c").arg(cmd.command);
+            c
+        }
+    };
+    let mut child = command
         .current_dir(cmd.dir)
         .envs(cmd.env)
         .stdin(Stdio::null())
@@ -158,6 +179,7 @@ mod tests {
         Command {
             stage: Stage::Restart,
             command,
+            argv: None,
             dir,
             env,
             timeout,
@@ -214,6 +236,23 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(10));
         tokio::time::sleep(Duration::from_millis(2500)).await;
         assert!(!marker.exists(), "the background child was not killed");
+    }
+
+    #[tokio::test]
+    async fn an_argv_runs_without_a_shell() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = BTreeMap::new();
+        let argv = ["echo".to_string(), "$HOME; it's one arg".to_string()];
+        let mut c = cmd("shown only", dir.path(), &env, Duration::from_secs(5));
+        c.argv = Some(&argv);
+        let r = run(c).await.unwrap();
+        assert_eq!(r.output.trim(), "$HOME; it's one arg");
+        assert_eq!(r.command.as_deref(), Some("shown only"));
+        let missing = ["/nonexistent/docker".to_string()];
+        let mut c = cmd("docker", dir.path(), &env, Duration::from_secs(5));
+        c.argv = Some(&missing);
+        let (_, e) = run(c).await.unwrap_err();
+        assert!(matches!(e, ExecError::Spawn { .. }), "{e}");
     }
 
     #[tokio::test]

@@ -10,9 +10,12 @@
 //!   health, confirm or roll back.
 //! - [`journal`]: the state machine on disk, and the history log.
 //! - [`recover`]: finishing or undoing a deploy the agent did not finish.
+//! - [`compose`]: the compose strategy's argvs (v1 and v2), detection order, and what a
+//!   release records about its compose project.
 //! - [`exec`]: running the app's commands; [`health`]: polling its health URL.
 //! - [`config`]: `/etc/deploy-agent/agent.toml` and its flags.
 
+pub mod compose;
 pub mod config;
 pub mod deploy;
 pub mod exec;

@@ -9,6 +9,7 @@ Examples:
   deployctl check staging
   deployctl push staging --artifact dist/myapp.tar.gz --version \"$GITHUB_SHA\"
   deployctl push production --yes
+  BACKEND_IMAGE=ghcr.io/org/backend:$GITHUB_SHA deployctl push edge --version \"$GITHUB_SHA\"
   deployctl rollback production --to 20261122214450
   deployctl status production --json
   deployctl demo";
@@ -60,6 +61,9 @@ pub enum Command {
         /// The release tarball (.tar.gz); overrides release.artifact
         #[arg(long)]
         artifact: Option<PathBuf>,
+        /// Compose files to deploy (strategy = "compose"); overrides compose.files
+        #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with = "artifact")]
+        compose: Vec<PathBuf>,
         /// A label stored with the release (a git SHA or tag); `rollback --to` accepts it
         #[arg(long)]
         version: Option<String>,

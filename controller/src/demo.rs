@@ -221,6 +221,7 @@ hosts = ["local"]
         env: "demo".into(),
         json: false,
         artifact: Some(dir.join(format!("{v}.tar.gz"))),
+        compose: Vec::new(),
         version: Some(v.into()),
         skip_migrations: false,
         yes: true,

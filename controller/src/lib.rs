@@ -8,6 +8,7 @@
 //!   ([`ssh::keys`]); [`transport`]: from a host to a talking agent (SSH or `local`).
 //! - [`client`]: typed calls to one agent.
 //! - [`commands`]: one module per command; [`demo`]: `deployctl demo`.
+//! - [`compose`]: the artifact of a compose push (compose files + rendered env file).
 //! - [`rollout`]: batches, canary, verification, fleet-wide rollback.
 //! - [`report`], [`output`]: results, exit codes, tables, `--json`, progress lines.
 //! - [`exit`]: the exit codes we promise.
@@ -15,6 +16,7 @@
 pub mod cli;
 pub mod client;
 pub mod commands;
+pub mod compose;
 pub mod config;
 pub mod demo;
 pub mod exit;
@@ -44,6 +46,7 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         Command::Push {
             env,
             artifact,
+            compose,
             version,
             skip_migrations,
             yes,
@@ -55,6 +58,7 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
                     env: env.env.clone(),
                     json: env.json,
                     artifact: artifact.clone(),
+                    compose: compose.clone(),
                     version: version.clone(),
                     skip_migrations: *skip_migrations,
                     yes: *yes,

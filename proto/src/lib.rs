@@ -23,7 +23,10 @@ pub use error::{ErrorCode, ProtoError};
 pub use messages::*;
 
 /// The version of this wire format. Both sides must speak the same one.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: `ReleaseSpec.compose` (an agent speaking 1 would deploy a compose release as
+/// plain files), stages `validate` and `pull`.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Size of one binary frame of file data. 1 MiB measured well over SSH channels.
 pub const CHUNK_SIZE: usize = 1024 * 1024;

@@ -174,6 +174,24 @@ pub struct ReleaseSpec {
     pub health: Option<HealthSpec>,
     /// Cap on the unpacked size of a release; the agent's own cap applies too.
     pub max_unpacked_bytes: u64,
+    /// Set for `strategy = "compose"`: the release is a compose project, and
+    /// "restart" means `up` with its files. `restart` is then not used.
+    pub compose: Option<ComposeSpec>,
+}
+
+/// How to run a release that holds a compose project.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComposeSpec {
+    /// File names inside the release dir, passed as `-f` in this order.
+    pub files: Vec<String>,
+    /// File name inside the release dir, passed as `--env-file`.
+    pub env_file: Option<String>,
+    /// Passed as `-p`.
+    pub project: String,
+    /// Run `pull` before the switch.
+    pub pull: bool,
+    /// `"docker compose"` (v2) or `"docker-compose"` (v1); `None`: the agent detects it.
+    pub command: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,6 +265,10 @@ pub enum Stage {
     Upload,
     Unpack,
     LinkShared,
+    /// Checks before anything changes (compose: Docker reachable, files parse).
+    Validate,
+    /// `compose pull`, before anything is recreated.
+    Pull,
     Migrate,
     Switch,
     Restart,

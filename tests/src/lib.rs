@@ -825,6 +825,21 @@ impl Agent {
 
     /// Like [`Agent::start_with`] with an explicit agent binary.
     pub fn start_program(program: &Path, dir: &Path, extra_args: &[&str]) -> Agent {
+        Agent::start_inner(program, dir, extra_args, &[])
+    }
+
+    /// Like [`Agent::start`] with extra environment variables for the agent (and so for
+    /// every command it runs), e.g. `DOCKER_HOST`.
+    pub fn start_env(dir: &Path, envs: &[(&str, &str)]) -> Agent {
+        Agent::start_inner(&bin("deploy-agent"), dir, &[], envs)
+    }
+
+    fn start_inner(
+        program: &Path,
+        dir: &Path,
+        extra_args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Agent {
         let socket = dir.join("agent.sock");
         let root = dir.join("srv");
         let log_file = dir.join("agent.log");
@@ -846,6 +861,7 @@ impl Agent {
             .arg("--allowed-root")
             .arg(&root)
             .args(extra_args)
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);

@@ -10,11 +10,11 @@ pub mod rollback;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::{AppRef, ErrorCode, HealthSpec, ReleaseSpec};
+use proto::{AppRef, ComposeSpec, ErrorCode, HealthSpec, ReleaseSpec};
 
 use crate::cli::Cli;
 use crate::client::ClientError;
-use crate::config::{Config, Environment, Host};
+use crate::config::{Config, Environment, Host, Strategy};
 use crate::exit::{self, Failure};
 use crate::output::Progress;
 use crate::ssh::keys::{self, KeySource};
@@ -57,7 +57,7 @@ pub fn app_ref(env: &Environment) -> AppRef {
 }
 
 pub fn release_spec(env: &Environment) -> ReleaseSpec {
-    ReleaseSpec {
+    let mut spec = ReleaseSpec {
         shared: env.release.shared.clone(),
         migrate: env.release.migrate.clone(),
         restart: env.release.restart.clone(),
@@ -66,7 +66,25 @@ pub fn release_spec(env: &Environment) -> ReleaseSpec {
         keep_releases: env.keep_releases,
         health: health_spec(env),
         max_unpacked_bytes: env.release.max_unpacked_bytes,
+        compose: None,
+    };
+    if env.strategy == Strategy::Compose {
+        // The release holds only the compose files: the release strategy's shared
+        // links and commands (perhaps inherited from [defaults.release]) do not apply.
+        let (files, env_file) = crate::compose::release_names(env);
+        spec.shared.clear();
+        spec.migrate = None;
+        spec.restart = None;
+        spec.stop = None;
+        spec.compose = Some(ComposeSpec {
+            files,
+            env_file,
+            project: env.compose.project.clone(),
+            pull: env.compose.pull,
+            command: env.compose.compose_command.clone(),
+        });
     }
+    spec
 }
 
 pub fn health_spec(env: &Environment) -> Option<HealthSpec> {

@@ -23,6 +23,8 @@ pub struct PushArgs {
     pub env: String,
     pub json: bool,
     pub artifact: Option<PathBuf>,
+    /// `--compose FILE...`: replaces `compose.files`.
+    pub compose: Vec<PathBuf>,
     pub version: Option<String>,
     pub skip_migrations: bool,
     pub yes: bool,
@@ -30,24 +32,44 @@ pub struct PushArgs {
 }
 
 pub async fn run(cli: &Cli, args: PushArgs) -> Result<u8, Failure> {
-    let env = super::load_env(cli, &args.env)?;
-    if env.strategy == Strategy::Compose {
-        return Err(Failure::usage(format!(
-            "environment {}: strategy \"compose\" is not supported by this build yet; \
-             use strategy = \"release\"",
-            env.name
-        )));
-    }
-    let artifact = args
-        .artifact
-        .clone()
-        .or_else(|| env.release.artifact.clone())
-        .ok_or_else(|| {
-            Failure::usage(format!(
-                "no artifact: pass --artifact PATH or set release.artifact for {}",
+    let mut env = super::load_env(cli, &args.env)?;
+    // A compose push deploys a bundle of the compose files and the rendered env file,
+    // built before anything connects; the temp file lives until the push ends.
+    let bundle = match env.strategy {
+        Strategy::Compose if args.artifact.is_some() => {
+            return Err(Failure::usage(format!(
+                "environment {} uses strategy = \"compose\": pass --compose FILE... \
+                 (or nothing, for compose.files), not --artifact",
                 env.name
-            ))
-        })?;
+            )));
+        }
+        Strategy::Compose => {
+            if !args.compose.is_empty() {
+                env.compose.files = args.compose.clone();
+            }
+            Some(crate::compose::bundle(&env)?)
+        }
+        Strategy::Release if !args.compose.is_empty() => {
+            return Err(Failure::usage(format!(
+                "--compose needs strategy = \"compose\"; environment {} uses \"release\"",
+                env.name
+            )));
+        }
+        Strategy::Release => None,
+    };
+    let artifact = match &bundle {
+        Some(b) => b.path().to_path_buf(),
+        None => args
+            .artifact
+            .clone()
+            .or_else(|| env.release.artifact.clone())
+            .ok_or_else(|| {
+                Failure::usage(format!(
+                    "no artifact: pass --artifact PATH or set release.artifact for {}",
+                    env.name
+                ))
+            })?,
+    };
     let meta = std::fs::metadata(&artifact)
         .map_err(|e| Failure::usage(format!("artifact {}: {e}", artifact.display())))?;
     if !meta.is_file() {

@@ -45,6 +45,24 @@ fn spec() -> ReleaseSpec {
         keep_releases: 5,
         health: Some(health()),
         max_unpacked_bytes: 1 << 30,
+        compose: None,
+    }
+}
+
+fn compose_spec() -> ReleaseSpec {
+    ReleaseSpec {
+        shared: vec![],
+        migrate: None,
+        restart: None,
+        stop: None,
+        compose: Some(ComposeSpec {
+            files: vec!["docker-compose.yml".into(), "compose.production.yml".into()],
+            env_file: Some(".env.production".into()),
+            project: "myapp".into(),
+            pull: true,
+            command: None,
+        }),
+        ..spec()
     }
 }
 
@@ -68,6 +86,27 @@ fn spec_json() -> serde_json::Value {
         "keep_releases": 5,
         "health": health_json(),
         "max_unpacked_bytes": 1073741824u64,
+        "compose": null,
+    })
+}
+
+fn compose_spec_json() -> serde_json::Value {
+    json!({
+        "shared": [],
+        "migrate": null,
+        "restart": null,
+        "stop": null,
+        "command_timeout_ms": 300000,
+        "keep_releases": 5,
+        "health": health_json(),
+        "max_unpacked_bytes": 1073741824u64,
+        "compose": {
+            "files": ["docker-compose.yml", "compose.production.yml"],
+            "env_file": ".env.production",
+            "project": "myapp",
+            "pull": true,
+            "command": null,
+        },
     })
 }
 
@@ -276,6 +315,49 @@ fn push_and_upload_end() {
 }
 
 #[test]
+fn compose_push_and_rollback() {
+    golden(
+        Request::Push(Push {
+            app: app(),
+            release: "20261122214450".into(),
+            version: Some("abc123".into()),
+            holder: "ci@runner".into(),
+            size: 512,
+            skip_migrations: false,
+            spec: compose_spec(),
+        }),
+        json!({"type": "push", "params": {
+            "app": app_json(),
+            "release": "20261122214450",
+            "version": "abc123",
+            "holder": "ci@runner",
+            "size": 512,
+            "skip_migrations": false,
+            "spec": compose_spec_json(),
+        }}),
+    );
+    let mut spec = compose_spec();
+    if let Some(c) = spec.compose.as_mut() {
+        c.command = Some("docker-compose".into());
+        c.pull = false;
+    }
+    let mut spec_json = compose_spec_json();
+    spec_json["compose"]["command"] = json!("docker-compose");
+    spec_json["compose"]["pull"] = json!(false);
+    golden(
+        Request::Rollback(Rollback {
+            app: app(),
+            to: None,
+            holder: "alice@laptop".into(),
+            spec,
+        }),
+        json!({"type": "rollback", "params": {
+            "app": app_json(), "to": null, "holder": "alice@laptop", "spec": spec_json,
+        }}),
+    );
+}
+
+#[test]
 fn rollback() {
     golden(
         Request::Rollback(Rollback {
@@ -342,6 +424,20 @@ fn event() {
             message: "attempt 3/12: 503".into(),
         }),
         json!({"type": "event", "params": {"stage": "health", "message": "attempt 3/12: 503"}}),
+    );
+    golden(
+        Response::Event(Event {
+            stage: Stage::Validate,
+            message: "docker-compose config -q".into(),
+        }),
+        json!({"type": "event", "params": {"stage": "validate", "message": "docker-compose config -q"}}),
+    );
+    golden(
+        Response::Event(Event {
+            stage: Stage::Pull,
+            message: "pulling".into(),
+        }),
+        json!({"type": "event", "params": {"stage": "pull", "message": "pulling"}}),
     );
 }
 

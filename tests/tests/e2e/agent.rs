@@ -11,7 +11,7 @@ fn version_names_the_protocol() {
     let out = run(&bin("deploy-agent"), env.root(), &["--version"], &[]);
     out.assert_exit(0);
     assert!(out.stdout.contains(env!("CARGO_PKG_VERSION")), "{out}");
-    assert!(out.stdout.contains("protocol 1"), "{out}");
+    assert!(out.stdout.contains("protocol 2"), "{out}");
 }
 
 #[test]
@@ -87,7 +87,11 @@ fn sigterm_stops_it_cleanly_and_removes_the_socket() {
     while !agent.log().contains("deploy-agent stopped") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(agent.log().contains("deploy-agent stopped"), "{}", agent.log());
+    assert!(
+        agent.log().contains("deploy-agent stopped"),
+        "{}",
+        agent.log()
+    );
     assert!(!agent.socket.exists(), "socket removed on shutdown");
 }
 

@@ -4,6 +4,7 @@
 mod agent;
 mod bootstrap;
 mod check;
+mod compose;
 mod fleet;
 mod release;
 mod support;

@@ -28,6 +28,21 @@ impl Site {
         }
     }
 
+    /// Like [`Site::ssh`] with extra environment variables for the agent.
+    pub fn ssh_with_agent_env(opts: SshdOptions, agent_env: &[(&str, &str)]) -> Site {
+        let env = TestEnv::new();
+        let sshd = Sshd::start(opts);
+        sshd.write_known_hosts(&env.path("known_hosts"));
+        let agent = Agent::start_env(&env.path("agent"), agent_env);
+        let deploy_to = agent.root.join("app");
+        Site {
+            env,
+            sshd: Some(sshd),
+            agent,
+            deploy_to,
+        }
+    }
+
     /// Only an agent, for `hosts = ["local"]`.
     pub fn local() -> Site {
         let env = TestEnv::new();

@@ -1,0 +1,363 @@
+//! The compose strategy on the controller: the release artifact of a compose push.
+//!
+//! A compose release is a small `.tar.gz` that holds exactly what is deployed: the
+//! compose files (by file name, in the order given) and the env file, rendered with
+//! `${VAR}` expanded from this process's environment, so a workflow can pin images with
+//! `BACKEND_IMAGE=ghcr.io/org/backend:${GITHUB_SHA}`. It then goes through the same
+//! upload, lock, journal, health check and rollback as a release tarball.
+//!
+//! Rendering the env file:
+//!
+//! - `${VAR}` is replaced by the variable's value; an unset variable is an error that
+//!   names it, the file and the line. `${VAR:-default}` (unset or empty) and
+//!   `${VAR-default}` (unset) take the default instead.
+//! - `${DEPLOY_*}` is kept for the server (the agent sets `DEPLOY_RELEASE`, ...).
+//! - `$$`, a `$` not followed by `{`, and comment lines are kept as written: compose
+//!   reads the file again on the server and has its own rules for those.
+//!
+//! The archive is deterministic (fixed mtime and modes), so the same inputs give the
+//! same sha256.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::config::{Environment, Strategy};
+use crate::exit::Failure;
+
+/// The artifact of a compose push; the temp file is removed when this is dropped.
+pub struct Bundle {
+    pub file: tempfile::NamedTempFile,
+    /// Names inside the release, as passed to `-f`.
+    pub files: Vec<String>,
+    pub env_file: Option<String>,
+}
+
+impl Bundle {
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+}
+
+/// The names files get in the release: the last path component.
+pub fn release_names(env: &Environment) -> (Vec<String>, Option<String>) {
+    let files = env.compose.files.iter().map(|f| file_name(f)).collect();
+    let env_file = env.compose.env_file.as_deref().map(file_name);
+    (files, env_file)
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
+}
+
+/// Builds the artifact for `env` (with `--compose` already applied to
+/// `env.compose.files`), reading variables from the process environment. Every error is
+/// a usage error: nothing has been sent anywhere yet.
+pub fn bundle(env: &Environment) -> Result<Bundle, Failure> {
+    bundle_with(env, &|k| std::env::var(k).ok())
+}
+
+pub fn bundle_with(
+    env: &Environment,
+    getenv: &dyn Fn(&str) -> Option<String>,
+) -> Result<Bundle, Failure> {
+    if env.strategy != Strategy::Compose {
+        return Err(Failure::usage(format!(
+            "environment {} does not use strategy = \"compose\"",
+            env.name
+        )));
+    }
+    let (names, env_name) = release_names(env);
+    let mut seen = BTreeSet::new();
+    for (path, name) in env
+        .compose
+        .files
+        .iter()
+        .zip(&names)
+        .chain(env.compose.env_file.iter().zip(&env_name))
+    {
+        if name.is_empty() || name == "." || name == ".." || name.starts_with('-') {
+            return Err(Failure::usage(format!(
+                "compose file {}: not a file name",
+                path.display()
+            )));
+        }
+        if !seen.insert(name.clone()) {
+            return Err(Failure::usage(format!(
+                "two files would both be {name:?} in the release ({}): compose files \
+                 and the env file are stored by file name, so the names must differ",
+                path.display()
+            )));
+        }
+    }
+    let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
+    for (path, name) in env.compose.files.iter().zip(&names) {
+        entries.push((name.clone(), read(path, "compose file")?));
+    }
+    if let (Some(path), Some(name)) = (&env.compose.env_file, &env_name) {
+        let text = String::from_utf8(read(path, "env file")?)
+            .map_err(|_| Failure::usage(format!("env file {}: not UTF-8 text", path.display())))?;
+        let rendered = render_env_file(&text, getenv).map_err(|e| {
+            Failure::usage(format!(
+                "env file {}: {e}; nothing was changed",
+                path.display()
+            ))
+        })?;
+        entries.push((name.clone(), rendered.into_bytes()));
+    }
+    let file = tempfile::Builder::new()
+        .prefix("deployctl-compose-")
+        .suffix(".tar.gz")
+        .tempfile()
+        .map_err(|e| Failure::usage(format!("cannot create a temp file: {e}")))?;
+    write_tar_gz(file.as_file(), &entries)
+        .map_err(|e| Failure::usage(format!("cannot write the compose bundle: {e}")))?;
+    Ok(Bundle {
+        file,
+        files: names,
+        env_file: env_name,
+    })
+}
+
+fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path).map_err(|e| Failure::usage(format!("{what} {}: {e}", path.display())))
+}
+
+fn write_tar_gz(out: &std::fs::File, entries: &[(String, Vec<u8>)]) -> std::io::Result<()> {
+    let gz = flate2::write::GzEncoder::new(out, flate2::Compression::default());
+    let mut tar = tar::Builder::new(gz);
+    for (name, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut h, name, data.as_slice())?;
+    }
+    let mut gz = tar.into_inner()?;
+    gz.flush()?;
+    gz.finish()?.sync_all()
+}
+
+/// Expands `${VAR}` (see the module docs). The error names the variable and the line.
+pub fn render_env_file(
+    text: &str,
+    getenv: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+            continue;
+        }
+        out.push_str(&render_line(line, getenv).map_err(|e| format!("line {}: {e}", i + 1))?);
+    }
+    Ok(out)
+}
+
+fn render_line(line: &str, getenv: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let from = &rest[i..];
+        if let Some(after) = from.strip_prefix("$$") {
+            out.push_str("$$");
+            rest = after;
+            continue;
+        }
+        let Some(inner) = from.strip_prefix("${") else {
+            out.push('$');
+            rest = &from[1..];
+            continue;
+        };
+        let Some(end) = inner.find('}') else {
+            return Err("unterminated `${` (write `$${` for a literal `${`)".into());
+        };
+        let expr = &inner[..end];
+        let name_len = expr
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(expr.len());
+        let (name, op) = expr.split_at(name_len);
+        if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(format!("`${{{expr}}}` is not a variable reference"));
+        }
+        if name.starts_with("DEPLOY_") {
+            out.push_str(&from[..end + 3]);
+        } else {
+            let value = getenv(name);
+            let expanded = if let Some(default) = op.strip_prefix(":-") {
+                value
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or_else(|| default.to_owned())
+            } else if let Some(default) = op.strip_prefix('-') {
+                value.unwrap_or_else(|| default.to_owned())
+            } else if op.is_empty() {
+                value.ok_or_else(|| {
+                    format!(
+                        "${{{name}}} is not set in deployctl's environment \
+                         (set {name}, or write ${{{name}:-default}})"
+                    )
+                })?
+            } else {
+                return Err(format!(
+                    "`${{{expr}}}`: only ${{VAR}}, ${{VAR:-default}} and ${{VAR-default}} \
+                     are expanded"
+                ));
+            };
+            out.push_str(&expanded);
+        }
+        rest = &inner[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::io::Read;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn env_files_expand_variables_and_keep_the_rest() {
+        let text = "# pinned by CI: ${NOT_EXPANDED}\n\
+                    BACKEND_IMAGE=${BACKEND_IMAGE}\n\
+                    TAG=${TAG:-latest}\n\
+                    EMPTY=${EMPTY:-fallback} ${EMPTY-kept}\n\
+                    PORT=${DEPLOY_PORT}\n\
+                    PASSWORD=a$$b$c\n\
+                    LITERAL=$${HOME}\n\
+                    no newline at the end ${BACKEND_IMAGE}";
+        let out = render_env_file(
+            text,
+            &vars(&[
+                ("BACKEND_IMAGE", "ghcr.io/org/backend:abc123"),
+                ("EMPTY", ""),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "# pinned by CI: ${NOT_EXPANDED}\n\
+             BACKEND_IMAGE=ghcr.io/org/backend:abc123\n\
+             TAG=latest\n\
+             EMPTY=fallback \n\
+             PORT=${DEPLOY_PORT}\n\
+             PASSWORD=a$$b$c\n\
+             LITERAL=$${HOME}\n\
+             no newline at the end ghcr.io/org/backend:abc123"
+        );
+    }
+
+    #[test]
+    fn an_unset_variable_names_itself_and_its_line() {
+        let e = render_env_file("A=1\nB=${FRONTEND_IMAGE}\n", &vars(&[])).unwrap_err();
+        assert!(e.contains("line 2"), "{e}");
+        assert!(e.contains("FRONTEND_IMAGE"), "{e}");
+        for bad in ["X=${", "X=${1A}", "X=${}", "X=${A:?required}"] {
+            assert!(render_env_file(bad, &vars(&[("A", "1")])).is_err(), "{bad}");
+        }
+    }
+
+    fn env_in(dir: &Path, compose: &str) -> Environment {
+        let text = format!(
+            "app = \"myapp\"\ndeploy_to = \"/srv/myapp\"\n\
+             [environments.edge]\nhosts = [\"edge-1\"]\nstrategy = \"compose\"\n\
+             [environments.edge.compose]\n{compose}\n"
+        );
+        let home = |k: &str| (k == "HOME").then(|| "/home/ci".to_string());
+        let config = Config::parse(&text, "deploy.toml", &home).unwrap();
+        let mut env = config.environment("edge").unwrap();
+        let root = |p: &PathBuf| dir.join(p);
+        env.compose.files = env.compose.files.iter().map(root).collect();
+        env.compose.env_file = env.compose.env_file.as_ref().map(root);
+        env
+    }
+
+    fn entries(path: &Path) -> Vec<(String, String, u32)> {
+        let gz = flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap());
+        let mut tar = tar::Archive::new(gz);
+        tar.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let name = e.path().unwrap().display().to_string();
+                let mode = e.header().mode().unwrap();
+                let mut text = String::new();
+                e.read_to_string(&mut text).unwrap();
+                (name, text, mode)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_bundle_holds_the_files_by_name_and_the_rendered_env_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("deploy")).unwrap();
+        std::fs::write(dir.path().join("docker-compose.yml"), "services: {}\n").unwrap();
+        std::fs::write(dir.path().join("deploy/compose.prod.yml"), "x: 1\n").unwrap();
+        std::fs::write(dir.path().join(".env.prod"), "IMAGE=${IMAGE}\n").unwrap();
+        let env = env_in(
+            dir.path(),
+            "files = [\"docker-compose.yml\", \"deploy/compose.prod.yml\"]\n\
+             env_file = \".env.prod\"",
+        );
+        let b = bundle_with(&env, &vars(&[("IMAGE", "app:sha")])).unwrap();
+        assert_eq!(b.files, ["docker-compose.yml", "compose.prod.yml"]);
+        assert_eq!(b.env_file.as_deref(), Some(".env.prod"));
+        assert_eq!(
+            entries(b.path()),
+            [
+                ("docker-compose.yml".into(), "services: {}\n".into(), 0o644),
+                ("compose.prod.yml".into(), "x: 1\n".into(), 0o644),
+                (".env.prod".into(), "IMAGE=app:sha\n".into(), 0o644),
+            ]
+        );
+        // deterministic: the same inputs, the same bytes
+        let again = bundle_with(&env, &vars(&[("IMAGE", "app:sha")])).unwrap();
+        assert_eq!(
+            std::fs::read(b.path()).unwrap(),
+            std::fs::read(again.path()).unwrap()
+        );
+    }
+
+    #[test]
+    fn bad_inputs_are_usage_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a")).unwrap();
+        std::fs::write(dir.path().join("a/docker-compose.yml"), "").unwrap();
+        std::fs::write(dir.path().join("docker-compose.yml"), "").unwrap();
+        std::fs::write(dir.path().join(".env"), "X=${MISSING_VAR}\n").unwrap();
+
+        let dup = env_in(
+            dir.path(),
+            "files = [\"docker-compose.yml\", \"a/docker-compose.yml\"]",
+        );
+        let e = bundle_with(&dup, &vars(&[])).err().unwrap();
+        assert_eq!(e.code, crate::exit::USAGE);
+        assert!(e.message.contains("docker-compose.yml"), "{}", e.message);
+
+        let missing = env_in(dir.path(), "files = [\"nope.yml\"]");
+        let e = bundle_with(&missing, &vars(&[])).err().unwrap();
+        assert!(e.message.contains("nope.yml"), "{}", e.message);
+
+        let unset = env_in(dir.path(), "env_file = \".env\"");
+        let e = bundle_with(&unset, &vars(&[])).err().unwrap();
+        assert_eq!(e.code, crate::exit::USAGE);
+        assert!(e.message.contains("MISSING_VAR"), "{}", e.message);
+        assert!(e.message.contains(".env"), "{}", e.message);
+    }
+}
