@@ -156,6 +156,29 @@ Exit codes: 0 ok; 1 installing or verifying failed on a host; 2 usage or configu
         #[arg(long, value_name = "GROUP", default_value = "deploy")]
         socket_group: String,
     },
+    /// Write a commented deploy.toml to start from
+    #[command(
+        after_help = "Examples:\n  deployctl init\n  deployctl init --app shop --config deploy/deploy.toml"
+    )]
+    Init {
+        /// The app's name
+        #[arg(long)]
+        app: Option<String>,
+        /// Overwrite an existing file
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a shell completion script
+    #[command(
+        after_help = "Examples:\n  deployctl completions bash > /etc/bash_completion.d/deployctl\n  deployctl completions zsh > \"${fpath[1]}/_deployctl\"\n  deployctl completions fish > ~/.config/fish/completions/deployctl.fish"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff)
+    #[command(after_help = "Examples:\n  deployctl man > /usr/local/share/man/man1/deployctl.1")]
+    Man,
     /// The whole story on this machine, no server needed
     Demo {
         /// Keep the demo's directory afterwards and print where it is

@@ -20,6 +20,7 @@ pub mod compose;
 pub mod config;
 pub mod demo;
 pub mod exit;
+pub mod init;
 pub mod output;
 pub mod report;
 pub mod rollout;
@@ -106,6 +107,19 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             .await
         }
         Command::Demo { keep } => demo::run(*keep).await,
+        Command::Init { app, force } => init::run(&cli.config, app.as_deref(), *force),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "deployctl", &mut std::io::stdout());
+            Ok(exit::OK)
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd)
+                .render(&mut std::io::stdout())
+                .map_err(|e| Failure::usage(format!("cannot write the man page: {e}")))?;
+            Ok(exit::OK)
+        }
         Command::DemoApp { listen, dir, .. } => demo::serve_static(listen, dir).await,
     }
 }

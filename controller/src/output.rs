@@ -1,32 +1,108 @@
 //! What the user sees while a command runs: one line per step per host, on stderr, so
 //! stdout carries only the result (a table, or the `--json` document).
+//!
+//! - On a terminal: live lines and an upload bar per host.
+//! - Under GitHub Actions (`GITHUB_ACTIONS=true`): each host's lines are held and printed
+//!   as one `::group::` when the host is done (hosts run in parallel, and groups cannot
+//!   interleave); failures also become `::error::` annotations; the final table goes to
+//!   `$GITHUB_STEP_SUMMARY`.
+//! - Everywhere: secrets are masked ([`set_secrets`], [`redact`]) before anything is
+//!   printed, and announced to GitHub with `::add-mask::`.
 
-use std::io::IsTerminal;
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+static SECRETS: OnceLock<Vec<String>> = OnceLock::new();
+
+/// Values shorter than this are not masked: masking "1" or "true" would garble output.
+const MIN_SECRET_LEN: usize = 4;
+
+/// Registers the values that must never be printed. Call once, before any output.
+pub fn set_secrets(values: Vec<String>) {
+    let mut v: Vec<String> = values
+        .into_iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| s.len() >= MIN_SECRET_LEN)
+        .collect();
+    // Longest first, so a secret containing another is masked whole.
+    v.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    v.dedup();
+    if github_actions() {
+        for s in &v {
+            // GitHub masks these in its own log view too.
+            println!("::add-mask::{}", s.replace('\n', "%0A"));
+        }
+    }
+    let _ = SECRETS.set(v);
+}
+
+/// `text` with every registered secret replaced by `***`.
+pub fn redact(text: &str) -> String {
+    let mut out = text.to_owned();
+    if let Some(secrets) = SECRETS.get() {
+        for s in secrets {
+            if out.contains(s.as_str()) {
+                out = out.replace(s.as_str(), "***");
+            }
+        }
+    }
+    out
+}
+
+/// Prints a result line (or block) to stdout, masked.
+pub fn emit(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{}", redact(text));
+}
+
+/// A message without a leading `host: `, for places that name the host already.
+pub fn without_host<'a>(host: &str, message: &'a str) -> &'a str {
+    message
+        .strip_prefix(host)
+        .and_then(|m| m.strip_prefix(": "))
+        .unwrap_or(message)
+}
+
+pub fn github_actions() -> bool {
+    std::env::var("GITHUB_ACTIONS").as_deref() == Ok("true")
+}
+
+/// Escapes a value for a workflow command (`::error::…`).
+fn gh_escape(s: &str) -> String {
+    s.replace('%', "%25")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
+}
 
 #[derive(Clone)]
 pub struct Progress {
     multi: Option<MultiProgress>,
     quiet: bool,
+    /// Held lines per host, under GitHub Actions.
+    github: Option<Arc<Mutex<HashMap<String, Vec<String>>>>>,
 }
 
 impl Progress {
     pub fn new(quiet: bool) -> Self {
-        let multi = std::io::stderr()
-            .is_terminal()
+        let github = github_actions().then(|| Arc::new(Mutex::new(HashMap::new())));
+        let multi = (github.is_none() && std::io::stderr().is_terminal())
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
-        Self { multi, quiet }
+        Self {
+            multi,
+            quiet,
+            github,
+        }
     }
 
     pub fn is_terminal(&self) -> bool {
         self.multi.is_some()
     }
 
-    fn print(&self, text: String) {
-        if self.quiet {
-            return;
-        }
+    fn print(&self, text: &str) {
+        let text = redact(text);
         match &self.multi {
             Some(m) => {
                 let _ = m.println(text);
@@ -36,25 +112,76 @@ impl Progress {
     }
 
     pub fn line(&self, host: &str, message: &str) {
-        self.print(format!("[{host}] {message}"));
+        if self.quiet {
+            return;
+        }
+        if let Some(g) = &self.github {
+            g.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(host.to_owned())
+                .or_default()
+                .push(message.to_owned());
+            return;
+        }
+        self.print(&format!("[{host}] {message}"));
     }
 
     pub fn info(&self, message: &str) {
-        self.print(message.to_owned());
+        if self.quiet {
+            return;
+        }
+        self.print(message);
     }
 
+    /// Shown even when quiet; an annotation under GitHub Actions.
     pub fn error(&self, host: Option<&str>, message: &str) {
+        let message = match host {
+            Some(h) => without_host(h, message),
+            None => message,
+        };
         let text = match host {
             Some(h) => format!("[{h}] error: {message}"),
             None => format!("error: {message}"),
         };
-        // Errors are shown even with --json (on stderr).
-        match &self.multi {
-            Some(m) => {
-                let _ = m.println(text);
+        if self.github.is_some() {
+            let title = match host {
+                Some(h) => format!("deployctl: {h}"),
+                None => "deployctl".to_owned(),
+            };
+            // Annotations go to stdout, where the runner reads workflow commands.
+            emit(&format!(
+                "::error title={}::{}",
+                gh_escape(&title),
+                gh_escape(message)
+            ));
+            if let Some(h) = host {
+                self.line(h, &format!("error: {message}"));
             }
-            None => eprintln!("{text}"),
+            return;
         }
+        self.print(&text);
+    }
+
+    /// A host is done: under GitHub Actions, print its held lines as one group.
+    pub fn finish_host(&self, host: &str, title: &str) {
+        let Some(g) = &self.github else {
+            return;
+        };
+        let lines = g
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(host)
+            .unwrap_or_default();
+        if self.quiet && lines.is_empty() {
+            return;
+        }
+        let mut out = format!("::group::{host}: {title}\n");
+        for l in lines {
+            out.push_str(&l);
+            out.push('\n');
+        }
+        out.push_str("::endgroup::");
+        emit(&out);
     }
 
     /// An upload bar on a terminal; nothing otherwise.
@@ -75,6 +202,41 @@ impl Progress {
     }
 }
 
+/// Appends markdown to `$GITHUB_STEP_SUMMARY`, when running under GitHub Actions.
+pub fn step_summary(markdown: &str) {
+    if !github_actions() {
+        return;
+    }
+    let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY") else {
+        return;
+    };
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{}", redact(markdown));
+    }
+}
+
 pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_keeps_annotations_on_one_line() {
+        assert_eq!(gh_escape("a\nb%c"), "a%0Ab%25c");
+    }
+}
+
+/// `println!` for results: masked by [`redact`].
+#[macro_export]
+macro_rules! out {
+    ($($t:tt)*) => {
+        $crate::output::emit(&format!($($t)*))
+    };
 }

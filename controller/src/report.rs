@@ -84,7 +84,7 @@ impl HostResult {
             release: None,
             previous: None,
             current: None,
-            error: Some(f.message),
+            error: Some(crate::output::without_host(host, &f.message).to_owned()),
             exit_code: f.code,
             duration_ms: took.as_millis() as u64,
             report: None,
@@ -93,6 +93,23 @@ impl HostResult {
             fleet_rollback: None,
         }
     }
+}
+
+/// A host is done: its failure as an error (an annotation under GitHub Actions), then
+/// its held lines as one group.
+pub fn announce(progress: &crate::output::Progress, r: &HostResult, title: &str) {
+    if r.report.is_some()
+        && r.outcome != Some(Outcome::Live)
+        && let Some(e) = &r.error
+    {
+        progress.error(Some(&r.host), e);
+    }
+    let how = if r.outcome == Some(Outcome::Live) {
+        "ok".to_owned()
+    } else {
+        r.outcome.map(outcome_name).unwrap_or("error").to_owned()
+    };
+    progress.finish_host(&r.host, &format!("{title}: {how}"));
 }
 
 /// What the per-host results add up to (SPEC "Exit codes").
@@ -154,6 +171,9 @@ pub fn print_deploy(
     json: bool,
     fleet: Option<&crate::rollout::RolloutReport>,
 ) {
+    crate::output::step_summary(&summary_markdown(
+        command, env, release, results, code, fleet,
+    ));
     if json {
         let mut doc = serde_json::json!({
             "command": command,
@@ -169,7 +189,7 @@ pub fn print_deploy(
             doc["failure"] = serde_json::json!(f.failure);
             doc["on_failure"] = serde_json::json!(f.on_failure);
         }
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        crate::out!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return;
     }
     let batches = results.iter().any(|r| r.batch.is_some_and(|b| b > 1));
@@ -204,10 +224,10 @@ pub fn print_deploy(
     } else {
         &["HOST", "OUTCOME", "RELEASE", "RUNNING NOW", "TIME"]
     };
-    println!("{}", table(header, &rows));
+    crate::out!("{}", table(header, &rows));
     if let Some(f) = fleet {
         for v in &f.verify {
-            println!(
+            crate::out!(
                 "verify {}: {} ({} attempt(s))",
                 v.url,
                 if v.ok { "ok" } else { "FAILED" },
@@ -215,22 +235,22 @@ pub fn print_deploy(
             );
         }
         if let Some(why) = &f.failure {
-            println!("rollout stopped: {why}");
+            crate::out!("rollout stopped: {why}");
         }
     }
     for r in results {
         if let Some(e) = &r.error {
-            println!("{}: {e}", r.host);
+            crate::out!("{}: {e}", r.host);
             if let Some(rep) = &r.report {
                 if let Some(h) = &rep.health
                     && !h.healthy
                     && let Some(body) = h.body_snippet.as_deref().filter(|b| !b.is_empty())
                 {
-                    println!("  last response body: {}", one_line(body, 200));
+                    crate::out!("  last response body: {}", one_line(body, 200));
                 }
                 for s in rep.steps.iter().filter(|s| !s.success) {
                     if !s.output.trim().is_empty() {
-                        println!("  output of `{}`:", s.command.as_deref().unwrap_or("?"));
+                        crate::out!("  output of `{}`:", s.command.as_deref().unwrap_or("?"));
                         for l in s
                             .output
                             .lines()
@@ -240,7 +260,7 @@ pub fn print_deploy(
                             .into_iter()
                             .rev()
                         {
-                            println!("    {l}");
+                            crate::out!("    {l}");
                         }
                     }
                 }
@@ -252,7 +272,7 @@ pub fn print_deploy(
                     && s.success
                     && rep.outcome != Outcome::Live
                 {
-                    println!("  last restart output:");
+                    crate::out!("  last restart output:");
                     for l in s
                         .output
                         .lines()
@@ -262,7 +282,7 @@ pub fn print_deploy(
                         .into_iter()
                         .rev()
                     {
-                        println!("    {l}");
+                        crate::out!("    {l}");
                     }
                 }
             }
@@ -276,11 +296,68 @@ pub fn print_deploy(
         }
         other => format!("FAILED (exit {other})"),
     };
-    println!(
+    crate::out!(
         "{command} {}: {verdict} in {:.1}s",
         env.name,
         took.as_secs_f64()
     );
+}
+
+/// The results as a markdown table, for `$GITHUB_STEP_SUMMARY`.
+fn summary_markdown(
+    command: &str,
+    env: &Environment,
+    release: Option<&str>,
+    results: &[HostResult],
+    code: u8,
+    fleet: Option<&crate::rollout::RolloutReport>,
+) -> String {
+    let icon = if code == exit::OK { "✅" } else { "❌" };
+    let mut md = format!(
+        "### {icon} deployctl {command} {} ({}){}\n\n| host | outcome | release | running now | error |\n| --- | --- | --- | --- | --- |\n",
+        env.name,
+        env.app,
+        release
+            .map(|r| format!(": release `{r}`"))
+            .unwrap_or_default()
+    );
+    for r in results {
+        let outcome = if r.skipped {
+            "not started".to_owned()
+        } else {
+            let base = r.outcome.map(outcome_name).unwrap_or("error");
+            match r.fleet_rollback {
+                Some(Outcome::Live) => format!("{base}, rolled back"),
+                Some(o) => format!("{base}, rollback {}", outcome_name(o)),
+                None => base.to_owned(),
+            }
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            r.host,
+            outcome,
+            r.release.as_deref().unwrap_or("-"),
+            r.current.as_deref().unwrap_or("-"),
+            r.error
+                .as_deref()
+                .map(|e| one_line(e, 300).replace('|', "\\|"))
+                .unwrap_or_default()
+        ));
+    }
+    if let Some(f) = fleet {
+        for v in &f.verify {
+            md.push_str(&format!(
+                "\nverify `{}`: {}\n",
+                v.url,
+                if v.ok { "ok" } else { "**failed**" }
+            ));
+        }
+        if let Some(why) = &f.failure {
+            md.push_str(&format!("\n**rollout stopped:** {}\n", one_line(why, 500)));
+        }
+    }
+    md.push_str(&format!("\nexit code {code}\n"));
+    md
 }
 
 pub fn outcome_name(o: Outcome) -> &'static str {

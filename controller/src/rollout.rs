@@ -297,8 +297,9 @@ pub async fn roll_back_host(
             |ev| progress.line(&host, &ev.message),
         )
         .await
-        .map_err(|e| agent_failure(&host, e).message)?;
-    Ok(r)
+        .map_err(|e| agent_failure(&host, e).message);
+    progress.finish_host(&host, "fleet rollback");
+    r
 }
 
 #[cfg(test)]

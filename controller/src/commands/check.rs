@@ -109,9 +109,9 @@ pub async fn run(cli: &Cli, env_name: &str, json: bool) -> Result<u8, Failure> {
     }
     if json {
         let doc = json!({"environment": env.name, "exit_code": code, "hosts": docs});
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        crate::out!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
-        println!(
+        crate::out!(
             "{}",
             table(&["HOST", "CHECK", "HOSTNAME", "AGENT", "NOTE"], &rows)
         );

@@ -142,7 +142,7 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
     close_all(conns).await;
     if json {
         let doc = json!({"environment": env.name, "app": env.app, "hosts": docs});
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        crate::out!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
         let header: &[&str] = match what {
             What::Status => &[
@@ -158,7 +158,7 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                 "HOST", "FINISHED", "ACTION", "RELEASE", "VERSION", "OUTCOME", "BY", "ERROR",
             ],
         };
-        println!("{}", table(header, &rows));
+        crate::out!("{}", table(header, &rows));
     }
     Ok(code)
 }

@@ -29,7 +29,59 @@ pub fn load_env(cli: &Cli, name: &str) -> Result<Environment, Failure> {
     if cli.accept_new_host_keys {
         env.accept_new_host_keys = true;
     }
+    crate::output::set_secrets(secret_values(&env));
     Ok(env)
+}
+
+/// An env-file value worth masking: long enough, and not a plain word such as
+/// `production` (masking that would garble every line that names the environment).
+fn looks_like_a_secret(v: &str) -> bool {
+    v.len() >= 8
+        && !v
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c == '-' || c == '_')
+}
+
+/// Everything that must never be printed: the CI key text, the values of variables
+/// named in `secrets`, and the values in a compose env file.
+fn secret_values(env: &Environment) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(key) = std::env::var("DEPLOYCTL_SSH_KEY") {
+        // Line by line (how GitHub masks multi-line secrets); the armor lines are public.
+        out.extend(
+            key.lines()
+                .map(str::trim)
+                .filter(|l| !l.starts_with("-----"))
+                .map(str::to_owned),
+        );
+    }
+    for name in &env.secrets {
+        if let Ok(v) = std::env::var(name) {
+            out.push(v);
+        }
+    }
+    if let Some(path) = &env.compose.env_file
+        && let Ok(text) = std::fs::read_to_string(path)
+    {
+        for line in text.lines() {
+            let line = line.trim();
+            if line.starts_with('#') {
+                continue;
+            }
+            if let Some((_, value)) = line.split_once('=') {
+                let value = value.trim().trim_matches('"').trim_matches('\'');
+                // `${VAR}` in the file: its value comes from the environment.
+                if let Some(var) = value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
+                    if let Ok(v) = std::env::var(var) {
+                        out.push(v);
+                    }
+                } else if looks_like_a_secret(value) {
+                    out.push(value.to_owned());
+                }
+            }
+        }
+    }
+    out
 }
 
 pub fn find_keys(env: &Environment) -> Result<Arc<Vec<KeySource>>, Failure> {

@@ -149,13 +149,16 @@ async fn push_one(
 ) -> HostResult {
     let host = conn.name.clone();
     let started = Instant::now();
-    match upload_and_deploy(conn, req, artifact, size, progress).await {
+    let release = req.release.clone();
+    let result = match upload_and_deploy(conn, req, artifact, size, progress).await {
         Ok(report) => HostResult::from_report(&host, report),
         Err(e) => {
             progress.error(Some(&host), &e.message);
             HostResult::from_failure(&host, e, started.elapsed())
         }
-    }
+    };
+    report::announce(progress, &result, &format!("deploy {release}"));
+    result
 }
 
 async fn upload_and_deploy(

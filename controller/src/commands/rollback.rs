@@ -65,7 +65,7 @@ pub async fn run(
             async move {
                 let t = Instant::now();
                 let host = c.name.clone();
-                match c
+                let result = match c
                     .client
                     .call_with(req, |ev| progress.line(&host, &ev.message))
                     .await
@@ -76,7 +76,9 @@ pub async fn run(
                         progress.error(Some(&host), &f.message);
                         HostResult::from_failure(&host, f, t.elapsed())
                     }
-                }
+                };
+                report::announce(&progress, &result, "rollback");
+                result
             }
         });
         results.extend(futures_util::future::join_all(futures).await);

@@ -203,10 +203,6 @@ hosts = [{hosts}]
         std::fs::write(shared.join(marker), "").unwrap();
     }
 
-    fn unmark(&self, i: usize, marker: &str) {
-        let _ = std::fs::remove_file(self.hosts[i].dir.join("app/shared").join(marker));
-    }
-
     fn release_dirs(&self, i: usize) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.hosts[i].dir.join("app/releases"))
             .map(|rd| {

@@ -6,5 +6,6 @@ mod bootstrap;
 mod check;
 mod compose;
 mod fleet;
+mod github;
 mod release;
 mod support;
