@@ -77,12 +77,15 @@ fn gh_escape(s: &str) -> String {
         .replace('\n', "%0A")
 }
 
+/// Lines held per host until the host is done.
+type HeldLines = HashMap<String, Vec<String>>;
+
 #[derive(Clone)]
 pub struct Progress {
     multi: Option<MultiProgress>,
     quiet: bool,
     /// Held lines per host, under GitHub Actions.
-    github: Option<Arc<Mutex<HashMap<String, Vec<String>>>>>,
+    github: Option<Arc<Mutex<HeldLines>>>,
 }
 
 impl Progress {
@@ -223,6 +226,14 @@ pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
+/// `println!` for results: masked by [`redact`].
+#[macro_export]
+macro_rules! out {
+    ($($t:tt)*) => {
+        $crate::output::emit(&format!($($t)*))
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,12 +242,4 @@ mod tests {
     fn escaping_keeps_annotations_on_one_line() {
         assert_eq!(gh_escape("a\nb%c"), "a%0Ab%25c");
     }
-}
-
-/// `println!` for results: masked by [`redact`].
-#[macro_export]
-macro_rules! out {
-    ($($t:tt)*) => {
-        $crate::output::emit(&format!($($t)*))
-    };
 }
