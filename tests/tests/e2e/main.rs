@@ -5,6 +5,7 @@ mod agent;
 mod bootstrap;
 mod check;
 mod compose;
+mod docs;
 mod fleet;
 mod github;
 mod release;
