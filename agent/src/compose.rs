@@ -112,6 +112,12 @@ impl Compose {
         self.project(p, &["down", "--remove-orphans"])
     }
 
+    /// Removes a review-app instance for good: its containers and its volumes (its
+    /// database with them).
+    pub fn down_volumes(&self, p: Project<'_>) -> Vec<String> {
+        self.project(p, &["down", "-v", "--remove-orphans"])
+    }
+
     fn with(&self, args: &[&str]) -> Vec<String> {
         let mut argv = self.program.clone();
         argv.extend(args.iter().map(|a| (*a).to_owned()));
@@ -292,6 +298,10 @@ mod tests {
             format!("{base} logs --tail 50 --no-color web proxy")
         );
         assert_eq!(words(&c.down(p)), format!("{base} down --remove-orphans"));
+        assert_eq!(
+            words(&c.down_volumes(p)),
+            format!("{base} down -v --remove-orphans")
+        );
         // each value is its own argument: nothing goes through a shell
         let up = c.up(p);
         assert_eq!(up[..4], ["docker", "compose", "-p", "myapp"]);

@@ -94,6 +94,8 @@ impl Run {
             j.previous.clone().unwrap_or_default(),
         );
         env.insert("DEPLOY_TO".into(), self.layout.root.display().to_string());
+        // A review-app instance: DEPLOY_INSTANCE and DEPLOY_PORT.
+        env.extend(crate::instances::vars(&j.app).into_iter().flatten());
         env
     }
 
@@ -206,7 +208,7 @@ impl Run {
     fn compose_spec(&self, release: &str) -> Option<proto::ComposeSpec> {
         let now = self.journal.spec.compose.clone()?;
         let mut spec = compose::recorded(&self.layout.release(release)).unwrap_or(now.clone());
-        spec.project = now.project;
+        spec.project = crate::instances::compose_project(&self.journal.app, &now.project);
         spec.command = now.command;
         spec.pull = now.pull;
         Some(spec)
@@ -272,17 +274,23 @@ impl Run {
     /// Docker, compose itself, `config -q`, and `pull` when asked.
     async fn compose_prepare(&mut self) -> Result<(), String> {
         let release = self.journal.release.clone();
-        let Some(spec) = self.journal.spec.compose.clone() else {
+        let Some(mut spec) = self.journal.spec.compose.clone() else {
             return Ok(());
         };
+        spec.project = crate::instances::compose_project(&self.journal.app, &spec.project);
         let t = Instant::now();
         let dir = self.layout.release(&release);
+        let app = &self.journal.app;
         let files = compose::check_spec(&spec).and_then(|()| {
             for f in spec.files.iter().chain(spec.env_file.iter()) {
                 let meta = std::fs::symlink_metadata(dir.join(f));
                 if !meta.is_ok_and(|m| m.is_file()) {
                     return Err(format!("{f} is not a file in the release"));
                 }
+            }
+            if let Some(f) = &spec.env_file {
+                crate::instances::append_env_file(&dir.join(f), app)
+                    .map_err(|e| format!("cannot add DEPLOY_PORT to {f}: {e}"))?;
             }
             compose::record(&dir, &spec)
                 .map_err(|e| format!("cannot record the compose files: {e}"))
@@ -479,9 +487,10 @@ impl Run {
     }
 
     async fn check_health(&mut self) -> Result<(), String> {
-        let Some(spec) = self.journal.spec.health.clone() else {
+        let Some(mut spec) = self.journal.spec.health.clone() else {
             return Ok(());
         };
+        spec.url = crate::instances::expand(&self.journal.app, &spec.url);
         let t = Instant::now();
         self.events.send(
             Stage::Health,
@@ -532,6 +541,10 @@ impl Run {
     pub async fn deploy(mut self) -> DeployReport {
         let release = self.journal.release.clone();
         if let Err(e) = self.persist(Phase::Prepared) {
+            return self.fail_before_switch(e).await;
+        }
+        // A review-app instance gets (or keeps) its port before any command runs.
+        if let Err(e) = crate::instances::register(&self.journal.app, &self.journal.spec) {
             return self.fail_before_switch(e).await;
         }
         if let Err(e) = self.link_shared() {
@@ -726,6 +739,10 @@ impl Run {
                 Stage::Rollback,
                 "ROLLBACK FAILED: the previous release is not healthy either; a human must look",
             ),
+            _ if self.journal.previous.is_none() => self.events.send(
+                Stage::Rollback,
+                "rolled back: there was no previous release, so `current` was removed",
+            ),
             _ => self.events.send(
                 Stage::Rollback,
                 "rolled back: the previous release serves again",
@@ -748,6 +765,7 @@ impl Run {
     fn finish(self, outcome: Outcome, error: Option<String>) -> DeployReport {
         let j = &self.journal;
         let current = self.layout.current_release();
+        crate::instances::touch(&j.app);
         let _ = journal::append_history(
             &self.layout,
             &HistoryEntry {
@@ -760,6 +778,8 @@ impl Run {
                 started: j.started.clone(),
                 finished: journal::now_rfc3339(),
                 error: error.clone(),
+                origin: j.origin.clone(),
+                instance: j.app.instance.clone(),
             },
         );
         let _ = Journal::clear(&self.layout);

@@ -43,6 +43,9 @@ pub struct Journal {
     pub phase: Phase,
     /// Why we are rolling back, once we are.
     pub error: Option<String>,
+    /// Where the release came from (`promote`, `--force`), for the history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<proto::Origin>,
 }
 
 impl Journal {
@@ -104,6 +107,14 @@ pub fn find_journals(roots: &[PathBuf], max_depth: usize) -> Vec<PathBuf> {
         if dir.join(".deploy").join("journal.json").is_file() {
             out.push(dir.to_path_buf());
         }
+        // Review-app instances (`instances/<name>/`) count as the app's own level.
+        let instances = dir.join(crate::instances::DIR);
+        for i in std::fs::read_dir(instances).into_iter().flatten().flatten() {
+            let journal = i.path().join(".deploy").join("journal.json");
+            if i.file_type().is_ok_and(|t| t.is_dir()) && journal.is_file() {
+                out.push(i.path());
+            }
+        }
         if depth >= max {
             return;
         }
@@ -113,6 +124,9 @@ pub fn find_journals(roots: &[PathBuf], max_depth: usize) -> Vec<PathBuf> {
         for e in entries.flatten() {
             let name = e.file_name();
             if name == "releases" || name == "shared" || name == ".deploy" || name == "current" {
+                continue;
+            }
+            if name == crate::instances::DIR {
                 continue;
             }
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
@@ -156,6 +170,8 @@ mod tests {
                     started: now_rfc3339(),
                     finished: now_rfc3339(),
                     error: None,
+                    origin: None,
+                    instance: None,
                 },
             )
             .unwrap();
@@ -176,5 +192,15 @@ mod tests {
         std::fs::create_dir_all(inner.join(".deploy")).unwrap();
         std::fs::write(inner.join(".deploy/journal.json"), "{}").unwrap();
         assert_eq!(find_journals(&[dir.path().to_path_buf()], 4), vec![app]);
+    }
+
+    #[test]
+    fn instance_journals_are_found_at_any_allowed_depth() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = dir.path().join("a/b/c/app");
+        let inst = app.join("instances/pr-1");
+        std::fs::create_dir_all(inst.join(".deploy")).unwrap();
+        std::fs::write(inst.join(".deploy/journal.json"), "{}").unwrap();
+        assert_eq!(find_journals(&[dir.path().to_path_buf()], 4), vec![inst]);
     }
 }

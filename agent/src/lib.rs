@@ -14,12 +14,16 @@
 //!   release records about its compose project.
 //! - [`exec`]: running the app's commands; [`health`]: polling its health URL.
 //! - [`config`]: `/etc/deploy-agent/agent.toml` and its flags.
+//! - [`instances`]: review apps: `instances/<name>/` layouts, their ports, destroy and
+//!   expiry.
 
 pub mod compose;
 pub mod config;
 pub mod deploy;
 pub mod exec;
+pub mod fetch;
 pub mod health;
+pub mod instances;
 pub mod journal;
 pub mod lock;
 pub mod recover;

@@ -167,6 +167,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .tasks
             .spawn(async move { recover::finish(&s, job).await });
     }
+    // Review-app instances past their instance_ttl: now, then every minute.
+    tokio::spawn(crate::instances::expiry_loop(shared.clone()));
     tracing::info!(
         socket = %shared.config.socket.display(),
         "deploy-agent {} ready",

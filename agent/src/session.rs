@@ -120,10 +120,19 @@ impl Session {
             }
             let reply = match request {
                 Request::Hello(_) => Err(bad("hello was already exchanged")),
+                Request::Fetch(f) => match self.layout(&f.app) {
+                    Ok(l) => match crate::fetch::send(conn, &l, &f.release).await? {
+                        Ok(end) => Ok(Response::FetchEnd(end)),
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                },
                 Request::Check(c) => Ok(self.check(c.deploy_to.as_deref())),
                 Request::Lock(l) => self.lock(l).await,
                 Request::Unlock(u) => Ok(Response::Unlocked(Unlocked {
-                    released: self.locks.remove(Path::new(&u.app.deploy_to)).is_some(),
+                    released: self
+                        .layout(&u.app)
+                        .is_ok_and(|l| self.locks.remove(&l.root).is_some()),
                 })),
                 Request::Push(p) => match self.push(conn, p).await? {
                     Ok(run) => Ok(Response::Deploy(self.forward(conn, run).await?)),
@@ -143,6 +152,17 @@ impl Session {
                         entries: journal::read_history(&l, h.limit as usize),
                     })
                 }),
+                Request::Destroy(d) => self.destroy(d).await,
+                Request::Instances(i) => self
+                    .layout(&AppRef {
+                        instance: None,
+                        ..i.app
+                    })
+                    .map(|l| {
+                        Response::Instances(proto::InstancesReply {
+                            instances: crate::instances::list(&l.root, &self.shared.locks),
+                        })
+                    }),
             };
             let response = reply.unwrap_or_else(Response::Error);
             conn.send(&response).await?;
@@ -169,7 +189,7 @@ impl Session {
             )
             .with("deploy_to", &app.deploy_to));
         }
-        Ok(Layout::new(path))
+        crate::instances::layout_of(path, app.instance.as_deref())
     }
 
     fn check(&self, deploy_to: Option<&str>) -> Response {
@@ -331,17 +351,20 @@ impl Session {
                 )));
             }
         };
-        if let Err(e) = result {
-            cleanup(&layout);
-            let mut err = ProtoError::new(
-                ErrorCode::BadArtifact,
-                format!("artifact refused: {e}; nothing was changed"),
-            );
-            if let Some(entry) = e.entry() {
-                err = err.with("entry", entry);
+        let unpacked = match result {
+            Ok(u) => u,
+            Err(e) => {
+                cleanup(&layout);
+                let mut err = ProtoError::new(
+                    ErrorCode::BadArtifact,
+                    format!("artifact refused: {e}; nothing was changed"),
+                );
+                if let Some(entry) = e.entry() {
+                    err = err.with("entry", entry);
+                }
+                return Ok(Err(err));
             }
-            return Ok(Err(err));
-        }
+        };
         if sha256 != end.sha256 || size != end.size {
             cleanup(&layout);
             return Ok(Err(ProtoError::new(
@@ -353,6 +376,19 @@ impl Session {
                 ),
             )));
         }
+        let content = unpacked.content_digest();
+        if let Some(expected) = &p.expect_content
+            && *expected != content
+        {
+            cleanup(&layout);
+            return Ok(Err(ProtoError::new(
+                ErrorCode::BadArtifact,
+                format!(
+                    "release content {content} differs from the expected {expected}; \
+                     nothing was changed"
+                ),
+            )));
+        }
         let info = ReleaseInfo {
             id: p.release.clone(),
             version: p.version.clone(),
@@ -360,8 +396,10 @@ impl Session {
             created: journal::now_rfc3339(),
             status: ReleaseStatus::Prepared,
             current: false,
+            content: Some(content),
         };
-        let finalize = Layout::write_meta_in(&partial, &info)
+        let finalize = Layout::write_manifest_in(&partial, &unpacked.manifest)
+            .and_then(|_| Layout::write_meta_in(&partial, &info))
             .and_then(|_| std::fs::rename(&partial, layout.release(&p.release)))
             .and_then(|_| journal.set(&layout, Phase::Prepared));
         if let Err(e) = finalize {
@@ -423,6 +461,7 @@ impl Session {
             spec: p.spec.clone(),
             phase: Phase::Uploading,
             error: None,
+            origin: p.origin.clone(),
         };
         journal
             .save(&layout)
@@ -473,6 +512,7 @@ impl Session {
             spec: r.spec,
             phase: Phase::Switching,
             error: None,
+            origin: None,
         };
         Ok((Run::new(layout, journal, Events::new(etx), lock), erx))
     }
@@ -519,12 +559,35 @@ impl Session {
         }
     }
 
+    /// Removes a review-app instance under its lock, in a task of its own so it ends the
+    /// same whether or not the session stays.
+    async fn destroy(&mut self, d: proto::Destroy) -> Reply {
+        if d.app.instance.is_none() {
+            return Err(bad("destroy needs an instance name"));
+        }
+        let layout = self.layout(&d.app)?;
+        let lock = self.lock_for(&d.app, &layout, &d.holder, None).await?;
+        let task = self.shared.tasks.spawn(async move {
+            let action = Action::Destroy;
+            crate::instances::destroy(&d.app, &layout, &lock, Some(&d.spec), &d.holder, action)
+                .await
+        });
+        match task.await {
+            Ok(r) => r.map(Response::Destroyed),
+            Err(e) => Err(ProtoError::new(
+                ErrorCode::Internal,
+                format!("destroy task: {e}"),
+            )),
+        }
+    }
+
     async fn status(&self, s: proto::Status) -> Reply {
         let layout = self.layout(&s.app)?;
         let list = layout.list();
         let health = match s.health {
             Some(mut spec) if layout.current_release().is_some() => {
                 spec.retries = 1;
+                spec.url = crate::instances::expand(&s.app, &spec.url);
                 Some(crate::health::wait_healthy(&spec, |_, _| {}).await)
             }
             _ => None,
@@ -599,6 +662,7 @@ mod tests {
             created: String::new(),
             status,
             current: false,
+            content: None,
         };
         let list = vec![
             r("01", ReleaseStatus::Live),

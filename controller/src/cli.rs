@@ -12,6 +12,8 @@ Examples:
   BACKEND_IMAGE=ghcr.io/org/backend:$GITHUB_SHA deployctl push edge --version \"$GITHUB_SHA\"
   deployctl rollback production --to 20261122214450
   deployctl status production --json
+  deployctl push review --instance pr-42
+  deployctl destroy review --instance pr-42
   deployctl demo";
 
 #[derive(Parser, Debug)]
@@ -47,6 +49,10 @@ pub struct EnvArgs {
     /// Print one JSON document with per-host results
     #[arg(long)]
     pub json: bool,
+    /// Review apps: the instance of ENV to act on, a DNS label such as pr-42 (ENV needs
+    /// instances = true; push, rollback and destroy require it there)
+    #[arg(long, value_name = "NAME")]
+    pub instance: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -74,6 +80,31 @@ pub enum Command {
         #[arg(long)]
         yes: bool,
         /// Wait this long for another deploy's lock (e.g. 2m) instead of failing
+        #[arg(long, value_parser = parse_duration)]
+        lock_wait: Option<std::time::Duration>,
+        /// Push even though `promote_from` has not proven this content (recorded in the
+        /// history, and loud in the output)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Deploy to TO exactly the release that is live on FROM (same content, byte for byte)
+    #[command(
+        after_help = "Examples:\n  deployctl promote staging production --yes\n  deployctl promote staging production --version v1.4.2 --yes"
+    )]
+    Promote {
+        /// Where the release is live now, e.g. staging
+        from: String,
+        /// Where it goes, e.g. production
+        to: String,
+        /// The release to take (a version label or id); default: what FROM runs now
+        #[arg(long)]
+        version: Option<String>,
+        /// Do not ask for confirmation (TO has confirm = true)
+        #[arg(long)]
+        yes: bool,
+        /// Print one JSON document with per-host results
+        #[arg(long)]
+        json: bool,
         #[arg(long, value_parser = parse_duration)]
         lock_wait: Option<std::time::Duration>,
     },
@@ -109,6 +140,31 @@ pub enum Command {
         /// Newest entries per host
         #[arg(long, default_value_t = 20)]
         limit: u32,
+    },
+    /// Review apps: stop an instance, remove its files and free its port
+    #[command(
+        long_about = "Stop a review-app instance of ENV on every host (its `stop` command, or `down -v --remove-orphans` for compose, which removes its volumes too), remove <deploy_to>/instances/NAME and free its port. Takes the instance's lock (--lock-wait waits for it). Destroying an instance that does not exist succeeds and says so.",
+        after_help = "Examples:\n  deployctl destroy review --instance pr-42"
+    )]
+    Destroy {
+        #[command(flatten)]
+        env: EnvArgs,
+        /// Do not ask for confirmation (environments with confirm = true)
+        #[arg(long)]
+        yes: bool,
+        #[arg(long, value_parser = parse_duration)]
+        lock_wait: Option<std::time::Duration>,
+    },
+    /// Review apps: per host, every instance with its port, release, URL and last deploy
+    #[command(
+        after_help = "Examples:\n  deployctl instances review\n  deployctl instances review --json"
+    )]
+    Instances {
+        /// The environment (one with instances = true)
+        env: String,
+        /// Print one JSON document with per-host results
+        #[arg(long)]
+        json: bool,
     },
     /// Reachability, host key, auth, agent version, disk space
     Check {

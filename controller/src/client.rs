@@ -71,6 +71,47 @@ impl AgentClient {
         }
     }
 
+    /// Receives a release's content after [`proto::Fetch`] was answered with
+    /// `FetchReady`: binary frames into `out`, until `FetchEnd`. Returns the sha256 and
+    /// size of what arrived, checked against what the agent says it sent.
+    pub async fn receive_fetch(
+        &mut self,
+        out: &mut impl std::io::Write,
+    ) -> Result<(String, u64), ClientError> {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        let mut size = 0u64;
+        loop {
+            match self.conn.recv().await? {
+                proto::codec::Frame::Data(d) => {
+                    hasher.update(&d);
+                    size += d.len() as u64;
+                    out.write_all(&d).map_err(|e| {
+                        ClientError::Unexpected(format!("writing the fetched release: {e}"))
+                    })?;
+                }
+                proto::codec::Frame::Text(t) => {
+                    match serde_json::from_str::<Response>(&t).map_err(codec::CodecError::from)? {
+                        Response::FetchEnd(end) => {
+                            let sha = hex::encode(hasher.finalize());
+                            if end.sha256 != sha || end.size != size {
+                                return Err(ClientError::Unexpected(format!(
+                                    "the release arrived damaged: {size} bytes with sha256 {sha}, \
+                                 the agent sent {} bytes with sha256 {}",
+                                    end.size, end.sha256
+                                )));
+                            }
+                            return Ok((sha, size));
+                        }
+                        Response::Error(e) => return Err(ClientError::Agent(e)),
+                        Response::Event(_) => {}
+                        other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+                    }
+                }
+            }
+        }
+    }
+
     pub async fn send_request(&mut self, request: impl Into<Request>) -> Result<(), ClientError> {
         self.conn.send(&request.into()).await?;
         Ok(())

@@ -501,6 +501,9 @@ pub struct Environment {
     pub verify: Option<VerifyConfig>,
     pub compose: ComposeConfig,
     pub instances: Option<InstancesConfig>,
+    /// The review-app instance this run is about (`--instance NAME`), checked against
+    /// `instances`. Never set from the file.
+    pub instance: Option<String>,
     /// Another environment's name.
     pub promote_from: Option<String>,
     /// Names of variables whose values are masked in output. Default `[]`.
@@ -942,6 +945,7 @@ impl Config {
             verify,
             compose,
             instances,
+            instance: None,
             promote_from,
             secrets: secrets.unwrap_or_default(),
         })

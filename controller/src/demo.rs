@@ -226,6 +226,7 @@ hosts = ["local"]
         skip_migrations: false,
         yes: true,
         lock_wait: None,
+        force: false,
     };
     let dummy = cli(Cmd::Demo { keep });
 

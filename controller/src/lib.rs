@@ -13,6 +13,7 @@
 //! - [`report`], [`output`]: results, exit codes, tables, `--json`, progress lines.
 //! - [`exit`]: the exit codes we promise.
 
+pub mod artifact;
 pub mod cli;
 pub mod client;
 pub mod commands;
@@ -52,6 +53,7 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             skip_migrations,
             yes,
             lock_wait,
+            force,
         } => {
             push::run(
                 cli,
@@ -63,6 +65,28 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
                     version: version.clone(),
                     skip_migrations: *skip_migrations,
                     yes: *yes,
+                    lock_wait: *lock_wait,
+                    force: *force,
+                },
+            )
+            .await
+        }
+        Command::Promote {
+            from,
+            to,
+            version,
+            yes,
+            json,
+            lock_wait,
+        } => {
+            promote::run(
+                cli,
+                promote::PromoteArgs {
+                    from: from.clone(),
+                    to: to.clone(),
+                    version: version.clone(),
+                    yes: *yes,
+                    json: *json,
                     lock_wait: *lock_wait,
                 },
             )
@@ -86,6 +110,12 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             .await
         }
         Command::Check { env } => check::run(cli, &env.env, env.json).await,
+        Command::Destroy {
+            env,
+            yes,
+            lock_wait,
+        } => destroy::run(cli, &env.env, *yes, *lock_wait, env.json).await,
+        Command::Instances { env, json } => instances::run(cli, env, *json).await,
         Command::Bootstrap {
             env,
             agent_binary,

@@ -33,7 +33,7 @@ pub struct HostResult {
 impl HostResult {
     pub fn from_report(host: &str, r: DeployReport) -> Self {
         let exit_code = match r.outcome {
-            Outcome::Live => exit::OK,
+            Outcome::Live | Outcome::Removed => exit::OK,
             Outcome::Failed | Outcome::RolledBack => exit::DEPLOY_FAILED,
             Outcome::RollbackFailed => exit::NEEDS_HUMAN,
         };
@@ -184,6 +184,9 @@ pub fn print_deploy(
             "duration_ms": took.as_millis() as u64,
             "hosts": results,
         });
+        if let Some(i) = &env.instance {
+            doc["instance"] = serde_json::json!(i);
+        }
         if let Some(f) = fleet {
             doc["verify"] = serde_json::json!(f.verify);
             doc["failure"] = serde_json::json!(f.failure);
@@ -298,9 +301,17 @@ pub fn print_deploy(
     };
     crate::out!(
         "{command} {}: {verdict} in {:.1}s",
-        env.name,
+        env_label(env),
         took.as_secs_f64()
     );
+}
+
+/// `review --instance pr-42` for a review-app instance, else the environment's name.
+pub fn env_label(env: &Environment) -> String {
+    match &env.instance {
+        Some(i) => format!("{} --instance {i}", env.name),
+        None => env.name.clone(),
+    }
 }
 
 /// The results as a markdown table, for `$GITHUB_STEP_SUMMARY`.
@@ -315,7 +326,7 @@ fn summary_markdown(
     let icon = if code == exit::OK { "✅" } else { "❌" };
     let mut md = format!(
         "### {icon} deployctl {command} {} ({}){}\n\n| host | outcome | release | running now | error |\n| --- | --- | --- | --- | --- |\n",
-        env.name,
+        env_label(env),
         env.app,
         release
             .map(|r| format!(": release `{r}`"))
@@ -366,6 +377,7 @@ pub fn outcome_name(o: Outcome) -> &'static str {
         Outcome::Failed => "failed",
         Outcome::RolledBack => "rolled_back",
         Outcome::RollbackFailed => "rollback_failed",
+        Outcome::Removed => "removed",
     }
 }
 

@@ -104,6 +104,10 @@ where
                 }
                 results[i] = Some(r);
             }
+            // A batch larger than max_parallel runs in waves; stop between them too.
+            if failure.is_some() {
+                break;
+            }
         }
         if failure.is_some() {
             break;

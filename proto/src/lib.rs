@@ -17,6 +17,7 @@
 
 pub mod codec;
 pub mod error;
+pub mod manifest;
 pub mod messages;
 
 pub use error::{ErrorCode, ProtoError};
@@ -26,7 +27,10 @@ pub use messages::*;
 ///
 /// 2: `ReleaseSpec.compose` (an agent speaking 1 would deploy a compose release as
 /// plain files), stages `validate` and `pull`.
-pub const PROTOCOL_VERSION: u32 = 2;
+///
+/// 3: `AppRef.instance` (an agent speaking 2 would deploy a review-app instance over
+/// the app itself), `Destroy`, `Instances`, history actions `destroy` and `expire`.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Size of one binary frame of file data. 1 MiB measured well over SSH channels.
 pub const CHUNK_SIZE: usize = 1024 * 1024;

@@ -51,9 +51,18 @@ pub enum Request {
     Status(Status),
     Releases(Releases),
     History(History),
+    /// Streams a release's content back (for `promote`): [`FetchReady`], binary frames,
+    /// then [`FetchEnd`].
+    Fetch(Fetch),
+    /// Stops and removes a review-app instance, and frees its port.
+    Destroy(Destroy),
+    /// Lists the review-app instances of an app.
+    Instances(Instances),
 }
 
 /// What the agent sends.
+// One response per request, moved once: boxing the big ones (`Status`) buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "params", rename_all = "snake_case")]
 pub enum Response {
@@ -66,12 +75,17 @@ pub enum Response {
     Status(StatusReply),
     Releases(ReleasesReply),
     History(HistoryReply),
+    FetchReady(FetchReady),
+    FetchEnd(FetchEnd),
+    Destroyed(Destroyed),
+    Instances(InstancesReply),
     /// Progress; any number may precede the final response to a request.
     Event(Event),
     Error(ProtoError),
 }
 
 rpc!(Hello => Hello(HelloReply));
+rpc!(Fetch => FetchReady(FetchReady));
 rpc!(Check => Check(CheckReply));
 rpc!(Lock => Lock(LockInfo));
 rpc!(Unlock => Unlocked(Unlocked));
@@ -81,6 +95,8 @@ rpc!(Rollback => Deploy(DeployReport));
 rpc!(Status => Status(StatusReply));
 rpc!(Releases => Releases(ReleasesReply));
 rpc!(History => History(HistoryReply));
+rpc!(Destroy => Destroyed(Destroyed));
+rpc!(Instances => Instances(InstancesReply));
 
 /// The first message of every session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +120,34 @@ pub struct HelloReply {
 pub struct AppRef {
     pub name: String,
     pub deploy_to: String,
+    /// A review-app instance of the app (a DNS-safe label, see [`instance_name_problem`]):
+    /// it lives in `<deploy_to>/instances/<name>/`, with its own releases, `current`,
+    /// lock, journal and history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+}
+
+/// Why `name` is not a valid instance name, or `None` when it is one: a DNS label of
+/// 1 to 63 lowercase letters, digits and `-`, neither starting nor ending with `-`.
+/// Both sides check it; it is what keeps an instance inside `<deploy_to>/instances/`.
+pub fn instance_name_problem(name: &str) -> Option<String> {
+    let why = if name.is_empty() {
+        "it is empty"
+    } else if name.len() > 63 {
+        "it is longer than 63 characters"
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        "only lowercase letters, digits and `-` are allowed"
+    } else if name.starts_with('-') || name.ends_with('-') {
+        "it starts or ends with `-`"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "instance name {name:?} is not a DNS label (1-63 of a-z, 0-9 and `-`, e.g. pr-42): {why}"
+    ))
 }
 
 /// Health and readiness of the agent, and of `deploy_to` when given.
@@ -177,6 +221,20 @@ pub struct ReleaseSpec {
     /// Set for `strategy = "compose"`: the release is a compose project, and
     /// "restart" means `up` with its files. `restart` is then not used.
     pub compose: Option<ComposeSpec>,
+    /// Set for a review-app instance ([`AppRef::instance`]): where its port comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<InstanceSpec>,
+}
+
+/// The review-app settings of an environment, sent with every push so the agent can
+/// give a new instance a port and expire idle ones on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    /// The port pool, both ends included (`instance_ports = "4100-4199"`).
+    pub first_port: u16,
+    pub last_port: u16,
+    /// `instance_ttl`: the agent destroys an instance no deploy touched for this long.
+    pub ttl_ms: Option<u64>,
 }
 
 /// How to run a release that holds a compose project.
@@ -217,6 +275,27 @@ pub struct Push {
     pub size: u64,
     pub skip_migrations: bool,
     pub spec: ReleaseSpec,
+    /// When set, the unpacked release must have this content digest, or the push is
+    /// refused before anything switches (used by `promote`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_content: Option<String>,
+    /// Where this release came from, recorded in history (`promote`, `--force`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+/// Provenance of a release, kept in history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The environment it was promoted from, e.g. `staging`.
+    pub environment: Option<String>,
+    /// Its release id there.
+    pub release: Option<String>,
+    /// When it went live there (RFC 3339).
+    pub live_since: Option<String>,
+    /// Pushed with `--force` past a `promote_from` gate.
+    #[serde(default)]
+    pub forced: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -256,6 +335,8 @@ pub enum Outcome {
     RolledBack,
     /// Going back failed too: a human must look.
     RollbackFailed,
+    /// A review-app instance was stopped and removed (history of `destroy`, expiry).
+    Removed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -361,6 +442,29 @@ pub struct ReleaseInfo {
     pub status: ReleaseStatus,
     #[serde(default)]
     pub current: bool,
+    /// Digest of what the release holds (see [`crate::manifest`]): equal digests mean
+    /// byte-identical content, however the artifact was packed or uploaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// Asks for a release's content as a `.tar.gz` stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fetch {
+    pub app: AppRef,
+    pub release: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchReady {
+    pub release: ReleaseInfo,
+}
+
+/// Ends a fetch: what the agent sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchEnd {
+    pub sha256: String,
+    pub size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -381,6 +485,10 @@ pub enum Action {
     Rollback,
     /// The agent finished or undid a deploy after a restart.
     Recover,
+    /// `deployctl destroy --instance`: a review-app instance was removed.
+    Destroy,
+    /// The agent removed a review-app instance idle for longer than its `instance_ttl`.
+    Expire,
 }
 
 /// One line of `<deploy_to>/.deploy/history.jsonl`.
@@ -395,6 +503,11 @@ pub struct HistoryEntry {
     pub started: String,
     pub finished: String,
     pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+    /// The review-app instance a `destroy` or `expire` entry is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -408,6 +521,55 @@ pub struct History {
 pub struct HistoryReply {
     /// Oldest first.
     pub entries: Vec<HistoryEntry>,
+}
+
+/// Stops a review-app instance (`stop`, or compose `down -v --remove-orphans`), removes
+/// `<deploy_to>/instances/<name>/` and frees its port. Takes the instance's lock.
+/// Destroying an instance that does not exist succeeds with `existed: false`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Destroy {
+    /// `instance` must be set.
+    pub app: AppRef,
+    pub holder: String,
+    /// Its `stop` command or compose project, as configured now.
+    pub spec: ReleaseSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Destroyed {
+    pub existed: bool,
+    /// The port it held, now free.
+    pub port: Option<u16>,
+    /// The release that was running.
+    pub release: Option<String>,
+    /// The stop command or `down -v`, with its output.
+    pub steps: Vec<StepReport>,
+}
+
+/// Lists the review-app instances of `app` (its `instance` is ignored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instances {
+    pub app: AppRef,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstancesReply {
+    /// Sorted by name.
+    pub instances: Vec<InstanceInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    pub name: String,
+    pub port: Option<u16>,
+    pub current: Option<ReleaseInfo>,
+    /// Its last deploy or rollback.
+    pub last: Option<HistoryEntry>,
+    /// When the last push or rollback began (RFC 3339): what `instance_ttl` counts from.
+    pub touched: Option<String>,
+    /// When the agent will expire it, with `instance_ttl` set (RFC 3339).
+    pub expires: Option<String>,
+    pub lock: Option<LockInfo>,
 }
 
 #[cfg(test)]

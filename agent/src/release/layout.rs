@@ -94,6 +94,24 @@ impl Layout {
         )
     }
 
+    /// Writes `<dir>/.deploy/manifest.json`: what the release holds, file by file.
+    pub fn write_manifest_in(
+        dir: &Path,
+        manifest: &[proto::manifest::Entry],
+    ) -> std::io::Result<()> {
+        let meta_dir = dir.join(".deploy");
+        std::fs::create_dir_all(&meta_dir)?;
+        write_atomic(
+            &meta_dir.join("manifest.json"),
+            serde_json::to_vec(manifest)?.as_slice(),
+        )
+    }
+
+    pub fn read_manifest(&self, id: &str) -> Option<Vec<proto::manifest::Entry>> {
+        let text = std::fs::read(self.release(id).join(".deploy/manifest.json")).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
     pub fn set_status(&self, id: &str, status: ReleaseStatus) -> std::io::Result<()> {
         if let Some(mut info) = self.read_meta(id) {
             info.status = status;
@@ -116,6 +134,7 @@ impl Layout {
                     created: String::new(),
                     status: ReleaseStatus::Prepared,
                     current: false,
+                    content: None,
                 });
                 info.current = current.as_deref() == Some(id.as_str());
                 info
@@ -214,6 +233,7 @@ mod tests {
                     created: "x".into(),
                     status: ReleaseStatus::Live,
                     current: false,
+                    content: None,
                 },
             )
             .unwrap();

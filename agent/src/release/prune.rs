@@ -57,6 +57,7 @@ mod tests {
             created: String::new(),
             status,
             current,
+            content: None,
         }
     }
 

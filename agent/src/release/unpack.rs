@@ -93,7 +93,7 @@ impl Default for Limits {
 }
 
 /// What was extracted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Unpacked {
     /// Regular files, including hard links.
     pub files: u64,
@@ -102,6 +102,15 @@ pub struct Unpacked {
     pub symlinks: u64,
     /// Bytes of file content written.
     pub bytes: u64,
+    /// What was written, file by file (hashed while writing), in archive order.
+    pub manifest: Vec<proto::manifest::Entry>,
+}
+
+impl Unpacked {
+    /// The content digest of what was unpacked ([`proto::manifest::content_digest`]).
+    pub fn content_digest(&self) -> String {
+        proto::manifest::content_digest(&self.manifest)
+    }
 }
 
 /// Why an archive was refused. `entry` is the path as written in the archive.
@@ -534,6 +543,7 @@ impl Extractor<'_> {
             .content
             .set(self.state.content.get().saturating_add(size));
         let mut written = 0u64;
+        let mut hasher = Sha256::new();
         loop {
             let n = match e.read(&mut self.buf) {
                 Ok(0) => break,
@@ -546,6 +556,7 @@ impl Extractor<'_> {
                 return Err(UnpackError::TooLarge { limit });
             }
             file.write_all(&self.buf[..n]).map_err(io_err(name))?;
+            hasher.update(&self.buf[..n]);
         }
         if written != size {
             return Err(UnpackError::Corrupt {
@@ -562,6 +573,12 @@ impl Extractor<'_> {
         self.out.files += 1;
         self.out.bytes += written;
         self.files.insert(rel.to_path_buf());
+        self.out.manifest.push(proto::manifest::Entry::File {
+            path: manifest_path(rel),
+            mode: mode & 0o777,
+            size: written,
+            sha256: hex::encode(hasher.finalize()),
+        });
         Ok(())
     }
 
@@ -595,6 +612,10 @@ impl Extractor<'_> {
         }
         std::os::unix::fs::symlink(target, &full).map_err(io_err(name))?;
         self.out.symlinks += 1;
+        self.out.manifest.push(proto::manifest::Entry::Symlink {
+            path: manifest_path(rel),
+            target: target.to_string_lossy().into_owned(),
+        });
         Ok(())
     }
 
@@ -630,6 +651,25 @@ impl Extractor<'_> {
         fs::hard_link(&src, &full).map_err(io_err(name))?;
         self.out.files += 1;
         self.files.insert(rel.to_path_buf());
+        // A hard link holds the same content as its target: list it as that file.
+        let target_path = manifest_path(&target_rel);
+        let shared = self.out.manifest.iter().rev().find_map(|m| match m {
+            proto::manifest::Entry::File {
+                path,
+                mode,
+                size,
+                sha256,
+            } if *path == target_path => Some((*mode, *size, sha256.clone())),
+            _ => None,
+        });
+        if let Some((mode, size, sha256)) = shared {
+            self.out.manifest.push(proto::manifest::Entry::File {
+                path: manifest_path(rel),
+                mode,
+                size,
+                sha256,
+            });
+        }
         Ok(())
     }
 
@@ -691,6 +731,14 @@ fn normalize(name: &str, raw: &[u8]) -> Result<PathBuf, UnpackError> {
         }
     }
     Ok(out)
+}
+
+/// A normalized relative path as the manifest writes it: `/`-separated.
+fn manifest_path(rel: &Path) -> String {
+    rel.components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 fn kind_name(kind: EntryType) -> String {
@@ -949,6 +997,34 @@ mod tests {
             .tgz();
         let out = sb.unpack(&data).unwrap();
         sb.assert_contained();
+        // The manifest: files hashed as written, symlinks with targets, no dirs, and the
+        // hard link listed as the file it shares.
+        use proto::manifest::Entry;
+        let m = |p: &str| out.manifest.iter().find(|e| e.path() == p).cloned();
+        match m("app/bin/run") {
+            Some(Entry::File {
+                mode, size, sha256, ..
+            }) => {
+                assert_eq!((mode, size), (0o755, 18));
+                assert_eq!(sha256, sha256_hex(b"#!/bin/sh\necho hi\n"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match (m("app/data/config.txt"), m("app/hard")) {
+            (Some(Entry::File { sha256: a, .. }), Some(Entry::File { sha256: b, .. })) => {
+                assert_eq!(a, b)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            m("app/lib/up"),
+            Some(Entry::Symlink {
+                path: "app/lib/up".into(),
+                target: "../data/config.txt".into()
+            })
+        );
+        assert_eq!(out.manifest.len(), 4 + 3, "4 files and 3 symlinks, no dirs");
+        assert!(out.content_digest().starts_with("c1:"));
         assert_eq!(
             out,
             Unpacked {
@@ -956,6 +1032,7 @@ mod tests {
                 dirs: 3,
                 symlinks: 3,
                 bytes: 18 + 10 + 4,
+                manifest: out.manifest.clone(),
             }
         );
         let d = &sb.dest;

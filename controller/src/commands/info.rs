@@ -51,13 +51,12 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                         .as_ref()
                         .map(|l| {
                             format!(
-                                "{:?} {} {} by {}",
-                                l.action,
+                                "{} {} {} by {}",
+                                format!("{:?}", l.action).to_lowercase(),
                                 l.release,
                                 outcome_name(l.outcome),
                                 l.holder
                             )
-                            .to_lowercase()
                         })
                         .unwrap_or_else(|| "-".into());
                     rows.push(vec![
@@ -120,7 +119,10 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                         rows.push(vec![
                             c.name.clone(),
                             e.finished.clone(),
-                            format!("{:?}", e.action).to_lowercase(),
+                            match &e.instance {
+                                Some(i) => format!("{:?} {i}", e.action).to_lowercase(),
+                                None => format!("{:?}", e.action).to_lowercase(),
+                            },
                             e.release.clone(),
                             e.version.clone().unwrap_or("-".into()),
                             outcome_name(e.outcome).into(),

@@ -3,7 +3,10 @@
 
 pub mod bootstrap;
 pub mod check;
+pub mod destroy;
 pub mod info;
+pub mod instances;
+pub mod promote;
 pub mod push;
 pub mod rollback;
 
@@ -30,7 +33,72 @@ pub fn load_env(cli: &Cli, name: &str) -> Result<Environment, Failure> {
         env.accept_new_host_keys = true;
     }
     crate::output::set_secrets(secret_values(&env));
+    if let Some(h) = &env.health
+        && h.url.starts_with("https://")
+    {
+        return Err(Failure::usage(format!(
+            "{}: health.url {} is https, but the agent checks health on the server itself \
+             over plain http; point it at the app's local port (http://127.0.0.1:PORT/...) \
+             and check the public https URL with [environments.{}.verify]",
+            env.name, h.url, env.name
+        )));
+    }
+    select_instance(cli, &mut env)?;
     Ok(env)
+}
+
+/// Applies `--instance NAME` (review apps) to `env`: only for commands that act on one,
+/// only in an environment with `instances = true`, and only a DNS label. Push, rollback
+/// and destroy there require one: the app itself has no port, and a pull request must
+/// never land on it by accident. Status, releases and history without one show the app
+/// itself (whose history records every destroy and expiry).
+fn select_instance(cli: &Cli, env: &mut Environment) -> Result<(), Failure> {
+    use crate::cli::Command;
+    let (given, command, required) = match &cli.command {
+        Command::Push { env, .. } => (env.instance.as_deref(), "push", true),
+        Command::Rollback { env, .. } => (env.instance.as_deref(), "rollback", true),
+        Command::Destroy { env, .. } => (env.instance.as_deref(), "destroy", true),
+        Command::Status { env } | Command::Releases { env } | Command::History { env, .. } => {
+            (env.instance.as_deref(), "", false)
+        }
+        Command::Check { env } => (env.instance.as_deref(), "check", false),
+        Command::Bootstrap { env, .. } => (env.instance.as_deref(), "bootstrap", false),
+        _ => (None, "", false),
+    };
+    let Some(name) = given else {
+        if required && env.instances.is_some() {
+            return Err(Failure::usage(format!(
+                "environment {} holds review apps (instances = true): pass --instance NAME \
+                 to {command} one, e.g. `deployctl {command} {} --instance pr-42`",
+                env.name, env.name
+            )));
+        }
+        if command == "destroy" {
+            return Err(Failure::usage(format!(
+                "destroy needs --instance NAME, and environment {} has no review apps \
+                 (instances = true)",
+                env.name
+            )));
+        }
+        return Ok(());
+    };
+    if matches!(command, "check" | "bootstrap") {
+        return Err(Failure::usage(format!(
+            "{command} works on hosts, not on one review app: drop --instance {name}"
+        )));
+    }
+    if env.instances.is_none() {
+        return Err(Failure::usage(format!(
+            "--instance {name}: environment {} has no review apps; set instances = true and \
+             instance_ports in [environments.{}]",
+            env.name, env.name
+        )));
+    }
+    if let Some(why) = proto::instance_name_problem(name) {
+        return Err(Failure::usage(format!("--instance: {why}")));
+    }
+    env.instance = Some(name.to_owned());
+    Ok(())
 }
 
 /// An env-file value worth masking: long enough, and not a plain word such as
@@ -105,6 +173,7 @@ pub fn app_ref(env: &Environment) -> AppRef {
     AppRef {
         name: env.app.clone(),
         deploy_to: env.deploy_to.clone(),
+        instance: env.instance.clone(),
     }
 }
 
@@ -119,6 +188,16 @@ pub fn release_spec(env: &Environment) -> ReleaseSpec {
         health: health_spec(env),
         max_unpacked_bytes: env.release.max_unpacked_bytes,
         compose: None,
+        // The agent gives a new instance a port from the pool, and expires idle ones.
+        instance: env
+            .instances
+            .as_ref()
+            .filter(|_| env.instance.is_some())
+            .map(|i| proto::InstanceSpec {
+                first_port: *i.ports.start(),
+                last_port: *i.ports.end(),
+                ttl_ms: i.ttl.map(|t| t.as_millis() as u64),
+            }),
     };
     if env.strategy == Strategy::Compose {
         // The release holds only the compose files: the release strategy's shared

@@ -29,6 +29,16 @@ pub struct PushArgs {
     pub skip_migrations: bool,
     pub yes: bool,
     pub lock_wait: Option<Duration>,
+    /// Push past a `promote_from` gate (recorded in history, loud in the output).
+    pub force: bool,
+}
+
+/// What a push carries besides the artifact: the content the agent must find in it,
+/// and where it came from (for the history).
+#[derive(Debug, Default, Clone)]
+pub struct Delivery {
+    pub expect_content: Option<String>,
+    pub origin: Option<proto::Origin>,
 }
 
 pub async fn run(cli: &Cli, args: PushArgs) -> Result<u8, Failure> {
@@ -79,11 +89,117 @@ pub async fn run(cli: &Cli, args: PushArgs) -> Result<u8, Failure> {
         )));
     }
     confirm(&env, args.yes, "push")?;
+    let delivery = match env.promote_from.clone() {
+        Some(from) => gate(cli, &env, &from, &artifact, args.force).await?,
+        None => Delivery::default(),
+    };
+    deploy(&env, &args, &artifact, delivery).await
+}
+
+/// `promote_from`: the artifact's content must have been live on every host of the
+/// source environment. `--force` pushes anyway, loudly, and says so in the history.
+async fn gate(
+    cli: &Cli,
+    env: &Environment,
+    from: &str,
+    artifact: &Path,
+    force: bool,
+) -> Result<Delivery, Failure> {
+    let digest = crate::artifact::content_digest(artifact).map_err(Failure::usage)?;
+    let from_env = super::load_env(cli, from)?;
+    let keys = find_keys(&from_env)?;
+    let quiet = Progress::new(true);
+    let mut conns = connect_all(&from_env, &keys, &quiet).await?;
+    let mut proof: Option<proto::ReleaseInfo> = None;
+    let mut missing = Vec::new();
+    for c in conns.iter_mut() {
+        let list = c
+            .client
+            .call(proto::Releases {
+                app: app_ref(&from_env),
+            })
+            .await
+            .map_err(|e| agent_failure(&c.name, e))?;
+        match list.releases.into_iter().rev().find(|r| {
+            r.content.as_deref() == Some(digest.as_str()) && r.status == proto::ReleaseStatus::Live
+        }) {
+            Some(r) => {
+                proof.get_or_insert(r);
+            }
+            None => missing.push(c.name.clone()),
+        }
+    }
+    close_all(conns).await;
+    if missing.is_empty()
+        && let Some(r) = proof
+    {
+        eprintln!(
+            "promote_from: this content ({digest}) is live on {from} as release {}",
+            r.id
+        );
+        return Ok(Delivery {
+            expect_content: Some(digest),
+            origin: Some(proto::Origin {
+                environment: Some(from.to_owned()),
+                release: Some(r.id),
+                live_since: Some(r.created),
+                forced: false,
+            }),
+        });
+    }
+    let why = format!(
+        "{} requires releases proven on {from}, and this artifact (content {digest}) has not          been live and healthy on {}",
+        env.name,
+        missing.join(", ")
+    );
+    if !force {
+        return Err(Failure::usage(format!(
+            "{why}. Deploy it to {from} first (deployctl push {from} ...), or ship what {from}              runs: deployctl promote {from} {}. --force overrides this check",
+            env.name
+        )));
+    }
+    let warning = format!("FORCED past promote_from: {why}; recorded in the history");
+    eprintln!("WARNING: {warning}");
+    if crate::output::github_actions() {
+        crate::out!("::warning title=deployctl --force::{warning}");
+    }
+    crate::output::step_summary(&format!("> **⚠️ {warning}**\n"));
+    Ok(Delivery {
+        expect_content: Some(digest),
+        origin: Some(proto::Origin {
+            environment: None,
+            release: None,
+            live_since: None,
+            forced: true,
+        }),
+    })
+}
+
+/// Pushes `artifact` to every host of `env` (used by `push` and `promote`).
+pub async fn deploy(
+    env: &Environment,
+    args: &PushArgs,
+    artifact: &Path,
+    delivery: Delivery,
+) -> Result<u8, Failure> {
+    let meta = std::fs::metadata(artifact)
+        .map_err(|e| Failure::usage(format!("artifact {}: {e}", artifact.display())))?;
+    let env = env.clone();
+    let artifact = artifact.to_path_buf();
     let keys = find_keys(&env)?;
     let progress = Progress::new(false);
     let started = Instant::now();
     let mut conns = connect_all(&env, &keys, &progress).await?;
-    let result = push_all(&env, &args, &artifact, meta.len(), &mut conns, &progress).await;
+    let result = push_all(
+        &env,
+        args,
+        &artifact,
+        meta.len(),
+        &delivery,
+        &mut conns,
+        &progress,
+    )
+    .await;
     close_all(conns).await;
     let (release, rollout) = result?;
     let code = report::rollout_exit_code(&rollout.hosts, rollout.failure.is_some());
@@ -105,6 +221,7 @@ async fn push_all(
     args: &PushArgs,
     artifact: &Path,
     size: u64,
+    delivery: &Delivery,
     conns: &mut [HostConn],
     progress: &Progress,
 ) -> Result<(String, RolloutReport), Failure> {
@@ -131,6 +248,8 @@ async fn push_all(
             size,
             skip_migrations: args.skip_migrations,
             spec: spec.clone(),
+            expect_content: delivery.expect_content.clone(),
+            origin: delivery.origin.clone(),
         };
         let artifact = artifact.to_path_buf();
         let progress = progress.clone();

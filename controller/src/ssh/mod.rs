@@ -166,10 +166,10 @@ impl client::Handler for Handler {
     ) -> Result<bool, Self::Error> {
         let result = match server_public_key {
             PublicKeyOrCertificate::PublicKey { key, .. } => self.verify(key),
-            PublicKeyOrCertificate::Certificate(_) => Err(SshError::KnownHosts {
+            PublicKeyOrCertificate::Certificate(_) => Err(SshError::Handshake {
                 host: self.target.display.clone(),
-                detail: "the server presented a host certificate; only plain host keys \
-                         in known_hosts are supported"
+                detail: "the server presented a host certificate; deployctl verifies plain \
+                         host keys from known_hosts only"
                     .into(),
             }),
         };

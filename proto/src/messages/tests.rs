@@ -28,6 +28,7 @@ fn app() -> AppRef {
     AppRef {
         name: "myapp".into(),
         deploy_to: "/srv/myapp".into(),
+        instance: None,
     }
 }
 
@@ -46,6 +47,7 @@ fn spec() -> ReleaseSpec {
         health: Some(health()),
         max_unpacked_bytes: 1 << 30,
         compose: None,
+        instance: None,
     }
 }
 
@@ -128,6 +130,7 @@ fn release_info() -> ReleaseInfo {
         created: "2026-11-22T21:44:50Z".into(),
         status: ReleaseStatus::Live,
         current: true,
+        content: Some("c1:".to_owned() + &"ef".repeat(32)),
     }
 }
 
@@ -139,6 +142,7 @@ fn release_info_json() -> serde_json::Value {
         "created": "2026-11-22T21:44:50Z",
         "status": "live",
         "current": true,
+        "content": "c1:".to_owned() + &"ef".repeat(32),
     })
 }
 
@@ -153,6 +157,8 @@ fn history_entry() -> HistoryEntry {
         started: "2026-11-22T21:44:50Z".into(),
         finished: "2026-11-22T21:45:50Z".into(),
         error: Some("health check failed".into()),
+        origin: None,
+        instance: None,
     }
 }
 
@@ -288,6 +294,8 @@ fn push_and_upload_end() {
             size: 1234,
             skip_migrations: false,
             spec: spec(),
+            expect_content: None,
+            origin: None,
         }),
         json!({"type": "push", "params": {
             "app": app_json(),
@@ -325,6 +333,8 @@ fn compose_push_and_rollback() {
             size: 512,
             skip_migrations: false,
             spec: compose_spec(),
+            expect_content: None,
+            origin: None,
         }),
         json!({"type": "push", "params": {
             "app": app_json(),
@@ -540,7 +550,178 @@ fn rpc_ties_each_request_to_its_response() {
         size: 0,
         skip_migrations: true,
         spec: spec(),
+        expect_content: None,
+        origin: None,
     }
     .into();
     assert!(matches!(push, Request::Push(_)));
+}
+
+#[test]
+fn promoted_push_and_fetch() {
+    let origin = Origin {
+        environment: Some("staging".into()),
+        release: Some("20261122214000".into()),
+        live_since: Some("2026-11-22T21:40:10Z".into()),
+        forced: false,
+    };
+    let origin_json = json!({
+        "environment": "staging",
+        "release": "20261122214000",
+        "live_since": "2026-11-22T21:40:10Z",
+        "forced": false,
+    });
+    golden(
+        Request::Push(Push {
+            app: app(),
+            release: "20261122214450".into(),
+            version: Some("v1.2.0".into()),
+            holder: "ci@runner".into(),
+            size: 99,
+            skip_migrations: false,
+            spec: spec(),
+            expect_content: Some("c1:00".into()),
+            origin: Some(origin.clone()),
+        }),
+        json!({"type": "push", "params": {
+            "app": app_json(),
+            "release": "20261122214450",
+            "version": "v1.2.0",
+            "holder": "ci@runner",
+            "size": 99,
+            "skip_migrations": false,
+            "spec": spec_json(),
+            "expect_content": "c1:00",
+            "origin": origin_json.clone(),
+        }}),
+    );
+    let mut entry = history_entry();
+    entry.origin = Some(origin);
+    let mut entry_json = history_entry_json();
+    entry_json["origin"] = origin_json;
+    golden(entry, entry_json);
+    golden(
+        Request::Fetch(Fetch {
+            app: app(),
+            release: "20261122214000".into(),
+        }),
+        json!({"type": "fetch", "params": {"app": app_json(), "release": "20261122214000"}}),
+    );
+    golden(
+        Response::FetchReady(FetchReady {
+            release: release_info(),
+        }),
+        json!({"type": "fetch_ready", "params": {"release": release_info_json()}}),
+    );
+    golden(
+        Response::FetchEnd(FetchEnd {
+            sha256: "12".repeat(32),
+            size: 7,
+        }),
+        json!({"type": "fetch_end", "params": {"sha256": "12".repeat(32), "size": 7}}),
+    );
+}
+
+#[test]
+fn review_apps() {
+    // An instance rides on AppRef; without one the JSON is what it always was.
+    let mut inst = app();
+    inst.instance = Some("pr-42".into());
+    let mut inst_json = app_json();
+    inst_json["instance"] = json!("pr-42");
+    let mut spec = spec();
+    spec.instance = Some(InstanceSpec {
+        first_port: 4100,
+        last_port: 4199,
+        ttl_ms: Some(604_800_000),
+    });
+    let mut spec_json = spec_json();
+    spec_json["instance"] = json!({"first_port": 4100, "last_port": 4199, "ttl_ms": 604800000u64});
+    golden(
+        Request::Rollback(Rollback {
+            app: inst.clone(),
+            to: None,
+            holder: "ci@runner".into(),
+            spec: spec.clone(),
+        }),
+        json!({"type": "rollback", "params": {
+            "app": inst_json.clone(), "to": null, "holder": "ci@runner", "spec": spec_json.clone(),
+        }}),
+    );
+    golden(
+        Request::Destroy(Destroy {
+            app: inst.clone(),
+            holder: "ci@runner".into(),
+            spec,
+        }),
+        json!({"type": "destroy", "params": {
+            "app": inst_json.clone(), "holder": "ci@runner", "spec": spec_json,
+        }}),
+    );
+    golden(
+        Response::Destroyed(Destroyed {
+            existed: true,
+            port: Some(4100),
+            release: Some("20261122214450".into()),
+            steps: vec![],
+        }),
+        json!({"type": "destroyed", "params": {
+            "existed": true, "port": 4100, "release": "20261122214450", "steps": [],
+        }}),
+    );
+    golden(
+        Request::Instances(Instances { app: app() }),
+        json!({"type": "instances", "params": {"app": app_json()}}),
+    );
+    golden(
+        Response::Instances(InstancesReply {
+            instances: vec![InstanceInfo {
+                name: "pr-42".into(),
+                port: Some(4100),
+                current: Some(release_info()),
+                last: Some(history_entry()),
+                touched: Some("2026-11-22T21:44:50Z".into()),
+                expires: None,
+                lock: None,
+            }],
+        }),
+        json!({"type": "instances", "params": {"instances": [{
+            "name": "pr-42",
+            "port": 4100,
+            "current": release_info_json(),
+            "last": history_entry_json(),
+            "touched": "2026-11-22T21:44:50Z",
+            "expires": null,
+            "lock": null,
+        }]}}),
+    );
+    let mut entry = history_entry();
+    entry.action = Action::Expire;
+    entry.outcome = Outcome::Removed;
+    entry.instance = Some("pr-42".into());
+    let mut entry_json = history_entry_json();
+    entry_json["action"] = json!("expire");
+    entry_json["outcome"] = json!("removed");
+    entry_json["instance"] = json!("pr-42");
+    golden(entry, entry_json);
+    assert_eq!(
+        serde_json::to_value(Action::Destroy).unwrap(),
+        json!("destroy")
+    );
+}
+
+#[test]
+fn instance_names_are_dns_labels() {
+    let max = "a".repeat(63);
+    for ok in ["pr-42", "a", "0", "current", "20261122214450", &max] {
+        assert_eq!(instance_name_problem(ok), None, "{ok}");
+    }
+    let over = "a".repeat(64);
+    let bad = [
+        "", "../x", "PR_1", "a.b", "a b", "-a", "a-", "a/b", ".", "..", "é", &over,
+    ];
+    for bad in bad {
+        let why = instance_name_problem(bad).unwrap_or_else(|| panic!("{bad:?} accepted"));
+        assert!(why.contains("DNS label"), "{why}");
+    }
 }

@@ -11,7 +11,8 @@ fn version_names_the_protocol() {
     let out = run(&bin("deploy-agent"), env.root(), &["--version"], &[]);
     out.assert_exit(0);
     assert!(out.stdout.contains(env!("CARGO_PKG_VERSION")), "{out}");
-    assert!(out.stdout.contains("protocol 2"), "{out}");
+    let protocol = format!("protocol {}", proto::PROTOCOL_VERSION);
+    assert!(out.stdout.contains(&protocol), "{out}");
 }
 
 #[test]

@@ -29,7 +29,7 @@ fn check_json_is_one_document() {
     out.assert_exit(0);
     let doc = out.json();
     assert_eq!(doc["hosts"][0]["ok"], true, "{out}");
-    assert_eq!(doc["hosts"][0]["protocol"], 2);
+    assert_eq!(doc["hosts"][0]["protocol"], proto::PROTOCOL_VERSION);
 }
 
 #[test]

@@ -195,7 +195,7 @@ const COMPOSE_FILE: &str = r#"services:
 
 /// A rootfs of the static busybox and a `www/` tree, imported as `image`; `healthy`
 /// decides whether `www/api/v1/status/index.html` exists.
-fn import_image(image: &str, version: &str, healthy: bool) {
+pub(crate) fn import_image(image: &str, version: &str, healthy: bool) {
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
         .into_iter()
         .map(Path::new)
@@ -245,7 +245,7 @@ fn import_image(image: &str, version: &str, healthy: bool) {
     );
 }
 
-fn docker(args: &[&str]) -> String {
+pub(crate) fn docker(args: &[&str]) -> String {
     let out = Command::new("docker")
         .args(args)
         .stdin(Stdio::null())
@@ -260,7 +260,7 @@ fn docker(args: &[&str]) -> String {
 }
 
 /// For cleanup: never panics.
-fn docker_quiet(args: &[&str]) -> String {
+pub(crate) fn docker_quiet(args: &[&str]) -> String {
     Command::new("docker")
         .args(args)
         .stdin(Stdio::null())

@@ -710,7 +710,7 @@ fn the_checker_refuses_what_deployctl_would_refuse() {
     }
     for bad in [
         "push",
-        "push staging --force",
+        "push staging --forcefully",
         "push staging extra",
         "deploy staging",
         "rollback production --to",

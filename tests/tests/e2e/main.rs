@@ -8,5 +8,7 @@ mod compose;
 mod docs;
 mod fleet;
 mod github;
+mod promote;
 mod release;
+mod review_apps;
 mod support;

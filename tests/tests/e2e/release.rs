@@ -26,7 +26,7 @@ use crate::support::Site;
 // ---------------------------------------------------------------------------------------------
 
 /// One file of a release tarball: path, content, mode.
-type File = (String, Vec<u8>, u32);
+pub(crate) type File = (String, Vec<u8>, u32);
 
 fn sample_app_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sample-app")
@@ -38,7 +38,7 @@ fn sample(rel: &str) -> Vec<u8> {
 }
 
 /// The sample app with `VERSION` replaced by `version` in its pages.
-fn app_files(version: &str) -> Vec<File> {
+pub(crate) fn app_files(version: &str) -> Vec<File> {
     let page = |rel: &str| {
         String::from_utf8(sample(rel))
             .unwrap()
@@ -93,7 +93,7 @@ fn tar_header(path: &str, size: u64, mode: u32) -> tar::Header {
     h
 }
 
-fn tar_gz(files: &[File]) -> Vec<u8> {
+pub(crate) fn tar_gz(files: &[File]) -> Vec<u8> {
     let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::default()));
     for (path, data, mode) in files {
         let h = tar_header(path, data.len() as u64, *mode);
@@ -192,7 +192,7 @@ fn sha256_hex(data: &[u8]) -> String {
 // The site with the app
 // ---------------------------------------------------------------------------------------------
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .unwrap()
         .local_addr()
@@ -409,7 +409,7 @@ fn journal(deploy_to: &Path) -> Option<serde_json::Value> {
 }
 
 /// One plain HTTP/1.0 GET: (status, body); (0, error) when there is no answer.
-fn http_get(port: u16, path: &str) -> (u16, String) {
+pub(crate) fn http_get(port: u16, path: &str) -> (u16, String) {
     let attempt = || -> std::io::Result<(u16, String)> {
         let mut s = TcpStream::connect_timeout(
             &(Ipv4Addr::LOCALHOST, port).into(),
