@@ -139,6 +139,7 @@ impl Session {
                     Err(e) => Err(e),
                 },
                 Request::UploadEnd(_) => Err(bad("upload_end without push")),
+                Request::DeltaOffer(_) => Err(bad("delta_offer outside an upload")),
                 Request::Rollback(r) => match self.rollback(r).await {
                     Ok(run) => Ok(Response::Deploy(self.forward(conn, run).await?)),
                     Err(e) => Err(e),
@@ -301,6 +302,9 @@ impl Session {
         }))
         .await?;
         let mut tx = Some(tx);
+        // Set by a delta offer: the upload then carries only the files we lack.
+        let mut delta: Option<(proto::DeltaOffer, Arc<crate::release::delta::Sources>)> = None;
+        let mut got_data = false;
         let end = loop {
             let frame = tokio::select! {
                 f = conn.recv() => f,
@@ -314,6 +318,7 @@ impl Session {
             };
             match frame {
                 Ok(Frame::Data(d)) => {
+                    got_data = true;
                     if let Some(t) = &tx
                         && t.send(d).await.is_err()
                     {
@@ -324,6 +329,19 @@ impl Session {
                 }
                 Ok(Frame::Text(t)) => match serde_json::from_str::<Request>(&t) {
                     Ok(Request::UploadEnd(end)) => break end,
+                    Ok(Request::DeltaOffer(offer)) if !got_data && delta.is_none() => {
+                        let l = layout.clone();
+                        let (sources, offer) = tokio::task::spawn_blocking(move || {
+                            let sources = crate::release::delta::Sources::index(&l);
+                            (sources, offer)
+                        })
+                        .await
+                        .map_err(|e| SessionError::Protocol(format!("delta index: {e}")))?;
+                        let files = crate::release::delta::need(&offer, &sources);
+                        conn.send(&Response::DeltaNeed(proto::DeltaNeed { files }))
+                            .await?;
+                        delta = Some((offer, Arc::new(sources)));
+                    }
                     _ => {
                         drop(tx.take());
                         let _ = worker.await;
@@ -376,7 +394,32 @@ impl Session {
                 ),
             )));
         }
-        let content = unpacked.content_digest();
+        // With a delta upload, build the rest of the release from files already here;
+        // the release is then what was offered, entry by entry.
+        let (manifest, sha256) = match delta {
+            Some((offer, sources)) => {
+                let dest = partial.clone();
+                let uploaded = unpacked.manifest.clone();
+                let built = tokio::task::spawn_blocking(move || {
+                    crate::release::delta::materialize(&dest, &offer, &uploaded, &sources)
+                        .map(|_| offer)
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("delta task: {e}")));
+                match built {
+                    Ok(offer) => (offer.entries, offer.artifact_sha256),
+                    Err(e) => {
+                        cleanup(&layout);
+                        return Ok(Err(ProtoError::new(
+                            ErrorCode::BadArtifact,
+                            format!("delta upload refused: {e}; nothing was changed"),
+                        )));
+                    }
+                }
+            }
+            None => (unpacked.manifest, sha256),
+        };
+        let content = proto::manifest::content_digest(&manifest);
         if let Some(expected) = &p.expect_content
             && *expected != content
         {
@@ -398,7 +441,7 @@ impl Session {
             current: false,
             content: Some(content),
         };
-        let finalize = Layout::write_manifest_in(&partial, &unpacked.manifest)
+        let finalize = Layout::write_manifest_in(&partial, &manifest)
             .and_then(|_| Layout::write_meta_in(&partial, &info))
             .and_then(|_| std::fs::rename(&partial, layout.release(&p.release)))
             .and_then(|_| journal.set(&layout, Phase::Prepared));

@@ -54,6 +54,9 @@ pub enum Request {
     /// Streams a release's content back (for `promote`): [`FetchReady`], binary frames,
     /// then [`FetchEnd`].
     Fetch(Fetch),
+    /// Right after `PushReady`, before any data: what the artifact holds, so the agent
+    /// can say which files it already has (delta upload).
+    DeltaOffer(DeltaOffer),
     /// Stops and removes a review-app instance, and frees its port.
     Destroy(Destroy),
     /// Lists the review-app instances of an app.
@@ -77,6 +80,7 @@ pub enum Response {
     History(HistoryReply),
     FetchReady(FetchReady),
     FetchEnd(FetchEnd),
+    DeltaNeed(DeltaNeed),
     Destroyed(Destroyed),
     Instances(InstancesReply),
     /// Progress; any number may precede the final response to a request.
@@ -86,6 +90,7 @@ pub enum Response {
 
 rpc!(Hello => Hello(HelloReply));
 rpc!(Fetch => FetchReady(FetchReady));
+rpc!(DeltaOffer => DeltaNeed(DeltaNeed));
 rpc!(Check => Check(CheckReply));
 rpc!(Lock => Lock(LockInfo));
 rpc!(Unlock => Unlocked(Unlocked));
@@ -446,6 +451,30 @@ pub struct ReleaseInfo {
     /// byte-identical content, however the artifact was packed or uploaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+}
+
+/// The artifact's content, entry by entry (files with their sha256, symlinks, and the
+/// directories with their modes). The upload that follows then carries only the files
+/// the agent asked for; the agent copies the rest from releases it already has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaOffer {
+    pub entries: Vec<crate::manifest::Entry>,
+    pub dirs: Vec<DirEntry>,
+    /// sha256 and size of the whole artifact, recorded in release.json.
+    pub artifact_sha256: String,
+    pub artifact_size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub path: String,
+    pub mode: u32,
+}
+
+/// Indices into `DeltaOffer::entries` of the files the upload must carry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaNeed {
+    pub files: Vec<u32>,
 }
 
 /// Asks for a release's content as a `.tar.gz` stream.

@@ -2,6 +2,7 @@
 //! becomes one ([`unpack`]), how `current` moves ([`switch`]) and how old ones go
 //! ([`prune`]).
 
+pub mod delta;
 pub mod layout;
 pub mod prune;
 pub mod switch;

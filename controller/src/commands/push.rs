@@ -1,8 +1,10 @@
 //! `deployctl push ENV`: connect to every host, take every lock, stream the artifact to
 //! each agent, and report how each deploy ended.
 
+use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::{DeployReport, Push, UploadEnd};
@@ -10,6 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
 use super::{agent_failure, app_ref, close_all, connect_all, find_keys, holder, lock_all};
+use crate::artifact::Scan;
 use crate::cli::Cli;
 use crate::client::ClientError;
 use crate::config::{Environment, Strategy};
@@ -226,7 +229,19 @@ async fn push_all(
     progress: &Progress,
 ) -> Result<(String, RolloutReport), Failure> {
     lock_all(conns, env, args.version.clone(), args.lock_wait, progress).await?;
-    let release = next_release_id(conns, env).await?;
+    let (release, any_releases) = next_release_id(conns, env).await?;
+    // Hosts that already run a release get a delta upload: the manifest first, then only
+    // the files they lack. Reading the artifact once here serves every host.
+    let scan = if any_releases {
+        let path = artifact.to_path_buf();
+        match tokio::task::spawn_blocking(move || crate::artifact::scan(&path)).await {
+            Ok(Ok(s)) if s.entries.len() <= MAX_DELTA_ENTRIES => Some(Arc::new(s)),
+            // A broken artifact is refused by the agent, with the entry named.
+            _ => None,
+        }
+    } else {
+        None
+    };
     progress.info(&format!(
         "deploying {} ({}) as release {release}{} to {} host(s)",
         artifact.display(),
@@ -253,7 +268,8 @@ async fn push_all(
         };
         let artifact = artifact.to_path_buf();
         let progress = progress.clone();
-        Box::pin(async move { push_one(c, req, &artifact, size, &progress).await })
+        let scan = scan.clone();
+        Box::pin(async move { push_one(c, req, &artifact, size, scan, &progress).await })
     })
     .await;
     Ok((release, report))
@@ -264,12 +280,13 @@ async fn push_one(
     req: Push,
     artifact: &Path,
     size: u64,
+    scan: Option<Arc<Scan>>,
     progress: &Progress,
 ) -> HostResult {
     let host = conn.name.clone();
     let started = Instant::now();
     let release = req.release.clone();
-    let result = match upload_and_deploy(conn, req, artifact, size, progress).await {
+    let result = match upload_and_deploy(conn, req, artifact, size, scan, progress).await {
         Ok(report) => HostResult::from_report(&host, report),
         Err(e) => {
             progress.error(Some(&host), &e.message);
@@ -285,6 +302,7 @@ async fn upload_and_deploy(
     req: Push,
     artifact: &Path,
     size: u64,
+    scan: Option<Arc<Scan>>,
     progress: &Progress,
 ) -> Result<DeployReport, Failure> {
     let host = conn.name.clone();
@@ -295,6 +313,25 @@ async fn upload_and_deploy(
         .map_err(|e| agent_failure(&host, e))?;
     if let Some(prev) = &ready.previous {
         progress.line(&host, &format!("current release is {prev}"));
+    }
+    if let Some(scan) = scan.filter(|_| ready.previous.is_some()) {
+        let need = conn
+            .client
+            .call(scan.offer())
+            .await
+            .map_err(|e| lost(&host, "offering a delta", e))?;
+        let files = scan
+            .entries
+            .iter()
+            .filter(|e| matches!(e, proto::manifest::Entry::File { .. }))
+            .count();
+        if need.files.len() < files {
+            return upload_delta(conn, artifact, &scan, &need.files, files, progress).await;
+        }
+        progress.line(
+            &host,
+            "delta: the host has none of these files; full upload",
+        );
     }
     let mut file = tokio::fs::File::open(artifact)
         .await
@@ -343,7 +380,17 @@ async fn upload_and_deploy(
             mib((sent as f64 / secs) as u64)
         ),
     );
-    let sha256 = hex::encode(hasher.finalize());
+    finish_upload(conn, hex::encode(hasher.finalize()), sent, progress).await
+}
+
+/// Ends an upload and waits for the agent's report, showing its progress.
+async fn finish_upload(
+    conn: &mut HostConn,
+    sha256: String,
+    sent: u64,
+    progress: &Progress,
+) -> Result<DeployReport, Failure> {
+    let host = conn.name.clone();
     conn.client
         .send_request(UploadEnd { sha256, size: sent })
         .await
@@ -365,6 +412,103 @@ async fn upload_and_deploy(
     Ok(report)
 }
 
+/// Manifests larger than this go as a full upload (the offer is one WebSocket message).
+const MAX_DELTA_ENTRIES: usize = 20_000;
+
+/// Sends only the files the host asked for, as a `.tar.gz`; the agent copies the rest
+/// from releases it has.
+async fn upload_delta(
+    conn: &mut HostConn,
+    artifact: &Path,
+    scan: &Scan,
+    need: &[u32],
+    files: usize,
+    progress: &Progress,
+) -> Result<DeployReport, Failure> {
+    let host = conn.name.clone();
+    let paths: HashSet<String> = need
+        .iter()
+        .filter_map(|&i| scan.entries.get(i as usize))
+        .map(|e| e.path().to_owned())
+        .collect();
+    let need_bytes: u64 = need
+        .iter()
+        .filter_map(|&i| match scan.entries.get(i as usize) {
+            Some(proto::manifest::Entry::File { size, .. }) => Some(*size),
+            _ => None,
+        })
+        .sum();
+    progress.line(
+        &host,
+        &format!(
+            "delta: sending {} of {files} files ({}); the host copies the rest from its releases",
+            paths.len(),
+            mib(need_bytes)
+        ),
+    );
+    let t = Instant::now();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let path = artifact.to_path_buf();
+    let worker = tokio::task::spawn_blocking(move || {
+        crate::artifact::subset(
+            &path,
+            &paths,
+            ChunkWriter {
+                tx,
+                buf: Vec::new(),
+            },
+        )
+    });
+    let mut hasher = Sha256::new();
+    let mut sent = 0u64;
+    while let Some(chunk) = rx.recv().await {
+        hasher.update(&chunk);
+        sent += chunk.len() as u64;
+        conn.client
+            .send_data(chunk)
+            .await
+            .map_err(|e| lost(&host, "during the upload", e))?;
+    }
+    worker
+        .await
+        .map_err(|e| Failure::usage(format!("delta task: {e}")))?
+        .map_err(Failure::usage)?;
+    progress.line(
+        &host,
+        &format!(
+            "uploaded {} (delta) in {:.2}s",
+            mib(sent),
+            t.elapsed().as_secs_f64()
+        ),
+    );
+    finish_upload(conn, hex::encode(hasher.finalize()), sent, progress).await
+}
+
+/// A `Write` that ships 1 MiB chunks over a channel to the async side.
+struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= proto::CHUNK_SIZE {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            let chunk = std::mem::take(&mut self.buf);
+            self.tx
+                .blocking_send(chunk)
+                .map_err(|_| std::io::Error::other("the upload stopped"))?;
+        }
+        Ok(())
+    }
+}
+
 fn lost(host: &str, when: &str, e: ClientError) -> Failure {
     match e {
         ClientError::Agent(_) => agent_failure(host, e),
@@ -377,7 +521,11 @@ fn lost(host: &str, when: &str, e: ClientError) -> Failure {
 
 /// The id for this rollout: now, or one second past the newest release on any host, so
 /// ids stay unique and sort in deploy order even for pushes within the same second.
-async fn next_release_id(conns: &mut [HostConn], env: &Environment) -> Result<String, Failure> {
+/// Also says whether any host already has a release (then a delta upload may pay).
+async fn next_release_id(
+    conns: &mut [HostConn],
+    env: &Environment,
+) -> Result<(String, bool), Failure> {
     let mut newest: Option<String> = None;
     for c in conns.iter_mut() {
         let list = c
@@ -391,6 +539,7 @@ async fn next_release_id(conns: &mut [HostConn], env: &Environment) -> Result<St
             newest = Some(last.id.clone());
         }
     }
+    let any = newest.is_some();
     let now = time::OffsetDateTime::now_utc();
     let mut id = format_id(now);
     if let Some(n) = newest
@@ -400,7 +549,7 @@ async fn next_release_id(conns: &mut [HostConn], env: &Environment) -> Result<St
             .map(|t| format_id(t + time::Duration::seconds(1)))
             .unwrap_or(id);
     }
-    Ok(id)
+    Ok((id, any))
 }
 
 const ID_FORMAT: &[time::format_description::BorrowedFormatItem<'static>] =

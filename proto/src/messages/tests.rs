@@ -725,3 +725,43 @@ fn instance_names_are_dns_labels() {
         assert!(why.contains("DNS label"), "{why}");
     }
 }
+
+#[test]
+fn delta_offer_and_need() {
+    use crate::manifest::Entry;
+    golden(
+        Request::DeltaOffer(DeltaOffer {
+            entries: vec![
+                Entry::File {
+                    path: "bin/run".into(),
+                    mode: 0o755,
+                    size: 12,
+                    sha256: "aa".repeat(32),
+                },
+                Entry::Symlink {
+                    path: "bin/start".into(),
+                    target: "run".into(),
+                },
+            ],
+            dirs: vec![DirEntry {
+                path: "bin".into(),
+                mode: 0o755,
+            }],
+            artifact_sha256: "bb".repeat(32),
+            artifact_size: 4096,
+        }),
+        json!({"type": "delta_offer", "params": {
+            "entries": [
+                {"kind": "file", "path": "bin/run", "mode": 493, "size": 12, "sha256": "aa".repeat(32)},
+                {"kind": "symlink", "path": "bin/start", "target": "run"},
+            ],
+            "dirs": [{"path": "bin", "mode": 493}],
+            "artifact_sha256": "bb".repeat(32),
+            "artifact_size": 4096,
+        }}),
+    );
+    golden(
+        Response::DeltaNeed(DeltaNeed { files: vec![0, 7] }),
+        json!({"type": "delta_need", "params": {"files": [0, 7]}}),
+    );
+}

@@ -5,6 +5,7 @@ mod agent;
 mod bootstrap;
 mod check;
 mod compose;
+mod delta;
 mod docs;
 mod fleet;
 mod github;
