@@ -671,3 +671,137 @@ fn v2_plugin_when_installed() {
     assert_eq!(stack.serving(), "v1");
     stack.assert_one_running_container_per_service();
 }
+
+/// Promotion copies the rendered files: production runs the very image references
+/// staging ran, whatever production's own environment says.
+#[test]
+fn promote_ships_staging_s_pinned_images_to_production() {
+    let stack = Stack::new();
+    let staging = Site::ssh(SshdOptions::default());
+    let production = Site::ssh(SshdOptions::default());
+    let dir = &staging.env;
+    dir.write("docker-compose.yml", COMPOSE_FILE);
+    dir.write(
+        ".env.test",
+        format!("WEB_IMAGE=${{E2E_WEB_IMAGE}}\nWEB_PORT={}\n", stack.port),
+    );
+    dir.write(
+        "known_hosts",
+        format!(
+            "{}\n{}\n",
+            staging.sshd().known_hosts_line(),
+            production.sshd().known_hosts_line()
+        ),
+    );
+    let env_section = |name: &str, s: &Site, project: &str, extra: &str| {
+        format!(
+            r#"[environments.{name}]
+{extra}
+hosts = ["{host}"]
+deploy_to = "{deploy_to}"
+ssh_key = "{key}"
+agent_socket = "{socket}"
+[environments.{name}.compose]
+project = "{project}"
+"#,
+            host = s.host(),
+            deploy_to = s.deploy_to.display(),
+            key = s.sshd().client_key.display(),
+            socket = s.agent.socket.display(),
+        )
+    };
+    let staging_project = format!("{}-stg", stack.project);
+    dir.write(
+        "deploy.toml",
+        format!(
+            r#"app = "app"
+deploy_to = "/unused"
+
+[defaults]
+strategy = "compose"
+known_hosts = "{kh}"
+agent_bin = "{agent}"
+connect_timeout = "5s"
+connect_retries = 1
+
+[defaults.compose]
+files = ["docker-compose.yml"]
+env_file = ".env.test"
+pull = false
+
+[defaults.health]
+url = "http://127.0.0.1:{port}/api/v1/status/"
+retries = 20
+interval = "250ms"
+
+{staging}
+{production}
+"#,
+            kh = dir.path("known_hosts").display(),
+            agent = bin("deploy-agent").display(),
+            port = stack.port,
+            staging = env_section("staging", &staging, &staging_project, ""),
+            production = env_section(
+                "production",
+                &production,
+                &stack.project,
+                "promote_from = \"staging\""
+            ),
+        ),
+    );
+    let out = staging.run_env(
+        &["push", "staging", "--version", "v1"],
+        &[("E2E_WEB_IMAGE", stack.image("v1"))],
+    );
+    out.assert_success();
+    // Production's own environment would pin another image: the gate refuses it.
+    let out = staging.run_env(
+        &["push", "production", "--version", "v2", "--yes"],
+        &[("E2E_WEB_IMAGE", stack.image("v2"))],
+    );
+    out.assert_exit(2);
+    // Free the published port (both stacks publish it on this one machine), then promote
+    // what staging ran.
+    let ids = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=com.docker.compose.project={staging_project}"),
+    ]);
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    assert!(!ids.is_empty(), "staging ran containers");
+    docker_quiet(&[&["rm", "-f", "-v"], ids.as_slice()].concat());
+    let out = staging.run_env(
+        &[
+            "promote",
+            "staging",
+            "production",
+            "--version",
+            "v1",
+            "--yes",
+        ],
+        &[("E2E_WEB_IMAGE", stack.image("v2"))],
+    );
+    out.assert_success();
+    assert_eq!(stack.serving(), "v1", "{out}");
+    let read = |s: &Site| std::fs::read(s.deploy_to.join("current/.env.test")).unwrap();
+    assert_eq!(read(&staging), read(&production), "byte for byte");
+    assert!(
+        String::from_utf8(read(&production))
+            .unwrap()
+            .contains(stack.image("v1"))
+    );
+    assert!(!stack.container_id("web").is_empty());
+    // staging's project is not the Stack's: remove its network here
+    let nets = docker_quiet(&[
+        "network",
+        "ls",
+        "-q",
+        "--filter",
+        &format!("label=com.docker.compose.project={staging_project}"),
+    ]);
+    let nets: Vec<&str> = nets.split_whitespace().collect();
+    if !nets.is_empty() {
+        docker_quiet(&[&["network", "rm"], nets.as_slice()].concat());
+    }
+}
