@@ -792,16 +792,7 @@ interval = "250ms"
             .contains(stack.image("v1"))
     );
     assert!(!stack.container_id("web").is_empty());
-    // staging's project is not the Stack's: remove its network here
-    let nets = docker_quiet(&[
-        "network",
-        "ls",
-        "-q",
-        "--filter",
-        &format!("label=com.docker.compose.project={staging_project}"),
-    ]);
-    let nets: Vec<&str> = nets.split_whitespace().collect();
-    if !nets.is_empty() {
-        docker_quiet(&[&["network", "rm"], nets.as_slice()].concat());
-    }
+    // staging's project is not the Stack's: remove its network here (compose v1 names
+    // it `<project>_default`)
+    docker_quiet(&["network", "rm", &format!("{staging_project}_default")]);
 }
