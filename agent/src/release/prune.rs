@@ -32,15 +32,45 @@ pub fn plan(releases: &[ReleaseInfo], keep: usize, protect: &[&str]) -> Vec<Stri
 
 /// Prunes on disk; returns what was removed. Leftover `.partial` dirs are always removed
 /// (the caller holds the app lock, so none is in use).
+///
+/// A pruned dir is renamed into `.deploy/trash/` (instant, on the same filesystem) and
+/// deleted there by a background thread, so a deploy does not wait for thousands of
+/// unlinks; whatever a crash leaves in the trash is emptied by the next prune.
 pub fn prune(layout: &Layout, keep: usize, protect: &[&str]) -> std::io::Result<Vec<String>> {
+    let trash = layout.state().join("trash");
+    std::fs::create_dir_all(&trash)?;
     let mut removed = Vec::new();
+    let mut doomed = Vec::new();
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     for id in layout.partial_ids() {
-        std::fs::remove_dir_all(layout.partial(&id))?;
+        let to = trash.join(format!("{id}.partial-{stamp}"));
+        std::fs::rename(layout.partial(&id), &to)?;
+        doomed.push(to);
         removed.push(format!("{id}.partial"));
     }
     for id in plan(&layout.list(), keep, protect) {
-        std::fs::remove_dir_all(layout.release(&id))?;
+        let to = trash.join(format!("{id}-{stamp}"));
+        std::fs::rename(layout.release(&id), &to)?;
+        doomed.push(to);
         removed.push(id);
+    }
+    // Leftovers of a deletion a crash interrupted.
+    for e in std::fs::read_dir(&trash)?.flatten() {
+        if !doomed.contains(&e.path()) {
+            doomed.push(e.path());
+        }
+    }
+    if !doomed.is_empty() {
+        std::thread::spawn(move || {
+            for d in doomed {
+                if let Err(e) = std::fs::remove_dir_all(&d) {
+                    tracing::warn!("cannot delete pruned {}: {e}", d.display());
+                }
+            }
+        });
     }
     Ok(removed)
 }
@@ -58,6 +88,34 @@ mod tests {
             status,
             current,
             content: None,
+        }
+    }
+
+    #[test]
+    fn prune_moves_releases_out_at_once_and_deletes_them_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layout::new(dir.path());
+        l.ensure().unwrap();
+        for id in ["20260101000001", "20260101000002", "20260101000003"] {
+            std::fs::create_dir_all(l.release(id).join("sub")).unwrap();
+            std::fs::write(l.release(id).join("sub/f"), id).unwrap();
+        }
+        std::fs::create_dir(l.partial("20260101000004")).unwrap();
+        let removed = prune(&l, 1, &["20260101000003"]).unwrap();
+        assert_eq!(
+            removed,
+            vec!["20260101000004.partial", "20260101000001", "20260101000002"]
+        );
+        assert_eq!(l.release_ids(), vec!["20260101000003".to_string()]);
+        assert!(l.partial_ids().is_empty());
+        let trash = l.state().join("trash");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read_dir(&trash).unwrap().next().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the trash was not emptied"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
 
