@@ -86,6 +86,9 @@ pub enum Command {
         /// history, and loud in the output)
         #[arg(long)]
         force: bool,
+        /// Upload the whole artifact even to hosts that have earlier releases (no delta)
+        #[arg(long)]
+        no_delta: bool,
     },
     /// Deploy to TO exactly the release that is live on FROM (same content, byte for byte)
     #[command(

@@ -227,6 +227,7 @@ hosts = ["local"]
         yes: true,
         lock_wait: None,
         force: false,
+        no_delta: false,
     };
     let dummy = cli(Cmd::Demo { keep });
 

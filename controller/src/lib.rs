@@ -54,6 +54,7 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             yes,
             lock_wait,
             force,
+            no_delta,
         } => {
             push::run(
                 cli,
@@ -67,6 +68,7 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
                     yes: *yes,
                     lock_wait: *lock_wait,
                     force: *force,
+                    no_delta: *no_delta,
                 },
             )
             .await

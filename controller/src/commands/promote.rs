@@ -81,6 +81,7 @@ pub async fn run(cli: &Cli, args: PromoteArgs) -> Result<u8, Failure> {
         yes: true,
         lock_wait: args.lock_wait,
         force: false,
+        no_delta: false,
     };
     let delivery = Delivery {
         expect_content: Some(content),

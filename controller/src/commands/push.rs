@@ -34,6 +34,8 @@ pub struct PushArgs {
     pub lock_wait: Option<Duration>,
     /// Push past a `promote_from` gate (recorded in history, loud in the output).
     pub force: bool,
+    /// Always upload the whole artifact.
+    pub no_delta: bool,
 }
 
 /// What a push carries besides the artifact: the content the agent must find in it,
@@ -232,7 +234,7 @@ async fn push_all(
     let (release, any_releases) = next_release_id(conns, env).await?;
     // Hosts that already run a release get a delta upload: the manifest first, then only
     // the files they lack. Reading the artifact once here serves every host.
-    let scan = if any_releases {
+    let scan = if any_releases && !args.no_delta {
         let path = artifact.to_path_buf();
         match tokio::task::spawn_blocking(move || crate::artifact::scan(&path)).await {
             Ok(Ok(s)) if s.entries.len() <= MAX_DELTA_ENTRIES => Some(Arc::new(s)),
