@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use proto::{DeployReport, Push, UploadEnd};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
 
 use super::{agent_failure, app_ref, close_all, connect_all, find_keys, holder, lock_all};
 use crate::artifact::Scan;
@@ -335,32 +334,17 @@ async fn upload_and_deploy(
             "delta: the host has none of these files; full upload",
         );
     }
-    let mut file = tokio::fs::File::open(artifact)
-        .await
+    // Read and hash on a blocking thread, a few chunks ahead, so the SSH channel never
+    // waits for the disk or the hash.
+    let file = std::fs::File::open(artifact)
         .map_err(|e| Failure::usage(format!("artifact {}: {e}", artifact.display())))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let reader = tokio::task::spawn_blocking(move || read_ahead(file, tx));
     let bar = progress.upload_bar(&host, size);
     let t = Instant::now();
-    let mut hasher = Sha256::new();
     let mut sent: u64 = 0;
-    loop {
-        let mut buf = vec![0u8; proto::CHUNK_SIZE];
-        let mut filled = 0;
-        while filled < buf.len() {
-            let n = file
-                .read(&mut buf[filled..])
-                .await
-                .map_err(|e| Failure::usage(format!("reading {}: {e}", artifact.display())))?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
-        if filled == 0 {
-            break;
-        }
-        buf.truncate(filled);
-        hasher.update(&buf);
-        sent += filled as u64;
+    while let Some(buf) = rx.recv().await {
+        sent += buf.len() as u64;
         conn.client
             .send_data(buf)
             .await
@@ -369,6 +353,10 @@ async fn upload_and_deploy(
             b.set_position(sent);
         }
     }
+    let hasher = reader
+        .await
+        .map_err(|e| Failure::usage(format!("reading {}: {e}", artifact.display())))?
+        .map_err(|e| Failure::usage(format!("reading {}: {e}", artifact.display())))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -412,6 +400,35 @@ async fn finish_upload(
             ),
         })?;
     Ok(report)
+}
+
+/// Reads `file` in chunks into `tx`, hashing as it goes.
+fn read_ahead(
+    mut file: std::fs::File,
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+) -> std::io::Result<Sha256> {
+    use std::io::Read;
+    let mut hasher = Sha256::new();
+    loop {
+        let mut buf = vec![0u8; proto::CHUNK_SIZE];
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = file.read(&mut buf[filled..])?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            return Ok(hasher);
+        }
+        buf.truncate(filled);
+        hasher.update(&buf);
+        if tx.blocking_send(buf).is_err() {
+            // the upload stopped; its error is reported by the sender side
+            return Ok(hasher);
+        }
+    }
 }
 
 /// Manifests larger than this go as a full upload (the offer is one WebSocket message).
