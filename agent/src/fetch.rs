@@ -76,37 +76,9 @@ where
     }
 }
 
-/// A `Write` that ships 1 MiB chunks over a channel.
-struct ChunkWriter {
-    tx: mpsc::Sender<Vec<u8>>,
-    buf: Vec<u8>,
-}
-
-impl Write for ChunkWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= proto::CHUNK_SIZE {
-            self.flush()?;
-        }
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        if !self.buf.is_empty() {
-            let chunk = std::mem::take(&mut self.buf);
-            self.tx
-                .blocking_send(chunk)
-                .map_err(|_| std::io::Error::other("the session went away"))?;
-        }
-        Ok(())
-    }
-}
-
 fn pack(dir: &Path, manifest: &[Entry], tx: mpsc::Sender<Vec<u8>>) -> Result<(), ProtoError> {
     let io = |what: &str, e: std::io::Error| ProtoError::new(ErrorCode::Io, format!("{what}: {e}"));
-    let writer = ChunkWriter {
-        tx,
-        buf: Vec::with_capacity(proto::CHUNK_SIZE),
-    };
+    let writer = proto::codec::ChunkWriter::new(tx);
     let gz = flate2::write::GzEncoder::new(writer, flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
     for entry in manifest {

@@ -254,17 +254,7 @@ pub fn print_deploy(
                 for s in rep.steps.iter().filter(|s| !s.success) {
                     if !s.output.trim().is_empty() {
                         crate::out!("  output of `{}`:", s.command.as_deref().unwrap_or("?"));
-                        for l in s
-                            .output
-                            .lines()
-                            .rev()
-                            .take(15)
-                            .collect::<Vec<_>>()
-                            .into_iter()
-                            .rev()
-                        {
-                            crate::out!("    {l}");
-                        }
+                        print_tail(&s.output, 15);
                     }
                 }
                 if let Some(s) = rep
@@ -276,17 +266,7 @@ pub fn print_deploy(
                     && rep.outcome != Outcome::Live
                 {
                     crate::out!("  last restart output:");
-                    for l in s
-                        .output
-                        .lines()
-                        .rev()
-                        .take(10)
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                    {
-                        crate::out!("    {l}");
-                    }
+                    print_tail(&s.output, 10);
                 }
             }
         }
@@ -369,6 +349,14 @@ fn summary_markdown(
     }
     md.push_str(&format!("\nexit code {code}\n"));
     md
+}
+
+/// The last `lines` lines of a command's output, indented.
+pub fn print_tail(output: &str, lines: usize) {
+    let all: Vec<&str> = output.lines().collect();
+    for l in &all[all.len().saturating_sub(lines)..] {
+        crate::out!("    {l}");
+    }
 }
 
 pub fn outcome_name(o: Outcome) -> &'static str {

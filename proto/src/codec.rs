@@ -148,6 +148,43 @@ where
     }
 }
 
+/// A blocking `Write` that ships [`crate::CHUNK_SIZE`] chunks over a channel to an
+/// async task that sends them as data frames (a tar or gzip writer on a blocking thread
+/// feeding a connection).
+pub struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    pub fn new(tx: tokio::sync::mpsc::Sender<Vec<u8>>) -> Self {
+        Self {
+            tx,
+            buf: Vec::with_capacity(crate::CHUNK_SIZE),
+        }
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= crate::CHUNK_SIZE {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(crate::CHUNK_SIZE));
+            self.tx
+                .blocking_send(chunk)
+                .map_err(|_| std::io::Error::other("the receiving side went away"))?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -164,17 +164,7 @@ pub async fn run(
                     r.host,
                     s.command.as_deref().unwrap_or("?")
                 );
-                for l in s
-                    .output
-                    .lines()
-                    .rev()
-                    .take(10)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                {
-                    crate::out!("    {l}");
-                }
+                crate::report::print_tail(&s.output, 10);
             }
         }
     }

@@ -469,14 +469,7 @@ async fn upload_delta(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let path = artifact.to_path_buf();
     let worker = tokio::task::spawn_blocking(move || {
-        crate::artifact::subset(
-            &path,
-            &paths,
-            ChunkWriter {
-                tx,
-                buf: Vec::new(),
-            },
-        )
+        crate::artifact::subset(&path, &paths, proto::codec::ChunkWriter::new(tx))
     });
     let mut hasher = Sha256::new();
     let mut sent = 0u64;
@@ -501,31 +494,6 @@ async fn upload_delta(
         ),
     );
     finish_upload(conn, hex::encode(hasher.finalize()), sent, progress).await
-}
-
-/// A `Write` that ships 1 MiB chunks over a channel to the async side.
-struct ChunkWriter {
-    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
-    buf: Vec<u8>,
-}
-
-impl std::io::Write for ChunkWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= proto::CHUNK_SIZE {
-            self.flush()?;
-        }
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        if !self.buf.is_empty() {
-            let chunk = std::mem::take(&mut self.buf);
-            self.tx
-                .blocking_send(chunk)
-                .map_err(|_| std::io::Error::other("the upload stopped"))?;
-        }
-        Ok(())
-    }
 }
 
 fn lost(host: &str, when: &str, e: ClientError) -> Failure {
