@@ -486,3 +486,46 @@ fn confirm_needs_yes_without_a_terminal() {
     assert_eq!(f.versions(), vec![None]);
     f.push("v1", &[]).assert_exit(0);
 }
+
+#[test]
+fn promote_refuses_when_the_source_hosts_disagree() {
+    let f = Fleet::start(3);
+    let names = f.host_names();
+    // staging = hosts 0 and 1, production = host 2; one deploy.toml
+    f.config_hosts(&names[..2], "", "");
+    let text = f.env.read("deploy.toml").replace(
+        "[environments.prod]",
+        &format!(
+            "[environments.production]\nhosts = [\"{}\"]\n\n[environments.prod]",
+            names[2]
+        ),
+    );
+    f.env.write("deploy.toml", text);
+    f.push("v1", &[]).assert_exit(0);
+    // v2 reaches only host 1 of staging
+    let art = f.artifact("v2");
+    let out = deployctl(
+        f.env.root(),
+        &[
+            "push",
+            "prod",
+            "--artifact",
+            art.to_str().unwrap(),
+            "--version",
+            "v2",
+            "--yes",
+        ],
+        &[("DEPLOYCTL_HOSTS", &names[1])],
+    );
+    out.assert_exit(0);
+    assert_eq!(f.versions(), vec![some("v1"), some("v2"), None]);
+    let out = f.run(&["promote", "prod", "production", "--yes"]);
+    out.assert_exit(2);
+    assert!(out.stderr.contains("disagree"), "{out}");
+    assert_eq!(f.version_on(2), None, "nothing reached production");
+    // once staging agrees again, promotion goes through
+    f.push("v3", &[]).assert_exit(0);
+    f.run(&["promote", "prod", "production", "--yes"])
+        .assert_exit(0);
+    assert_eq!(f.version_on(2), some("v3"));
+}
