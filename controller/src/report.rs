@@ -199,16 +199,7 @@ pub fn print_deploy(
     let rows: Vec<Vec<String>> = results
         .iter()
         .map(|r| {
-            let outcome = if r.skipped {
-                "not started".to_owned()
-            } else {
-                let base = r.outcome.map(outcome_name).unwrap_or("error");
-                match r.fleet_rollback {
-                    Some(Outcome::Live) => format!("{base}, rolled back"),
-                    Some(o) => format!("{base}, ROLLBACK {}", outcome_name(o)),
-                    None => base.to_owned(),
-                }
-            };
+            let outcome = outcome_label(r);
             let mut row = vec![r.host.clone()];
             if batches {
                 row.push(r.batch.map(|b| b.to_string()).unwrap_or_else(|| "-".into()));
@@ -313,16 +304,7 @@ fn summary_markdown(
             .unwrap_or_default()
     );
     for r in results {
-        let outcome = if r.skipped {
-            "not started".to_owned()
-        } else {
-            let base = r.outcome.map(outcome_name).unwrap_or("error");
-            match r.fleet_rollback {
-                Some(Outcome::Live) => format!("{base}, rolled back"),
-                Some(o) => format!("{base}, rollback {}", outcome_name(o)),
-                None => base.to_owned(),
-            }
-        };
+        let outcome = outcome_label(r);
         md.push_str(&format!(
             "| {} | {} | {} | {} | {} |\n",
             r.host,
@@ -349,6 +331,19 @@ fn summary_markdown(
     }
     md.push_str(&format!("\nexit code {code}\n"));
     md
+}
+
+/// How a host ended, for tables: its outcome, and how a fleet rollback went on it.
+fn outcome_label(r: &HostResult) -> String {
+    if r.skipped {
+        return "not started".to_owned();
+    }
+    let base = r.outcome.map(outcome_name).unwrap_or("error");
+    match r.fleet_rollback {
+        Some(Outcome::Live) => format!("{base}, rolled back"),
+        Some(o) => format!("{base}, ROLLBACK {}", outcome_name(o)),
+        None => base.to_owned(),
+    }
 }
 
 /// The last `lines` lines of a command's output, indented.

@@ -340,6 +340,22 @@ pub async fn connect(target: SshTarget, opts: SshOptions) -> Result<Session, Ssh
     })
 }
 
+/// For an RSA key, the best signature hash the server accepts (rsa-sha2-512/256).
+async fn rsa_hash(
+    handle: &client::Handle<Handler>,
+    algorithm: russh::keys::Algorithm,
+) -> Option<russh::keys::HashAlg> {
+    if !algorithm.is_rsa() {
+        return None;
+    }
+    handle
+        .best_supported_rsa_hash()
+        .await
+        .ok()
+        .flatten()
+        .flatten()
+}
+
 async fn authenticate(
     handle: &mut client::Handle<Handler>,
     target: &SshTarget,
@@ -349,16 +365,7 @@ async fn authenticate(
     for source in opts.keys.iter() {
         match source {
             KeySource::Key { key, origin } => {
-                let hash = if key.algorithm().is_rsa() {
-                    handle
-                        .best_supported_rsa_hash()
-                        .await
-                        .ok()
-                        .flatten()
-                        .flatten()
-                } else {
-                    None
-                };
+                let hash = rsa_hash(handle, key.algorithm()).await;
                 let k = PrivateKeyWithHashAlg::new(key.clone(), hash);
                 tried.push(origin.clone());
                 match handle.authenticate_publickey(&target.user, k).await {
@@ -385,16 +392,7 @@ async fn authenticate(
                 }
                 for id in identities {
                     let key = id.public_key().into_owned();
-                    let hash = if key.algorithm().is_rsa() {
-                        handle
-                            .best_supported_rsa_hash()
-                            .await
-                            .ok()
-                            .flatten()
-                            .flatten()
-                    } else {
-                        None
-                    };
+                    let hash = rsa_hash(handle, key.algorithm()).await;
                     tried.push(format!("ssh-agent key {}", known_hosts::fingerprint(&key)));
                     if let Ok(r) = handle
                         .authenticate_publickey_with(&target.user, key, hash, &mut agent)
