@@ -27,19 +27,41 @@ use crate::release::{prune, switch};
 
 /// Where progress goes. Sending to a session that has gone is not an error.
 #[derive(Clone, Default)]
-pub struct Events(Option<UnboundedSender<Event>>);
+pub struct Events {
+    tx: Option<UnboundedSender<Event>>,
+    redact: Arc<Vec<String>>,
+}
 
 impl Events {
     pub fn new(tx: UnboundedSender<Event>) -> Self {
-        Self(Some(tx))
+        Self {
+            tx: Some(tx),
+            redact: Arc::default(),
+        }
     }
     pub fn none() -> Self {
-        Self(None)
+        Self::default()
+    }
+    /// Masks these values in everything sent or logged from now on.
+    pub fn with_redact(mut self, values: &[String]) -> Self {
+        let mut v: Vec<String> = values.iter().filter(|s| s.len() >= 4).cloned().collect();
+        v.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        self.redact = Arc::new(v);
+        self
+    }
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for s in self.redact.iter() {
+            if out.contains(s.as_str()) {
+                out = out.replace(s.as_str(), "***");
+            }
+        }
+        out
     }
     pub fn send(&self, stage: Stage, message: impl Into<String>) {
-        let message = message.into();
+        let message = self.redact(&message.into());
         tracing::info!(?stage, "{message}");
-        if let Some(tx) = &self.0 {
+        if let Some(tx) = &self.tx {
             let _ = tx.send(Event { stage, message });
         }
     }
@@ -61,6 +83,7 @@ pub struct Run {
 
 impl Run {
     pub fn new(layout: Layout, journal: Journal, events: Events, lock: Arc<LockGuard>) -> Self {
+        let events = events.with_redact(&journal.spec.redact);
         Self {
             layout,
             journal,
@@ -762,7 +785,15 @@ impl Run {
             .await
     }
 
-    fn finish(self, outcome: Outcome, error: Option<String>) -> DeployReport {
+    fn finish(mut self, outcome: Outcome, error: Option<String>) -> DeployReport {
+        // Nothing the controller marked secret leaves this run: not in the report, not in
+        // the history on disk.
+        let error = error.map(|e| self.events.redact(&e));
+        for step in &mut self.steps {
+            step.command = step.command.as_deref().map(|c| self.events.redact(c));
+            step.output = self.events.redact(&step.output);
+            step.error = step.error.as_deref().map(|e| self.events.redact(e));
+        }
         let j = &self.journal;
         let current = self.layout.current_release();
         crate::instances::touch(&j.app);

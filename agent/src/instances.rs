@@ -805,6 +805,7 @@ mod tests {
                 last_port: last,
                 ttl_ms,
             }),
+            redact: Vec::new(),
         }
     }
 

@@ -49,9 +49,12 @@ pub struct Journal {
 }
 
 impl Journal {
+    /// Secret values to mask ([`proto::ReleaseSpec::redact`]) stay in memory only.
     pub fn save(&self, layout: &Layout) -> std::io::Result<()> {
         std::fs::create_dir_all(layout.state())?;
-        write_atomic(&layout.journal(), &serde_json::to_vec_pretty(self)?)
+        let mut stored = self.clone();
+        stored.spec.redact.clear();
+        write_atomic(&layout.journal(), &serde_json::to_vec_pretty(&stored)?)
     }
 
     pub fn set(&mut self, layout: &Layout, phase: Phase) -> std::io::Result<()> {

@@ -229,6 +229,10 @@ pub struct ReleaseSpec {
     /// Set for a review-app instance ([`AppRef::instance`]): where its port comes from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<InstanceSpec>,
+    /// Secret values (the controller's `secrets`, env-file values) the agent masks in
+    /// its own log, in events, step reports and history. Never written to disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redact: Vec<String>,
 }
 
 /// The review-app settings of an environment, sent with every push so the agent can

@@ -198,6 +198,13 @@ pub fn release_spec(env: &Environment) -> ReleaseSpec {
                 last_port: *i.ports.end(),
                 ttl_ms: i.ttl.map(|t| t.as_millis() as u64),
             }),
+        // The agent masks these in its log and history too. The SSH key is not sent.
+        redact: secret_values(env)
+            .into_iter()
+            .filter(|v| {
+                std::env::var("DEPLOYCTL_SSH_KEY").map_or(true, |k| !k.contains(v.as_str()))
+            })
+            .collect(),
     };
     if env.strategy == Strategy::Compose {
         // The release holds only the compose files: the release strategy's shared

@@ -48,6 +48,7 @@ fn spec() -> ReleaseSpec {
         max_unpacked_bytes: 1 << 30,
         compose: None,
         instance: None,
+        redact: Vec::new(),
     }
 }
 

@@ -128,4 +128,13 @@ fn a_failed_deploy_is_an_error_annotation_and_json_is_masked_too() {
         .join("\n");
     assert_no_secrets(&s, &[&rest, &out.stderr, &summary]);
     assert!(rest.contains("***"), "the secret was there to mask: {out}");
+    // nor in the agent's own log, its journal or its history on disk
+    assert!(
+        !s.agent.log().contains(SECRET),
+        "agent log: {}",
+        s.agent.log()
+    );
+    let history = std::fs::read_to_string(s.deploy_to.join(".deploy/history.jsonl")).unwrap();
+    assert!(!history.contains(SECRET), "{history}");
+    assert!(history.contains("***"), "{history}");
 }
