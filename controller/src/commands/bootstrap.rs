@@ -22,7 +22,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use proto::Check;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -1111,17 +1110,10 @@ async fn verify(
 ) -> Result<Verified, HostError> {
     let mut last = String::new();
     for attempt in 1..=VERIFY_ATTEMPTS {
-        match transport::connect(host, env, keys.clone()).await {
-            Ok(mut c) => {
-                let r = c
-                    .client
-                    .call(Check {
-                        deploy_to: Some(env.deploy_to.clone()),
-                    })
-                    .await;
-                let hello = c.client.hello.clone();
-                c.close().await;
-                let reply = r.map_err(|e| HostError::failed(format!("{host}: check: {e}")))?;
+        match super::check::probe(host, env, keys.clone()).await {
+            Ok(r) => {
+                let (hello, reply) =
+                    r.map_err(|e| HostError::failed(format!("{host}: check: {e}")))?;
                 if reply.agent_version != expected {
                     return Err(HostError::failed(format!(
                         "{host}: the agent answering on {} is version {}, but {expected} was \

@@ -1,15 +1,39 @@
 //! `deployctl check ENV`: per host, reachable, host key verified, authenticated, agent
 //! version, and free disk under `deploy_to`.
 
-use proto::Check;
+use std::sync::Arc;
+
+use proto::{Check, CheckReply, HelloReply};
 use serde_json::json;
 
 use super::{find_keys, load_env};
 use crate::cli::Cli;
+use crate::client::ClientError;
+use crate::config::{Environment, Host};
 use crate::exit::{self, Failure};
 use crate::output::{Progress, mib};
 use crate::report::table;
+use crate::ssh::keys::KeySource;
 use crate::transport;
+
+/// Connects to one host and asks its agent the `check` questions. The outer error is
+/// the connection's, the inner one the agent's answer.
+pub async fn probe(
+    host: &Host,
+    env: &Environment,
+    keys: Arc<Vec<KeySource>>,
+) -> Result<Result<(HelloReply, CheckReply), ClientError>, transport::ConnectError> {
+    let mut c = transport::connect(host, env, keys).await?;
+    let r = c
+        .client
+        .call(Check {
+            deploy_to: Some(env.deploy_to.clone()),
+        })
+        .await;
+    let hello = c.client.hello.clone();
+    c.close().await;
+    Ok(r.map(|r| (hello, r)))
+}
 
 pub async fn run(cli: &Cli, env_name: &str, json: bool) -> Result<u8, Failure> {
     let env = load_env(cli, env_name)?;
@@ -21,19 +45,8 @@ pub async fn run(cli: &Cli, env_name: &str, json: bool) -> Result<u8, Failure> {
         let keys = keys.clone();
         set.spawn(async move {
             let name = host.to_string();
-            let result = match transport::connect(&host, &env, keys).await {
-                Ok(mut c) => {
-                    let r = c
-                        .client
-                        .call(Check {
-                            deploy_to: Some(env.deploy_to.clone()),
-                        })
-                        .await;
-                    let hello = c.client.hello.clone();
-                    c.close().await;
-                    r.map(|r| (hello, r))
-                        .map_err(|e| (exit::CONNECT, e.to_string()))
-                }
+            let result = match probe(&host, &env, keys).await {
+                Ok(r) => r.map_err(|e| (exit::CONNECT, e.to_string())),
                 Err(e) => Err((exit::CONNECT, e.to_string())),
             };
             (i, name, result)
