@@ -2,7 +2,10 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueHint};
+use clap_complete::ArgValueCandidates;
+
+use crate::completion::environment_names;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -29,7 +32,8 @@ pub struct Cli {
         long,
         global = true,
         default_value = "deploy.toml",
-        env = "DEPLOYCTL_CONFIG"
+        env = "DEPLOYCTL_CONFIG",
+        value_hint = ValueHint::FilePath
     )]
     pub config: PathBuf,
 
@@ -45,6 +49,7 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct EnvArgs {
     /// The environment, e.g. staging or production
+    #[arg(add = ArgValueCandidates::new(environment_names))]
     pub env: String,
     /// Print one JSON document with per-host results
     #[arg(long)]
@@ -65,10 +70,16 @@ pub enum Command {
         #[command(flatten)]
         env: EnvArgs,
         /// The release tarball (.tar.gz); overrides release.artifact
-        #[arg(long)]
+        #[arg(long, value_hint = ValueHint::FilePath)]
         artifact: Option<PathBuf>,
         /// Compose files to deploy (strategy = "compose"); overrides compose.files
-        #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with = "artifact")]
+        #[arg(
+            long,
+            value_name = "FILE",
+            num_args = 1..,
+            conflicts_with = "artifact",
+            value_hint = ValueHint::FilePath
+        )]
         compose: Vec<PathBuf>,
         /// A label stored with the release (a git SHA or tag); `rollback --to` accepts it
         #[arg(long)]
@@ -96,8 +107,10 @@ pub enum Command {
     )]
     Promote {
         /// Where the release is live now, e.g. staging
+        #[arg(add = ArgValueCandidates::new(environment_names))]
         from: String,
         /// Where it goes, e.g. production
+        #[arg(add = ArgValueCandidates::new(environment_names))]
         to: String,
         /// The release to take (a version label or id); default: what FROM runs now
         #[arg(long)]
@@ -164,6 +177,7 @@ pub enum Command {
     )]
     Instances {
         /// The environment (one with instances = true)
+        #[arg(add = ArgValueCandidates::new(environment_names))]
         env: String,
         /// Print one JSON document with per-host results
         #[arg(long)]
@@ -202,7 +216,7 @@ Exit codes: 0 ok; 1 installing or verifying failed on a host; 2 usage or configu
         #[command(flatten)]
         env: EnvArgs,
         /// The deploy-agent binary to install [default: the one next to deployctl]
-        #[arg(long, value_name = "PATH")]
+        #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
         agent_binary: Option<PathBuf>,
         /// No systemd: run the agent as a background process (test rigs, containers)
         #[arg(long)]
@@ -229,15 +243,31 @@ Exit codes: 0 ok; 1 installing or verifying failed on a host; 2 usage or configu
     },
     /// Print a shell completion script
     #[command(
+        long_about = "Print a shell completion script. The script asks deployctl (which must be on \
+the PATH) for each completion, so it offers the environments of ./deploy.toml (or \
+$DEPLOYCTL_CONFIG) after push, rollback, status and the others, and file names only where a \
+path is expected.",
         after_help = "Examples:\n  deployctl completions bash > /etc/bash_completion.d/deployctl\n  deployctl completions zsh > \"${fpath[1]}/_deployctl\"\n  deployctl completions fish > ~/.config/fish/completions/deployctl.fish"
     )]
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff)
-    #[command(after_help = "Examples:\n  deployctl man > /usr/local/share/man/man1/deployctl.1")]
-    Man,
+    /// Print a man page (roff), or install them all with --dir
+    #[command(
+        long_about = "Print the man page deployctl(1), or with COMMAND the page of that command \
+(deployctl-push(1), ...). --dir DIR writes every page into DIR instead, e.g. \
+/usr/local/share/man/man1, and lists the files written.",
+        after_help = "Examples:\n  deployctl man --dir /usr/local/share/man/man1 && man deployctl-push\n  deployctl man push | man -l -"
+    )]
+    Man {
+        /// The command whose page to print, e.g. push [default: deployctl(1) itself]
+        #[arg(value_name = "COMMAND", conflicts_with = "dir")]
+        command: Option<String>,
+        /// Write every page (deployctl.1, deployctl-push.1, ...) into DIR
+        #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+        dir: Option<PathBuf>,
+    },
     /// The whole story on this machine, no server needed
     Demo {
         /// Keep the demo's directory afterwards and print where it is

@@ -124,7 +124,7 @@ fn fetch(port: u16, path: &str) -> String {
 }
 
 fn step(n: u32, text: &str) {
-    println!("\n=== {n}. {text}");
+    crate::out!("\n=== {n}. {text}");
 }
 
 pub async fn run(keep: bool) -> Result<u8, Failure> {
@@ -142,14 +142,14 @@ pub async fn run(keep: bool) -> Result<u8, Failure> {
     let socket = dir.join("agent.sock");
     let port = free_port()?;
 
-    println!("deployctl demo: a real deploy-agent and the sample app, all on this machine");
-    println!("  work dir : {}", dir.display());
-    println!(
+    crate::out!("deployctl demo: a real deploy-agent and the sample app, all on this machine");
+    crate::out!("  work dir : {}", dir.display());
+    crate::out!(
         "  agent    : {} (socket {})",
         agent_bin.display(),
         socket.display()
     );
-    println!("  app      : http://127.0.0.1:{port}/");
+    crate::out!("  app      : http://127.0.0.1:{port}/");
 
     let log = std::fs::File::create(dir.join("agent.log")).map_err(io)?;
     let child = Command::new(&agent_bin)
@@ -244,12 +244,12 @@ hosts = ["local"]
     );
     let code = crate::commands::push::run(&dummy, push("v1")).await?;
     expect("push v1", code, exit::OK);
-    println!("  the app now serves: {}", fetch(port, "/"));
+    crate::out!("  the app now serves: {}", fetch(port, "/"));
 
     step(2, "push v2: same again; v1 stays on disk for a rollback");
     let code = crate::commands::push::run(&dummy, push("v2")).await?;
     expect("push v2", code, exit::OK);
-    println!("  the app now serves: {}", fetch(port, "/"));
+    crate::out!("  the app now serves: {}", fetch(port, "/"));
 
     step(
         3,
@@ -257,19 +257,19 @@ hosts = ["local"]
     );
     let code = crate::commands::push::run(&dummy, push("v3")).await?;
     expect("push v3 (broken)", code, exit::DEPLOY_FAILED);
-    println!("  exit code {code}: the deploy failed and the host was rolled back");
-    println!("  the app still serves: {}", fetch(port, "/"));
+    crate::out!("  exit code {code}: the deploy failed and the host was rolled back");
+    crate::out!("  the app still serves: {}", fetch(port, "/"));
 
     step(4, "rollback --to v1: by version label");
     let code = crate::commands::rollback::run(&dummy, "demo", Some("v1".into()), true, None, false)
         .await?;
     expect("rollback --to v1", code, exit::OK);
-    println!("  the app now serves: {}", fetch(port, "/"));
+    crate::out!("  the app now serves: {}", fetch(port, "/"));
 
     step(5, "releases and history, as the agent keeps them");
     crate::commands::info::run(&dummy, "demo", crate::commands::info::What::Releases, false)
         .await?;
-    println!();
+    crate::out!("");
     crate::commands::info::run(
         &dummy,
         "demo",
@@ -286,15 +286,15 @@ hosts = ["local"]
         .current_dir(&current)
         .status();
     drop(agent);
-    println!(
+    crate::out!(
         "\nOn the server: {}/releases/<id>, current -> releases/<id>, shared/, .deploy/history.jsonl",
         deploy_to.display()
     );
     if keep {
         let kept = tmp.keep();
-        println!("Kept {} for you to look at.", kept.display());
+        crate::out!("Kept {} for you to look at.", kept.display());
     }
-    println!("Demo finished in {:.1}s.", started.elapsed().as_secs_f64());
+    crate::out!("Demo finished in {:.1}s.", started.elapsed().as_secs_f64());
     if failures.is_empty() {
         Ok(exit::OK)
     } else {

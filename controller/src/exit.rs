@@ -37,3 +37,22 @@ impl std::fmt::Display for Failure {
         f.write_str(&self.message)
     }
 }
+
+/// Every code with its meaning, for the man pages' EXIT STATUS section.
+pub const MEANINGS: [(u8, &str); 6] = [
+    (OK, "Success."),
+    (
+        DEPLOY_FAILED,
+        "The deploy failed and every host was rolled back cleanly (or never switched).",
+    ),
+    (USAGE, "Usage or configuration error: nothing was changed."),
+    (
+        CONNECT,
+        "Could not connect, authenticate, or verify a host key.",
+    ),
+    (LOCKED, "Another deploy holds the lock."),
+    (
+        NEEDS_HUMAN,
+        "A rollback failed or the fleet is on mixed versions: a human must look.",
+    ),
+];

@@ -20,7 +20,10 @@ strategy = "release"                # "release" (a tarball) or "compose"
 artifact = "dist/APP.tar.gz"        # built by CI; --artifact overrides
 shared = ["log", "tmp", ".env"]     # linked from <deploy_to>/shared into each release
 # migrate = "bin/migrate"           # runs in the new release dir before the switch
-restart = "sudo systemctl restart APP"
+# The agent's default unit forbids sudo (NoNewPrivileges): let polkit allow this one
+# restart instead (systemd/polkit-1/50-deploy-agent.rules, docs/agent-setup.md). For
+# "sudo systemctl restart APP", install the allow-sudo.conf drop-in and a sudoers rule.
+restart = "systemctl restart APP"
 timeout = "5m"                      # per command
 
 [defaults.health]
@@ -66,7 +69,7 @@ pub fn run(path: &Path, app: Option<&str>, force: bool) -> Result<u8, Failure> {
     }
     std::fs::write(path, text)
         .map_err(|e| Failure::usage(format!("cannot write {}: {e}", path.display())))?;
-    println!(
+    crate::out!(
         "wrote {}; next: edit hosts and commands, then `deployctl check staging`",
         path.display()
     );
@@ -101,6 +104,21 @@ mod tests {
             "no overwrite without --force"
         );
         assert!(run(&p, Some("Bad Name!"), true).is_err());
+    }
+
+    #[test]
+    // See: #18 (item 3). The template said `sudo systemctl restart`, which the default
+    // hardened unit forbids (NoNewPrivileges).
+    fn the_template_restart_works_under_the_default_unit() {
+        let restart = TEMPLATE
+            .lines()
+            .find(|l| l.starts_with("restart = "))
+            .expect("the template has a restart command");
+        assert!(!restart.contains("sudo"), "{restart}");
+        assert!(
+            TEMPLATE.contains("50-deploy-agent.rules"),
+            "names the polkit rule"
+        );
     }
 
     #[test]

@@ -17,11 +17,13 @@ pub mod artifact;
 pub mod cli;
 pub mod client;
 pub mod commands;
+pub mod completion;
 pub mod compose;
 pub mod config;
 pub mod demo;
 pub mod exit;
 pub mod init;
+pub mod manpages;
 pub mod output;
 pub mod report;
 pub mod rollout;
@@ -36,7 +38,7 @@ pub async fn run(cli: Cli) -> u8 {
     match dispatch(&cli).await {
         Ok(code) => code,
         Err(f) => {
-            eprintln!("deployctl: {}", f.message);
+            crate::err!("deployctl: {}", f.message);
             f.code
         }
     }
@@ -141,17 +143,35 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         Command::Demo { keep } => demo::run(*keep).await,
         Command::Init { app, force } => init::run(&cli.config, app.as_deref(), *force),
         Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(*shell, &mut cmd, "deployctl", &mut std::io::stdout());
+            // A closed stdout is the reader's business, not an error.
+            let _ = completion::write_script(*shell, &mut std::io::stdout());
             Ok(exit::OK)
         }
-        Command::Man => {
-            let cmd = <Cli as clap::CommandFactory>::command();
-            clap_mangen::Man::new(cmd)
-                .render(&mut std::io::stdout())
-                .map_err(|e| Failure::usage(format!("cannot write the man page: {e}")))?;
-            Ok(exit::OK)
-        }
+        Command::Man { command, dir } => man(command.as_deref(), dir.as_deref()),
         Command::DemoApp { listen, dir, .. } => demo::serve_static(listen, dir).await,
     }
+}
+
+fn man(command: Option<&str>, dir: Option<&std::path::Path>) -> Result<u8, Failure> {
+    use std::io::Write as _;
+    if let Some(dir) = dir {
+        let files = manpages::write_all(dir).map_err(|e| {
+            Failure::usage(format!(
+                "cannot write the man pages to {}: {e}",
+                dir.display()
+            ))
+        })?;
+        for f in files {
+            out!("{}", f.display());
+        }
+        return Ok(exit::OK);
+    }
+    let roff = manpages::page(command).ok_or_else(|| {
+        Failure::usage(format!(
+            "no man page for {:?}: name a command from `deployctl --help`",
+            command.unwrap_or_default()
+        ))
+    })?;
+    let _ = std::io::stdout().write_all(&roff);
+    Ok(exit::OK)
 }

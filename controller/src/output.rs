@@ -33,7 +33,7 @@ pub fn set_secrets(values: Vec<String>) {
     if github_actions() {
         for s in &v {
             // GitHub masks these in its own log view too.
-            println!("::add-mask::{}", s.replace('\n', "%0A"));
+            let _ = writeln!(std::io::stdout(), "::add-mask::{}", s.replace('\n', "%0A"));
         }
     }
     let _ = SECRETS.set(v);
@@ -52,10 +52,18 @@ pub fn redact(text: &str) -> String {
     out
 }
 
-/// Prints a result line (or block) to stdout, masked.
+/// Prints a result line (or block) to stdout, masked. A closed stdout (`| head`) is not an
+/// error worth a panic: the command's own outcome decides the exit code.
 pub fn emit(text: &str) {
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(stdout, "{}", redact(text));
+}
+
+/// Prints a message line to stderr, masked; like [`emit`], a closed stderr is ignored
+/// (`eprintln!` would panic with exit 101).
+pub fn emit_err(text: &str) {
+    let mut stderr = std::io::stderr().lock();
+    let _ = writeln!(stderr, "{}", redact(text));
 }
 
 /// A message without a leading `host: `, for places that name the host already.
@@ -64,6 +72,11 @@ pub fn without_host<'a>(host: &str, message: &'a str) -> &'a str {
         .strip_prefix(host)
         .and_then(|m| m.strip_prefix(": "))
         .unwrap_or(message)
+}
+
+/// Colours on stderr: only on a terminal, and never with `NO_COLOR` set (no-color.org).
+pub fn colour_on_stderr() -> bool {
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
 }
 
 pub fn github_actions() -> bool {
@@ -110,7 +123,7 @@ impl Progress {
             Some(m) => {
                 let _ = m.println(text);
             }
-            None => eprintln!("{text}"),
+            None => emit_err(&text),
         }
     }
 
@@ -226,11 +239,19 @@ pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
-/// `println!` for results: masked by [`redact`].
+/// `println!` for results: masked by [`redact`], and never a panic on a closed stdout.
 #[macro_export]
 macro_rules! out {
     ($($t:tt)*) => {
         $crate::output::emit(&format!($($t)*))
+    };
+}
+
+/// `eprintln!` for messages: masked by [`redact`], and never a panic on a closed stderr.
+#[macro_export]
+macro_rules! err {
+    ($($t:tt)*) => {
+        $crate::output::emit_err(&format!($($t)*))
     };
 }
 

@@ -137,7 +137,7 @@ async fn gate(
     if missing.is_empty()
         && let Some(r) = proof
     {
-        eprintln!(
+        crate::err!(
             "promote_from: this content ({digest}) is live on {from} as release {}",
             r.id
         );
@@ -163,7 +163,7 @@ async fn gate(
         )));
     }
     let warning = format!("FORCED past promote_from: {why}; recorded in the history");
-    eprintln!("WARNING: {warning}");
+    crate::err!("WARNING: {warning}");
     if crate::output::github_actions() {
         crate::out!("::warning title=deployctl --force::{warning}");
     }
@@ -563,11 +563,17 @@ pub fn confirm(env: &Environment, yes: bool, what: &str) -> Result<(), Failure> 
             env.name
         )));
     }
-    eprint!(
-        "{what} to {} ({} host(s)). Type \"yes\" to continue: ",
-        env.name,
-        env.hosts.len()
-    );
+    {
+        use std::io::Write as _;
+        let mut e = std::io::stderr().lock();
+        let _ = write!(
+            e,
+            "{what} to {} ({} host(s)). Type \"yes\" to continue: ",
+            env.name,
+            env.hosts.len()
+        );
+        let _ = e.flush();
+    }
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
     if line.trim() == "yes" {

@@ -127,7 +127,7 @@ impl Handler {
                         detail: e.to_string(),
                     }
                 })?;
-                eprintln!(
+                crate::err!(
                     "{}: new host key {fingerprint} added to {}",
                     t.display,
                     path.display()

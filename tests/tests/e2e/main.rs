@@ -4,6 +4,7 @@
 mod agent;
 mod bootstrap;
 mod check;
+mod cli_ux;
 mod compose;
 mod delta;
 mod docs;

@@ -1,0 +1,89 @@
+//! Shell completion: `deployctl completions SHELL` prints a small script that asks
+//! deployctl itself (`COMPLETE=SHELL deployctl -- WORDS...`) what may come next, so
+//! completions know the environments in `./deploy.toml` (or `$DEPLOYCTL_CONFIG`) and never
+//! offer hidden commands. [`complete_if_asked`] answers those calls before clap parses.
+
+use std::io::Write;
+
+use clap::CommandFactory;
+use clap_complete::env::Shells;
+use clap_complete::{CompletionCandidate, Shell};
+
+use crate::cli::Cli;
+
+/// The environment variable the shell scripts set when they ask for completions.
+const VAR: &str = "COMPLETE";
+
+/// Answers a completion request and exits, when the process was started for one.
+pub fn complete_if_asked() {
+    clap_complete::CompleteEnv::with_factory(Cli::command)
+        .var(VAR)
+        .complete();
+}
+
+/// Writes the registration script for `shell` (what `deployctl completions SHELL` prints).
+pub fn write_script(shell: Shell, out: &mut dyn Write) -> std::io::Result<()> {
+    let name = shell.to_string();
+    let shells = Shells::builtins();
+    let Some(completer) = shells.completer(&name) else {
+        return Err(std::io::Error::other(format!(
+            "no dynamic completion for {name}"
+        )));
+    };
+    let mut script = Vec::new();
+    completer.write_registration(VAR, "deployctl", "deployctl", "deployctl", &mut script)?;
+    let mut script = String::from_utf8_lossy(&script).into_owned();
+    if shell == Shell::Bash {
+        // With `-o bashdefault`, bash falls back to file names whenever we offer nothing,
+        // so `--to <TAB>` would list the files in the current directory: release ids are
+        // not files. Paths are still completed where an argument takes one.
+        script = script.replace(" -o bashdefault", "");
+    }
+    out.write_all(script.as_bytes())
+}
+
+/// The environments of the config deployctl would read: `$DEPLOYCTL_CONFIG`, else
+/// `./deploy.toml`. Nothing (no error) when it is missing or does not parse.
+pub fn environment_names() -> Vec<CompletionCandidate> {
+    let path = std::env::var_os("DEPLOYCTL_CONFIG").unwrap_or_else(|| "deploy.toml".into());
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let Ok(doc) = text.parse::<toml::Table>() else {
+        return Vec::new();
+    };
+    doc.get("environments")
+        .and_then(toml::Value::as_table)
+        .map(|envs| envs.keys().map(CompletionCandidate::new).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bash_script_does_not_fall_back_to_file_names() {
+        let mut out = Vec::new();
+        write_script(Shell::Bash, &mut out).unwrap();
+        let script = String::from_utf8(out).unwrap();
+        assert!(script.contains("complete "), "{script}");
+        assert!(!script.contains("bashdefault"), "{script}");
+        assert!(script.contains("COMPLETE=\"bash\""), "{script}");
+    }
+
+    #[test]
+    fn every_shell_has_a_script() {
+        for shell in [
+            Shell::Bash,
+            Shell::Zsh,
+            Shell::Fish,
+            Shell::Elvish,
+            Shell::PowerShell,
+        ] {
+            let mut out = Vec::new();
+            write_script(shell, &mut out).unwrap();
+            assert!(!out.is_empty(), "{shell}");
+        }
+    }
+}
