@@ -15,6 +15,103 @@ pub fn content_digest(path: &Path) -> Result<String, String> {
     Ok(proto::manifest::content_digest(&scan(path)?.entries))
 }
 
+/// Checks, before anything connects, that `path` is a gzip'd tar: the gzip magic, then a
+/// valid tar header in the first block it inflates to. The error names the file and says
+/// what it is instead (a zip, a plain tar, text...), so a wrong `--artifact` is exit 2 at
+/// once, not a refusal from the server after the upload.
+pub fn check_format(path: &Path) -> Result<(), String> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("artifact {shown}: {e}"))?;
+    if meta.is_dir() {
+        return Err(format!(
+            "artifact {shown} is a directory; pack it first: tar -czf app.tar.gz -C {shown} ."
+        ));
+    }
+    let mut head = Vec::with_capacity(512);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(512).read_to_end(&mut head))
+        .map_err(|e| format!("artifact {shown}: {e}"))?;
+    if !head.starts_with(&[0x1f, 0x8b]) {
+        return Err(format!(
+            "artifact {shown} is not a .tar.gz: it is {}",
+            sniff(&head)
+        ));
+    }
+    let mut block = Vec::with_capacity(512);
+    let inflated = std::fs::File::open(path)
+        .map(|f| flate2::read::MultiGzDecoder::new(std::io::BufReader::new(f)))
+        .and_then(|gz| gz.take(512).read_to_end(&mut block));
+    if let Err(e) = inflated {
+        return Err(format!(
+            "artifact {shown} is not a .tar.gz: its gzip data is broken ({e})"
+        ));
+    }
+    if block.len() < 512 || !is_tar_header(&block) {
+        return Err(format!(
+            "artifact {shown} is gzip'd but not a tar inside: it holds {}",
+            sniff(&block)
+        ));
+    }
+    Ok(())
+}
+
+/// A ustar/GNU header, or an old-style one whose checksum adds up (an all-zero block is
+/// the end of an empty archive, which is a tar too).
+fn is_tar_header(block: &[u8]) -> bool {
+    if block.iter().all(|&b| b == 0) || &block[257..262] == b"ustar" {
+        return true;
+    }
+    let field = String::from_utf8_lossy(&block[148..156]);
+    let Ok(stored) = u32::from_str_radix(field.trim_matches(|c: char| c == '\0' || c == ' '), 8)
+    else {
+        return false;
+    };
+    let sum: u32 = block
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(b)
+            }
+        })
+        .sum();
+    sum == stored
+}
+
+/// A few words on what `head` (the first bytes of a file) looks like.
+fn sniff(head: &[u8]) -> &'static str {
+    const MAGIC: [(&[u8], &str); 8] = [
+        (b"PK\x03\x04", "a zip archive"),
+        (b"BZh", "a bzip2 file (use gzip: tar -czf)"),
+        (b"\xfd7zXZ\x00", "an xz file (use gzip: tar -czf)"),
+        (b"\x28\xb5\x2f\xfd", "a zstd file (use gzip: tar -czf)"),
+        (b"\x7fELF", "an executable (ELF)"),
+        (b"%PDF", "a PDF document"),
+        (b"\x89PNG", "a PNG image"),
+        (b"<", "an HTML or XML document"),
+    ];
+    if head.is_empty() {
+        return "an empty file";
+    }
+    if head.len() >= 512 && is_tar_header(&head[..512]) {
+        return "a plain tar, not compressed (use tar -czf)";
+    }
+    for (magic, what) in MAGIC {
+        if head.starts_with(magic) {
+            return what;
+        }
+    }
+    if std::str::from_utf8(head)
+        .is_ok_and(|t| t.chars().all(|c| !c.is_control() || c.is_whitespace()))
+    {
+        "a text file"
+    } else {
+        "data of an unknown kind"
+    }
+}
+
 /// What an artifact holds, and its sha256 as a file: one streaming pass.
 pub struct Scan {
     pub entries: Vec<Entry>,
@@ -210,6 +307,55 @@ fn normalize(name: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    // See: #18 (item 4): a bad artifact was found only on the server, after the upload.
+    fn check_format_names_what_the_file_is_instead() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, bytes: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        let mut tar_bytes = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar_bytes.append_data(&mut h, "a.txt", &b"hi"[..]).unwrap();
+        let tar_bytes = tar_bytes.into_inner().unwrap();
+        let gz = |bytes: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut e, bytes).unwrap();
+            e.finish().unwrap()
+        };
+
+        assert_eq!(check_format(&write("ok.tar.gz", &gz(&tar_bytes))), Ok(()));
+        let empty_tar = gz(&[0u8; 1024]);
+        assert_eq!(check_format(&write("empty.tar.gz", &empty_tar)), Ok(()));
+
+        let cases: [(&str, Vec<u8>, &str); 6] = [
+            ("plain.tar", tar_bytes.clone(), "a plain tar"),
+            ("app.zip", b"PK\x03\x04rest".to_vec(), "a zip archive"),
+            ("notes.tar.gz", b"hello world\n".to_vec(), "a text file"),
+            ("none.tar.gz", Vec::new(), "an empty file"),
+            (
+                "text.gz",
+                gz(b"just some text, not a tar at all\n"),
+                "gzip'd but not a tar",
+            ),
+            ("cut.tar.gz", gz(&tar_bytes)[..20].to_vec(), "broken"),
+        ];
+        for (name, bytes, want) in cases {
+            let err = check_format(&write(name, &bytes)).unwrap_err();
+            assert!(err.contains(name), "{err}");
+            assert!(err.contains(want), "{name}: {err}");
+        }
+        let err = check_format(dir.path()).unwrap_err();
+        assert!(err.contains("is a directory"), "{err}");
+        let err = check_format(&dir.path().join("missing.tar.gz")).unwrap_err();
+        assert!(err.contains("missing.tar.gz"), "{err}");
+    }
 
     fn tgz(path: &Path, entries: &[(&str, &[u8], u32)], link: Option<(&str, &str)>) {
         let f = std::fs::File::create(path).unwrap();

@@ -186,6 +186,7 @@ pub async fn deploy(
     artifact: &Path,
     delivery: Delivery,
 ) -> Result<u8, Failure> {
+    crate::artifact::check_format(artifact).map_err(Failure::usage)?;
     let meta = std::fs::metadata(artifact)
         .map_err(|e| Failure::usage(format!("artifact {}: {e}", artifact.display())))?;
     let env = env.clone();

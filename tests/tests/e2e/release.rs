@@ -1093,14 +1093,38 @@ fn hostile_archive_char_device_is_refused() {
 #[test]
 fn hostile_archive_corrupt_gzip_is_refused() {
     let h = Hostile::new();
-    let mut bytes = noise(64 * 1024, 7);
-    bytes[0] = 0x00; // not even a gzip magic
-    let out = h.refused("random", bytes);
-    assert!(all_output(&out).contains("corrupt"), "{out}");
-    // gzip magic, then garbage
-    let mut bytes = noise(64 * 1024, 11);
-    bytes[..3].copy_from_slice(&[0x1f, 0x8b, 0x08]);
-    let out = h.refused("badgzip", bytes);
+    // See: #18 (item 4). What is not a gzip'd tar at all is refused before connecting
+    // (exit 2, naming the file), instead of by the server after the upload.
+    let mut random = noise(64 * 1024, 7);
+    random[0] = 0x00; // not even a gzip magic
+    let mut badgzip = noise(64 * 1024, 11);
+    badgzip[..3].copy_from_slice(&[0x1f, 0x8b, 0x08]); // gzip magic, then garbage
+    let d = &h.site.deploy_to;
+    let link = fs::read_link(d.join("current")).unwrap();
+    let releases = release_dirs(d);
+    for (name, bytes) in [("random", random), ("badgzip", badgzip)] {
+        let art = h.site.env.write(&format!("dist/{name}.tar.gz"), bytes);
+        let out = h
+            .site
+            .run(&["push", "test", "--artifact", art.to_str().unwrap()]);
+        out.assert_exit(2);
+        let text = all_output(&out);
+        assert!(text.contains(&format!("{name}.tar.gz")), "{out}");
+        assert!(text.contains("is not a .tar.gz"), "{out}");
+        assert!(!d.join(".deploy/lock").exists(), "never locked");
+        assert_eq!(fs::read_link(d.join("current")).unwrap(), link, "current");
+        assert_eq!(release_dirs(d), releases, "nothing new on the server");
+    }
+    // A gzip stream that goes bad after its first block gets past that check; the agent
+    // refuses it.
+    let mut files = app_files("v2");
+    files.push(("public/blob.bin".into(), noise(256 * 1024, 5), 0o644));
+    let mut gz = tar_gz(&files);
+    let mid = gz.len() / 2;
+    for b in &mut gz[mid..mid + 64] {
+        *b ^= 0xff;
+    }
+    let out = h.refused("corrupt-middle", gz);
     assert!(all_output(&out).contains("corrupt"), "{out}");
 }
 
