@@ -4,6 +4,7 @@
 //! offer hidden commands. [`complete_if_asked`] answers those calls before clap parses.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use clap::CommandFactory;
 use clap_complete::env::Shells;
@@ -46,6 +47,15 @@ pub fn write_script(shell: Shell, out: &mut dyn Write) -> std::io::Result<()> {
 /// `./deploy.toml`. Nothing (no error) when it is missing or does not parse.
 pub fn environment_names() -> Vec<CompletionCandidate> {
     let path = std::env::var_os("DEPLOYCTL_CONFIG").unwrap_or_else(|| "deploy.toml".into());
+    environments_in(Path::new(&path))
+        .into_iter()
+        .map(CompletionCandidate::new)
+        .collect()
+}
+
+/// The names under `[environments]` in the file at `path`, sorted; empty when the file is
+/// missing or does not parse (the config loader reports those properly).
+pub fn environments_in(path: &Path) -> Vec<String> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Vec::new();
     };
@@ -54,8 +64,33 @@ pub fn environment_names() -> Vec<CompletionCandidate> {
     };
     doc.get("environments")
         .and_then(toml::Value::as_table)
-        .map(|envs| envs.keys().map(CompletionCandidate::new).collect())
+        .map(|envs| envs.keys().cloned().collect())
         .unwrap_or_default()
+}
+
+/// For a command line that lacks its environment: the environments the config defines
+/// (`--config` from `args`, `$DEPLOYCTL_CONFIG`, or `./deploy.toml`), as a line to print.
+pub fn missing_environment_hint(args: &[String]) -> String {
+    let from_args = args.iter().enumerate().find_map(|(i, a)| {
+        a.strip_prefix("--config=").map(str::to_owned).or_else(|| {
+            (a == "--config")
+                .then(|| args.get(i + 1).cloned())
+                .flatten()
+        })
+    });
+    let path: PathBuf = from_args
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("DEPLOYCTL_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| "deploy.toml".into());
+    let names = environments_in(&path);
+    if names.is_empty() {
+        format!(
+            "{} defines no environments (or cannot be read); `deployctl init` writes one to start from",
+            path.display()
+        )
+    } else {
+        format!("environments in {}: {}", path.display(), names.join(", "))
+    }
 }
 
 #[cfg(test)]
@@ -70,6 +105,28 @@ mod tests {
         assert!(script.contains("complete "), "{script}");
         assert!(!script.contains("bashdefault"), "{script}");
         assert!(script.contains("COMPLETE=\"bash\""), "{script}");
+    }
+
+    #[test]
+    fn the_hint_lists_the_environments_of_the_named_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.toml");
+        std::fs::write(
+            &p,
+            "app = \"x\"\n[environments.staging]\nhosts = [\"a\"]\n[environments.prod]\nhosts = [\"b\"]\n",
+        )
+        .unwrap();
+        let args = ["deployctl", "--config", p.to_str().unwrap(), "push"].map(String::from);
+        let hint = missing_environment_hint(&args);
+        assert!(hint.ends_with(": prod, staging"), "{hint}");
+        let args = ["deployctl".to_owned(), format!("--config={}", p.display())];
+        assert!(missing_environment_hint(&args).contains("prod, staging"));
+        let args = ["deployctl", "--config", "/nonexistent.toml", "push"].map(String::from);
+        let hint = missing_environment_hint(&args);
+        assert!(
+            hint.contains("/nonexistent.toml defines no environments"),
+            "{hint}"
+        );
     }
 
     #[test]

@@ -4,11 +4,15 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
+use clap::error::ErrorKind;
 
 fn main() -> ExitCode {
     // A shell asking for completions (`COMPLETE=bash deployctl -- ...`) is answered here.
     deployctl::completion::complete_if_asked();
-    let cli = deployctl::cli::Cli::parse();
+    let cli = match deployctl::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DEPLOYCTL_LOG")
@@ -32,4 +36,21 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(rt.block_on(deployctl::run(cli)))
+}
+
+/// Prints clap's message (help and --version too) and, when the environment is what is
+/// missing, the environments the config defines. Never panics on a closed pipe.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    let _ = e.print();
+    let rendered = e.render().to_string();
+    if e.kind() == ErrorKind::MissingRequiredArgument
+        && ["<ENV>", "<FROM>", "<TO>"]
+            .iter()
+            .any(|a| rendered.contains(a))
+    {
+        let args: Vec<String> = std::env::args().collect();
+        let hint = deployctl::completion::missing_environment_hint(&args);
+        let _ = writeln!(std::io::stderr(), "\n{hint}");
+    }
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(deployctl::exit::USAGE))
 }

@@ -55,6 +55,30 @@ fn decode(text: &str) -> Result<PrivateKey, String> {
     })
 }
 
+/// A hint when `ssh_key` names the public half of a key pair (`id_ed25519.pub`, or a
+/// file holding one `ssh-ed25519 AAAA...` line): the private key is the file without
+/// `.pub`.
+fn public_key_hint(path: &Path, text: &str) -> Option<String> {
+    let first = text.split_whitespace().next().unwrap_or_default();
+    let looks_public = first.starts_with("ssh-")
+        || first.starts_with("ecdsa-sha2-")
+        || first.starts_with("sk-")
+        || path.extension().is_some_and(|e| e == "pub");
+    if !looks_public {
+        return None;
+    }
+    let private = path.with_extension("");
+    Some(if path.extension().is_some_and(|e| e == "pub") {
+        format!(
+            "this is a public key: ssh_key must name the private key, e.g. {}",
+            private.display()
+        )
+    } else {
+        "this is a public key: ssh_key must name the private key file (the one without .pub)"
+            .to_owned()
+    })
+}
+
 pub fn discover(
     env_key: Option<&str>,
     ssh_key: Option<&Path>,
@@ -82,7 +106,10 @@ pub fn discover(
         })?;
         let key = decode(&text).map_err(|detail| KeyError::File {
             path: path.display().to_string(),
-            detail,
+            detail: match public_key_hint(path, &text) {
+                Some(hint) => format!("{detail}; {hint}"),
+                None => detail,
+            },
         })?;
         return Ok(vec![KeySource::Key {
             key: Arc::new(key),
@@ -169,5 +196,32 @@ mod tests {
             &keys[..],
             [KeySource::Agent { .. }, KeySource::Key { .. }]
         ));
+    }
+
+    #[test]
+    // See: #18 (item 11): an ssh_key pointing at the .pub file said only "Could not read key".
+    fn a_public_key_file_names_the_private_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = keygen(dir.path());
+        let public = p.with_extension("pub");
+        let err = discover(None, Some(&public), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("this is a public key"), "{err}");
+        assert!(err.contains(&format!("e.g. {}", p.display())), "{err}");
+        // The same line under a name without .pub.
+        let renamed = dir.path().join("deploy_key");
+        std::fs::copy(&public, &renamed).unwrap();
+        let err = discover(None, Some(&renamed), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("this is a public key"), "{err}");
+        // Not every unreadable key is a public one.
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, "not a key\n").unwrap();
+        let err = discover(None, Some(&junk), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("public key"), "{err}");
     }
 }

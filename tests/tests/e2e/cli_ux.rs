@@ -174,3 +174,27 @@ fn man_dir_writes_a_page_per_command_and_every_reference_resolves() {
     assert!(push.contains(".SH \"EXIT STATUS\""), "{push}");
     assert!(push.contains("\\-\\-lock\\-wait"), "{push}");
 }
+
+// See: #18 (item 11). `deployctl push` without an environment did not say which exist.
+#[test]
+fn a_missing_environment_lists_the_known_ones() {
+    let env = TestEnv::new();
+    env.write(
+        "deploy.toml",
+        "app = \"x\"\ndeploy_to = \"/srv/x\"\n[environments.staging]\nhosts = [\"a\"]\n\
+         [environments.production]\nhosts = [\"b\"]\n",
+    );
+    let out = Command::new(bin("deployctl"))
+        .current_dir(env.dir.path())
+        .arg("push")
+        .env_remove("DEPLOYCTL_CONFIG")
+        .output()
+        .expect("run deployctl");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("<ENV>"), "{stderr}");
+    assert!(
+        stderr.contains("environments in deploy.toml: production, staging"),
+        "{stderr}"
+    );
+}
