@@ -535,12 +535,25 @@ impl Session {
                 )
             })?,
         };
-        if target.status == ReleaseStatus::Failed {
-            return Err(bad(format!(
-                "release {} failed before it went live (its migration did not finish); \
-                 refusing to roll back to it",
-                target.id
-            )));
+        // A release that never went live, or that failed its health check and was switched
+        // away from, is refused rather than tried again: the rollback would fail the same
+        // way, slowly. To retry it, push its artifact again. (docs/exit-codes.md, 2)
+        match target.status {
+            ReleaseStatus::Failed => {
+                return Err(bad(format!(
+                    "release {} failed before it went live (its migration \
+                     did not finish); refusing to roll back to it",
+                    target.id
+                )));
+            }
+            ReleaseStatus::RolledBack => {
+                return Err(bad(format!(
+                    "release {} failed its health check and was rolled back; refusing to \
+                     roll back to it (push it again to retry it)",
+                    target.id
+                )));
+            }
+            ReleaseStatus::Prepared | ReleaseStatus::Live => {}
         }
         let (etx, erx) = mpsc::unbounded_channel();
         let journal = Journal {

@@ -696,6 +696,18 @@ fn failed_health_check_rolls_back_to_the_previous_release() {
         "{last}"
     );
     assert!(journal(&d).is_none());
+
+    // See: #18 (item 11). Rolling back to the release that was just rolled back was tried
+    // (exit 1, seconds later) while a failed-migration release was refused: both are
+    // refused now, at once, with exit 2 and the reason.
+    let out = app.site.run(&["rollback", "test", "--to", "v2"]);
+    out.assert_exit(2);
+    assert!(
+        all_output(&out).contains("failed its health check and was rolled back"),
+        "{out}"
+    );
+    assert_eq!(current(&d).as_deref(), Some(r1.as_str()), "nothing changed");
+    assert_eq!(app.history().len(), history.len(), "no new history entry");
 }
 
 // ---------------------------------------------------------------------------------------------
