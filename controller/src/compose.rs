@@ -15,6 +15,10 @@
 //! - `$$`, a `$` not followed by `{`, and comment lines are kept as written: compose
 //!   reads the file again on the server and has its own rules for those.
 //!
+//! Each compose file must be valid YAML: a syntax error is a usage error naming the file,
+//! line and column, found before anything is sent. Compose would find it on the server
+//! too, but v2 names neither the file nor (go-yaml's count is off by one) the right line.
+//!
 //! The archive is deterministic (fixed mtime and modes), so the same inputs give the
 //! same sha256.
 
@@ -94,7 +98,14 @@ pub fn bundle_with(
     }
     let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
     for (path, name) in env.compose.files.iter().zip(&names) {
-        entries.push((name.clone(), read(path, "compose file")?));
+        let data = read(path, "compose file")?;
+        check_yaml(&data).map_err(|e| {
+            Failure::usage(format!(
+                "compose file {}: {e}; nothing was changed",
+                path.display()
+            ))
+        })?;
+        entries.push((name.clone(), data));
     }
     if let (Some(path), Some(name)) = (&env.compose.env_file, &env_name) {
         let text = String::from_utf8(read(path, "env file")?)
@@ -119,6 +130,26 @@ pub fn bundle_with(
         files: names,
         env_file: env_name,
     })
+}
+
+/// Whether `data` parses as YAML (syntax only: what the keys mean is compose's to check,
+/// with `config -q` on the server). The error says where, 1-based.
+pub fn check_yaml(data: &[u8]) -> Result<(), String> {
+    struct Ignore;
+    impl yaml_rust2::parser::EventReceiver for Ignore {
+        fn on_event(&mut self, _: yaml_rust2::Event) {}
+    }
+    let text = std::str::from_utf8(data).map_err(|_| "not UTF-8 text".to_owned())?;
+    yaml_rust2::parser::Parser::new_from_str(text)
+        .load(&mut Ignore, true)
+        .map_err(|e| {
+            format!(
+                "not valid YAML: {} at line {}, column {}",
+                e.info(),
+                e.marker().line(),
+                e.marker().col() + 1
+            )
+        })
 }
 
 fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, Failure> {
@@ -260,6 +291,23 @@ mod tests {
              LITERAL=$${HOME}\n\
              no newline at the end ghcr.io/org/backend:abc123"
         );
+    }
+
+    #[test]
+    fn yaml_syntax_errors_say_where() {
+        // See: #12
+        let e = check_yaml(b"services:\n  web:\n    image: [unclosed\n").unwrap_err();
+        assert!(e.contains("not valid YAML"), "{e}");
+        assert!(e.contains("line 3") || e.contains("line 4"), "{e}");
+        let e = check_yaml(b"services:\n  web:\n\timage: x\n").unwrap_err();
+        assert!(e.contains("line 3"), "{e}");
+        // what compose files use parses: anchors, merge keys, tags, several documents
+        let ok = "x-common: &common\n  restart: always\n\
+                  services:\n  web:\n    <<: *common\n    image: \"${WEB_IMAGE}\"\n\
+                  \x20   ports: !reset []\n    command: [\"sh\", \"-c\", 'echo $$HOME']\n\
+                  \x20   environment:\n      A: |\n        multi\n        line\n---\n";
+        assert_eq!(check_yaml(ok.as_bytes()), Ok(()));
+        assert!(check_yaml(b"\xff\xfe").is_err());
     }
 
     #[test]

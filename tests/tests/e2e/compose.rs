@@ -470,6 +470,8 @@ fn a_broken_v3_rolls_back_to_v2_and_rollback_to_v1_serves_v1(c: Compose) {
     stack.assert_one_running_container_per_service();
     // The report carries `ps` and the services' last log lines.
     assert!(out.stdout.contains("ps -a"), "{out}");
+    // See: #12 (v2's `logs` prints nothing for services that logged nothing, and the
+    // report left the step out)
     assert!(out.stdout.contains("logs --tail 50 --no-color"), "{out}");
     assert!(
         out.stdout.contains("web_1") || out.stdout.contains("web-1"),
@@ -523,14 +525,47 @@ fn a_compose_file_that_does_not_parse_fails_before_anything_changes(c: Compose) 
     stack.push(&s, "v1", &[]).assert_success();
     let before = (current(&s), stack.container_id("web"));
 
-    s.env
-        .write("broken.yml", "services:\n  web:\n    image: [unclosed\n");
+    // See: #12 (v2 said only "yaml: line 2: ...": no file, and the wrong line)
+    s.env.write(
+        "broken.yml",
+        "services:\n  web:\n\timage: x\n  worker: {}\n",
+    );
     let out = stack.push(&s, "v2", &["--compose", "broken.yml"]);
+    out.assert_exit(2);
+    // found before anything is sent, naming the file and where in it
+    assert!(out.stderr.contains("broken.yml"), "{out}");
+    assert!(out.stderr.contains("not valid YAML"), "{out}");
+    assert!(out.stderr.contains("line 3"), "{out}");
+    assert!(out.stderr.contains("nothing was changed"), "{out}");
+    assert_eq!((current(&s), stack.container_id("web")), before, "{out}");
+    assert_eq!(
+        release_ids(&s).len(),
+        1,
+        "nothing reached the server: {out}"
+    );
+    assert_eq!(stack.serving(), "v1");
+    stack.assert_one_running_container_per_service();
+}
+
+fn a_compose_file_that_compose_refuses_fails_at_config_before_anything_changes(c: Compose) {
+    let stack = Stack::new(c);
+    let s = site(&stack, "");
+    stack.push(&s, "v1", &[]).assert_success();
+    let before = (current(&s), stack.container_id("web"));
+
+    // valid YAML, but not a valid compose file: compose's `config -q` says why
+    s.env.write(
+        "unknown-key.yml",
+        "services:\n  web:\n    image: ${WEB_IMAGE}\n    imagee: typo\n",
+    );
+    let out = stack.push(&s, "v2", &["--compose", "unknown-key.yml"]);
     out.assert_exit(1);
     let all = format!("{}{}", out.stdout, out.stderr);
     assert!(all.contains("the compose files do not validate"), "{out}");
-    // compose's own words, naming where in the file
-    assert!(all.contains("line 3"), "{out}");
+    // compose's own words, naming the key (v1: "Unsupported config option for
+    // services.web: 'imagee'", v2: "services.web Additional property imagee is not
+    // allowed")
+    assert!(all.contains("imagee"), "{out}");
     assert_eq!((current(&s), stack.container_id("web")), before, "{out}");
     assert_eq!(stack.serving(), "v1");
     stack.assert_one_running_container_per_service();
@@ -872,6 +907,7 @@ compose_matrix!(
     a_broken_v3_rolls_back_to_v2_and_rollback_to_v1_serves_v1,
     a_failed_first_deploy_leaves_no_containers_behind,
     a_compose_file_that_does_not_parse_fails_before_anything_changes,
+    a_compose_file_that_compose_refuses_fails_at_config_before_anything_changes,
     an_image_that_does_not_exist_fails_at_pull_before_anything_changes,
     a_missing_env_var_is_exit_2_naming_it_and_nothing_changes,
     docker_not_reachable_is_a_clear_error_and_nothing_changes,
