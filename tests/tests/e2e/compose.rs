@@ -751,6 +751,41 @@ fn an_agent_killed_mid_deploy_recovers_with_compose_up(c: Compose) {
     assert_eq!(entry["outcome"], "rolled_back", "{entry}");
 }
 
+fn a_dollar_in_an_env_value_reaches_the_container_as_it_is(c: Compose) {
+    // See: #12 (v2 expands `$word` and `$$` in an unquoted env-file value; v1 does not)
+    let stack = Stack::new(c);
+    let s = site(&stack, "");
+    s.env.write(
+        "docker-compose.yml",
+        format!("{COMPOSE_FILE}    environment:\n      SECRET: ${{SECRET}}\n"),
+    );
+    s.env.write(
+        ".env.test",
+        format!(
+            "WEB_IMAGE=${{E2E_WEB_IMAGE}}\nWEB_PORT={}\nSECRET=${{E2E_SECRET}}\n",
+            stack.port
+        ),
+    );
+    let secret = "pa$word$$x";
+    let out = s.run_env(
+        &["push", "test", "--version", "v1"],
+        &[("E2E_WEB_IMAGE", stack.image("v1")), ("E2E_SECRET", secret)],
+    );
+    out.assert_success();
+    let env = docker(&[
+        "inspect",
+        "--format",
+        "{{range .Config.Env}}{{println .}}{{end}}",
+        &stack.container_id("worker"),
+    ]);
+    assert!(
+        env.lines().any(|l| l == format!("SECRET={secret}")),
+        "the worker's environment: {env}"
+    );
+    let all = format!("{}{}", out.stdout, out.stderr);
+    assert!(!all.contains(secret), "the value is masked: {out}");
+}
+
 /// Without `compose_command` the agent detects compose: the v2 plugin first, as on a
 /// server that has both (as this machine does: scripts/test installs both).
 #[test]
@@ -913,5 +948,6 @@ compose_matrix!(
     docker_not_reachable_is_a_clear_error_and_nothing_changes,
     compose_command_and_the_compose_flag_are_honoured,
     an_agent_killed_mid_deploy_recovers_with_compose_up,
+    a_dollar_in_an_env_value_reaches_the_container_as_it_is,
     promote_ships_staging_s_pinned_images_to_production,
 );
