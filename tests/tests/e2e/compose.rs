@@ -715,7 +715,20 @@ fn an_agent_killed_mid_deploy_recovers_with_compose_up(c: Compose) {
     let mut s = s;
     s.agent.kill9();
     let _ = bg.wait();
-    assert_eq!(stack.serving(), "v3", "the broken release is up, mid-check");
+    // `up` has returned, but httpd in the new container may not listen yet (v2 returns
+    // sooner than v1): poll, with a deadline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let serving = stack.serving();
+        if serving == "v3" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broken release is up, mid-check: {serving}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // A new agent finds the journal: the check fails again, so it rolls back with the
     // previous release's compose files.
