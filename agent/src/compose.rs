@@ -138,6 +138,17 @@ impl Compose {
     }
 }
 
+/// What a report shows of the `logs` step: its output, or a line saying the services
+/// logged nothing. v1 always prints `Attaching to ...`; v2 prints nothing at all, and an
+/// empty output would leave the step out of the report.
+pub fn logs_output(output: String) -> String {
+    if output.trim().is_empty() {
+        "(no log lines: the services printed nothing)\n".to_owned()
+    } else {
+        output
+    }
+}
+
 /// Fails when the daemon cannot be reached (or there is no `docker` at all).
 pub fn docker_info() -> Vec<String> {
     ["docker", "info", "--format", "{{.ServerVersion}}"]
@@ -382,6 +393,16 @@ mod tests {
         let i = inspect(&["abc".into(), "def".into()]);
         assert_eq!(i[..3], ["docker", "inspect", "--format"]);
         assert_eq!(i[4..], ["abc", "def"]);
+    }
+
+    #[test]
+    fn empty_logs_say_so() {
+        // See: #12
+        assert_eq!(
+            logs_output("\n".into()),
+            "(no log lines: the services printed nothing)\n"
+        );
+        assert_eq!(logs_output("web-1 | hi\n".into()), "web-1 | hi\n");
     }
 
     #[test]

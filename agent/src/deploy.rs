@@ -442,7 +442,7 @@ impl Run {
         self.steps.push(StepReport {
             success: false,
             error: Some(format!("last {} log lines of {whose}", compose::LOG_LINES)),
-            output: exec::tail(&log, LOGS_TAIL_BYTES),
+            output: compose::logs_output(exec::tail(&log, LOGS_TAIL_BYTES)),
             ..logs
         });
         self.events.send(

@@ -14,6 +14,19 @@
 //! - `${DEPLOY_*}` is kept for the server (the agent sets `DEPLOY_RELEASE`, ...).
 //! - `$$`, a `$` not followed by `{`, and comment lines are kept as written: compose
 //!   reads the file again on the server and has its own rules for those.
+//! - A value that brings a `$` of its own (a password from CI, say) must reach the
+//!   containers as it is, and there v1 and v2 differ: v1 (1.29, python-dotenv 0.21)
+//!   expands `${VAR}` in every value, quoted or not, and leaves any other `$` alone; v2
+//!   expands `$VAR`, `${VAR}` and `$$` in unquoted and double-quoted values and nothing
+//!   in single-quoted ones. So `KEY=${VAR}` is written `KEY='<value>'` when the value
+//!   holds a `$`, which both read literally; a value holding `${` (v1 would expand it,
+//!   and has no escape) and a line where quoting cannot be done (double quotes, other
+//!   `$` for compose, a `'` or `\` in the value, an inline comment) are errors naming
+//!   the variable.
+//!
+//! Each compose file must be valid YAML: a syntax error is a usage error naming the file,
+//! line and column, found before anything is sent. Compose would find it on the server
+//! too, but v2 names neither the file nor (go-yaml's count is off by one) the right line.
 //!
 //! The archive is deterministic (fixed mtime and modes), so the same inputs give the
 //! same sha256.
@@ -94,7 +107,14 @@ pub fn bundle_with(
     }
     let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
     for (path, name) in env.compose.files.iter().zip(&names) {
-        entries.push((name.clone(), read(path, "compose file")?));
+        let data = read(path, "compose file")?;
+        check_yaml(&data).map_err(|e| {
+            Failure::usage(format!(
+                "compose file {}: {e}; nothing was changed",
+                path.display()
+            ))
+        })?;
+        entries.push((name.clone(), data));
     }
     if let (Some(path), Some(name)) = (&env.compose.env_file, &env_name) {
         let text = String::from_utf8(read(path, "env file")?)
@@ -119,6 +139,26 @@ pub fn bundle_with(
         files: names,
         env_file: env_name,
     })
+}
+
+/// Whether `data` parses as YAML (syntax only: what the keys mean is compose's to check,
+/// with `config -q` on the server). The error says where, 1-based.
+pub fn check_yaml(data: &[u8]) -> Result<(), String> {
+    struct Ignore;
+    impl yaml_rust2::parser::EventReceiver for Ignore {
+        fn on_event(&mut self, _: yaml_rust2::Event) {}
+    }
+    let text = std::str::from_utf8(data).map_err(|_| "not UTF-8 text".to_owned())?;
+    yaml_rust2::parser::Parser::new_from_str(text)
+        .load(&mut Ignore, true)
+        .map_err(|e| {
+            format!(
+                "not valid YAML: {} at line {}, column {}",
+                e.info(),
+                e.marker().line(),
+                e.marker().col() + 1
+            )
+        })
 }
 
 fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, Failure> {
@@ -152,12 +192,85 @@ pub fn render_env_file(
             out.push_str(line);
             continue;
         }
-        out.push_str(&render_line(line, getenv).map_err(|e| format!("line {}: {e}", i + 1))?);
+        let rendered = render_line(line, getenv)
+            .and_then(|r| literal_dollars(line, r))
+            .map_err(|e| format!("line {}: {e}", i + 1))?;
+        out.push_str(&rendered);
     }
     Ok(out)
 }
 
-fn render_line(line: &str, getenv: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+/// One rendered line, and what [`literal_dollars`] needs to know about it.
+struct Rendered {
+    text: String,
+    /// Variables whose expanded value holds a `$`.
+    dollar_values: Vec<String>,
+    /// Variables whose expanded value holds `${`.
+    brace_values: Vec<String>,
+    /// The line keeps a `$` for compose (`$$`, `$x`, `${DEPLOY_*}`).
+    kept_dollar: bool,
+}
+
+/// Makes compose v1 and v2 read an expanded `$` literally (see the module docs).
+fn literal_dollars(raw: &str, r: Rendered) -> Result<String, String> {
+    if let Some(var) = r.brace_values.first() {
+        return Err(format!(
+            "the value of ${{{var}}} holds `${{`, which Compose v1 expands in an env file \
+             however it is quoted (it has no escape for it): compose cannot pass it on as it is"
+        ));
+    }
+    let Some(var) = r.dollar_values.first() else {
+        return Ok(r.text);
+    };
+    let why = || {
+        format!(
+            "the value of ${{{var}}} holds `$`, which Compose v2 would expand again on the \
+             server (v1 would not)"
+        )
+    };
+    let body = raw.trim_end_matches(['\n', '\r']);
+    let ending = &raw[body.len()..];
+    let Some((key, raw_value)) = body.split_once('=') else {
+        return Err(format!("{}; it is not on a KEY=value line", why()));
+    };
+    let raw_value = raw_value.trim();
+    if raw_value.starts_with('\'') {
+        // single quotes: literal for both, as long as the value does not end them
+        if r.text[key.len() + 1..].trim().matches('\'').count() == 2 {
+            return Ok(r.text);
+        }
+        return Err(format!(
+            "the value of ${{{var}}} holds a `'` inside single quotes"
+        ));
+    }
+    if raw_value.starts_with('"') {
+        return Err(format!(
+            "{}; write {}='${{{var}}}' (single quotes: literal for both)",
+            why(),
+            key.trim()
+        ));
+    }
+    let value = r.text[key.len() + 1..]
+        .trim_end_matches(['\n', '\r'])
+        .trim();
+    if key.contains('$')
+        || r.kept_dollar
+        || raw_value.contains(" #")
+        || value.contains(['\'', '\\'])
+    {
+        return Err(format!(
+            "{}, and deployctl can single-quote it only on a plain KEY=${{{var}}} line \
+             without other `$`, quotes, backslashes or comments",
+            why()
+        ));
+    }
+    Ok(format!("{key}='{value}'{ending}"))
+}
+
+fn render_line(line: &str, getenv: &dyn Fn(&str) -> Option<String>) -> Result<Rendered, String> {
+    let mut dollar_values = Vec::new();
+    let mut brace_values = Vec::new();
+    let mut kept_dollar = false;
     let mut out = String::with_capacity(line.len());
     let mut rest = line;
     while let Some(i) = rest.find('$') {
@@ -165,11 +278,13 @@ fn render_line(line: &str, getenv: &dyn Fn(&str) -> Option<String>) -> Result<St
         let from = &rest[i..];
         if let Some(after) = from.strip_prefix("$$") {
             out.push_str("$$");
+            kept_dollar = true;
             rest = after;
             continue;
         }
         let Some(inner) = from.strip_prefix("${") else {
             out.push('$');
+            kept_dollar = true;
             rest = &from[1..];
             continue;
         };
@@ -186,6 +301,7 @@ fn render_line(line: &str, getenv: &dyn Fn(&str) -> Option<String>) -> Result<St
         }
         if name.starts_with("DEPLOY_") {
             out.push_str(&from[..end + 3]);
+            kept_dollar = true;
         } else {
             let value = getenv(name);
             let expanded = if let Some(default) = op.strip_prefix(":-") {
@@ -207,12 +323,23 @@ fn render_line(line: &str, getenv: &dyn Fn(&str) -> Option<String>) -> Result<St
                      are expanded"
                 ));
             };
+            if expanded.contains('$') {
+                dollar_values.push(name.to_owned());
+            }
+            if expanded.contains("${") {
+                brace_values.push(name.to_owned());
+            }
             out.push_str(&expanded);
         }
         rest = &inner[end + 1..];
     }
     out.push_str(rest);
-    Ok(out)
+    Ok(Rendered {
+        text: out,
+        dollar_values,
+        brace_values,
+        kept_dollar,
+    })
 }
 
 #[cfg(test)]
@@ -260,6 +387,67 @@ mod tests {
              LITERAL=$${HOME}\n\
              no newline at the end ghcr.io/org/backend:abc123"
         );
+    }
+
+    #[test]
+    fn yaml_syntax_errors_say_where() {
+        // See: #12
+        let e = check_yaml(b"services:\n  web:\n    image: [unclosed\n").unwrap_err();
+        assert!(e.contains("not valid YAML"), "{e}");
+        assert!(e.contains("line 3") || e.contains("line 4"), "{e}");
+        let e = check_yaml(b"services:\n  web:\n\timage: x\n").unwrap_err();
+        assert!(e.contains("line 3"), "{e}");
+        // what compose files use parses: anchors, merge keys, tags, several documents
+        let ok = "x-common: &common\n  restart: always\n\
+                  services:\n  web:\n    <<: *common\n    image: \"${WEB_IMAGE}\"\n\
+                  \x20   ports: !reset []\n    command: [\"sh\", \"-c\", 'echo $$HOME']\n\
+                  \x20   environment:\n      A: |\n        multi\n        line\n---\n";
+        assert_eq!(check_yaml(ok.as_bytes()), Ok(()));
+        assert!(check_yaml(b"\xff\xfe").is_err());
+    }
+
+    #[test]
+    fn a_value_with_a_dollar_is_single_quoted_so_v1_and_v2_read_it_as_it_is() {
+        // See: #12
+        let v = vars(&[
+            ("PW", "pa$word$$x"),
+            ("IMG", "app:1"),
+            ("Q", "it's$"),
+            ("B", "a${b}"),
+        ]);
+        let render = |t: &str| render_env_file(t, &v);
+        assert_eq!(
+            render("PW=${PW}\nIMAGE=${IMG}\n").unwrap(),
+            "PW='pa$word$$x'\nIMAGE=app:1\n"
+        );
+        assert_eq!(
+            render("export PW=pre-${PW}  \r\n").unwrap(),
+            "export PW='pre-pa$word$$x'\r\n"
+        );
+        assert_eq!(render("PW=${D:-a$b}").unwrap(), "PW='a$b'");
+        // already single-quoted: literal for both
+        assert_eq!(render("PW='${PW}'\n").unwrap(), "PW='pa$word$$x'\n");
+        // what cannot be quoted is an error naming the variable
+        for bad in [
+            "PW=\"${PW}\"\n",
+            "PW=${PW}-${DEPLOY_PORT}\n",
+            "PW=${PW}$$\n",
+            "PW=${PW} # the password\n",
+            "Q=${Q}\n",
+            "Q='${Q}'\n",
+            "just ${PW}\n",
+            "B=${B}\n",
+            "B='${B}'\n",
+        ] {
+            let e = render(bad).unwrap_err();
+            assert!(e.contains("line 1"), "{bad}: {e}");
+            assert!(
+                ["${PW}", "${Q}", "${B}"].iter().any(|v| e.contains(v)),
+                "{bad}: {e}"
+            );
+        }
+        // a `$` written in the file itself is compose's, as before
+        assert_eq!(render("A=a$$b$c\n").unwrap(), "A=a$$b$c\n");
     }
 
     #[test]

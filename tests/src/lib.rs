@@ -32,6 +32,8 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod require;
+
 /// How long to wait for sshd / the agent to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a terminated process gets between SIGTERM and SIGKILL.

@@ -8,9 +8,12 @@
 //! - v1 and v2 serve `/api/v1/status/` (healthy); v3 does not (broken).
 //! - `pull = false` (the images exist only here) except where a missing image must fail
 //!   at `pull`.
-//! - Which compose runs is detected, as in production: on this CI machine that is
-//!   `docker-compose` v1; `docker compose` v2 is covered by unit tests of its argv, and
-//!   by [`v2_plugin_when_installed`] where the plugin exists.
+//! - Every test runs twice, under Compose v1 (`docker-compose`, Debian 12's package) and
+//!   v2 (the `docker compose` plugin, which scripts/install-compose-v2 takes from Debian
+//!   13's package): [`compose_matrix!`] makes `compose::v1::NAME` and `compose::v2::NAME`,
+//!   each passing its `compose_command` explicitly. A compose that is not installed
+//!   fails the test under `CI=true` (see `deployctl_e2e::require`).
+//! - Detection (no `compose_command`) has its own test: v2 first when both are there.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -19,14 +22,74 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use deployctl_e2e::require::require;
 use deployctl_e2e::{Agent, Output, SshdOptions, bin};
 
 use crate::support::Site;
 
 static UNIQUE: AtomicUsize = AtomicUsize::new(0);
 
+/// The compose a test runs under; the agent gets it as `compose_command`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Compose {
+    pub(crate) command: &'static str,
+}
+
+/// Compose v1, the standalone Python tool (Debian 12's `docker-compose` 1.29).
+pub(crate) const V1: Compose = Compose {
+    command: "docker-compose",
+};
+/// Compose v2, the Docker CLI plugin.
+pub(crate) const V2: Compose = Compose {
+    command: "docker compose",
+};
+
+impl Compose {
+    /// Whether it runs here; when it does not, the test fails under `CI=true` and is
+    /// skipped with a note elsewhere.
+    pub(crate) fn available(self) -> bool {
+        require(
+            self.command,
+            "the compose end-to-end tests run under v1 and v2 (scripts/test installs both)",
+        )
+    }
+
+    /// The `compose_command = "..."` line of a `[compose]` table.
+    pub(crate) fn config_line(self) -> String {
+        format!("compose_command = \"{}\"", self.command)
+    }
+}
+
+/// `compose::v1::NAME` and `compose::v2::NAME` for each `fn NAME(c: Compose)` listed.
+macro_rules! compose_matrix {
+    ($($name:ident),* $(,)?) => {
+        mod v1 {
+            $(
+                #[test]
+                fn $name() {
+                    if $crate::compose::V1.available() {
+                        super::$name($crate::compose::V1);
+                    }
+                }
+            )*
+        }
+        mod v2 {
+            $(
+                #[test]
+                fn $name() {
+                    if $crate::compose::V2.available() {
+                        super::$name($crate::compose::V2);
+                    }
+                }
+            )*
+        }
+    };
+}
+pub(crate) use compose_matrix;
+
 /// The images and compose project of one test; removed on drop.
 struct Stack {
+    compose: Compose,
     project: String,
     /// `v1`, `v2`, `v3` (healthy, healthy, broken).
     images: Vec<String>,
@@ -34,11 +97,12 @@ struct Stack {
 }
 
 impl Stack {
-    fn new() -> Stack {
+    fn new(compose: Compose) -> Stack {
         let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{n}", std::process::id());
         let repo = format!("deployctl-e2e/web-{id}");
         let mut stack = Stack {
+            compose,
             project: format!("e2e-{id}"),
             images: Vec::new(),
             port: free_port(),
@@ -85,6 +149,7 @@ files = ["docker-compose.yml"]
 env_file = ".env.test"
 project = "{project}"
 pull = false
+{command}
 {compose_extra}
 
 [defaults.health]
@@ -95,6 +160,7 @@ request_timeout = "2s"
 "#,
                 project = self.project,
                 port = self.port,
+                command = self.compose.config_line(),
             ),
         );
     }
@@ -332,9 +398,8 @@ fn dir_names(dir: &Path) -> Vec<String> {
     names
 }
 
-#[test]
-fn v1_then_v2_are_healthy_and_the_release_holds_exactly_what_was_deployed() {
-    let stack = Stack::new();
+fn v1_then_v2_are_healthy_and_the_release_holds_exactly_what_was_deployed(c: Compose) {
+    let stack = Stack::new(c);
     let s = site(&stack, "");
 
     let out = stack.push(&s, "v1", &[]);
@@ -390,9 +455,8 @@ fn v1_then_v2_are_healthy_and_the_release_holds_exactly_what_was_deployed() {
     );
 }
 
-#[test]
-fn a_broken_v3_rolls_back_to_v2_and_rollback_to_v1_serves_v1() {
-    let stack = Stack::new();
+fn a_broken_v3_rolls_back_to_v2_and_rollback_to_v1_serves_v1(c: Compose) {
+    let stack = Stack::new(c);
     let s = site(&stack, "");
     stack.push(&s, "v1", &[]).assert_success();
     stack.push(&s, "v2", &[]).assert_success();
@@ -406,6 +470,8 @@ fn a_broken_v3_rolls_back_to_v2_and_rollback_to_v1_serves_v1() {
     stack.assert_one_running_container_per_service();
     // The report carries `ps` and the services' last log lines.
     assert!(out.stdout.contains("ps -a"), "{out}");
+    // See: #12 (v2's `logs` prints nothing for services that logged nothing, and the
+    // report left the step out)
     assert!(out.stdout.contains("logs --tail 50 --no-color"), "{out}");
     assert!(
         out.stdout.contains("web_1") || out.stdout.contains("web-1"),
@@ -441,9 +507,8 @@ fn a_broken_v3_rolls_back_to_v2_and_rollback_to_v1_serves_v1() {
     assert!(env_file.contains(stack.image("v1")), "{env_file}");
 }
 
-#[test]
-fn a_failed_first_deploy_leaves_no_containers_behind() {
-    let stack = Stack::new();
+fn a_failed_first_deploy_leaves_no_containers_behind(c: Compose) {
+    let stack = Stack::new(c);
     let s = site(&stack, "");
     let out = stack.push(&s, "v3", &[]);
     out.assert_exit(1);
@@ -454,29 +519,60 @@ fn a_failed_first_deploy_leaves_no_containers_behind() {
     assert_eq!(stack.serving(), "v1");
 }
 
-#[test]
-fn a_compose_file_that_does_not_parse_fails_before_anything_changes() {
-    let stack = Stack::new();
+fn a_compose_file_that_does_not_parse_fails_before_anything_changes(c: Compose) {
+    let stack = Stack::new(c);
     let s = site(&stack, "");
     stack.push(&s, "v1", &[]).assert_success();
     let before = (current(&s), stack.container_id("web"));
 
-    s.env
-        .write("broken.yml", "services:\n  web:\n    image: [unclosed\n");
+    // See: #12 (v2 said only "yaml: line 2: ...": no file, and the wrong line)
+    s.env.write(
+        "broken.yml",
+        "services:\n  web:\n\timage: x\n  worker: {}\n",
+    );
     let out = stack.push(&s, "v2", &["--compose", "broken.yml"]);
+    out.assert_exit(2);
+    // found before anything is sent, naming the file and where in it
+    assert!(out.stderr.contains("broken.yml"), "{out}");
+    assert!(out.stderr.contains("not valid YAML"), "{out}");
+    assert!(out.stderr.contains("line 3"), "{out}");
+    assert!(out.stderr.contains("nothing was changed"), "{out}");
+    assert_eq!((current(&s), stack.container_id("web")), before, "{out}");
+    assert_eq!(
+        release_ids(&s).len(),
+        1,
+        "nothing reached the server: {out}"
+    );
+    assert_eq!(stack.serving(), "v1");
+    stack.assert_one_running_container_per_service();
+}
+
+fn a_compose_file_that_compose_refuses_fails_at_config_before_anything_changes(c: Compose) {
+    let stack = Stack::new(c);
+    let s = site(&stack, "");
+    stack.push(&s, "v1", &[]).assert_success();
+    let before = (current(&s), stack.container_id("web"));
+
+    // valid YAML, but not a valid compose file: compose's `config -q` says why
+    s.env.write(
+        "unknown-key.yml",
+        "services:\n  web:\n    image: ${WEB_IMAGE}\n    imagee: typo\n",
+    );
+    let out = stack.push(&s, "v2", &["--compose", "unknown-key.yml"]);
     out.assert_exit(1);
     let all = format!("{}{}", out.stdout, out.stderr);
     assert!(all.contains("the compose files do not validate"), "{out}");
-    // compose's own words, naming where in the file
-    assert!(all.contains("line 3"), "{out}");
+    // compose's own words, naming the key (v1: "Unsupported config option for
+    // services.web: 'imagee'", v2: "services.web Additional property imagee is not
+    // allowed")
+    assert!(all.contains("imagee"), "{out}");
     assert_eq!((current(&s), stack.container_id("web")), before, "{out}");
     assert_eq!(stack.serving(), "v1");
     stack.assert_one_running_container_per_service();
 }
 
-#[test]
-fn an_image_that_does_not_exist_fails_at_pull_before_anything_changes() {
-    let stack = Stack::new();
+fn an_image_that_does_not_exist_fails_at_pull_before_anything_changes(c: Compose) {
+    let stack = Stack::new(c);
     let s = site(&stack, "");
     stack.push(&s, "v1", &[]).assert_success();
     let before = (current(&s), stack.container_id("web"));
@@ -502,9 +598,8 @@ fn an_image_that_does_not_exist_fails_at_pull_before_anything_changes() {
     stack.assert_one_running_container_per_service();
 }
 
-#[test]
-fn a_missing_env_var_is_exit_2_naming_it_and_nothing_changes() {
-    let stack = Stack::new();
+fn a_missing_env_var_is_exit_2_naming_it_and_nothing_changes(c: Compose) {
+    let stack = Stack::new(c);
     let s = site(&stack, "");
     let out = s.run(&["push", "test"]);
     out.assert_exit(2);
@@ -515,9 +610,8 @@ fn a_missing_env_var_is_exit_2_naming_it_and_nothing_changes() {
     assert!(stack.containers().is_empty());
 }
 
-#[test]
-fn docker_not_reachable_is_a_clear_error_and_nothing_changes() {
-    let stack = Stack::new();
+fn docker_not_reachable_is_a_clear_error_and_nothing_changes(c: Compose) {
+    let stack = Stack::new(c);
     let s = Site::ssh_with_agent_env(
         SshdOptions::default(),
         &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
@@ -535,20 +629,32 @@ fn docker_not_reachable_is_a_clear_error_and_nothing_changes() {
     assert!(stack.containers().is_empty());
 }
 
-#[test]
-fn compose_command_and_the_compose_flag_are_honoured() {
-    let stack = Stack::new();
-    let s = site(&stack, "compose_command = \"docker-compose\"");
+fn compose_command_and_the_compose_flag_are_honoured(c: Compose) {
+    let stack = Stack::new(c);
+    let s = site(&stack, "");
+    let other = if c == V1 { V2 } else { V1 };
     // --compose replaces compose.files; the file keeps its name in the release
     s.env.write("other.yml", COMPOSE_FILE);
     let out = stack.push(&s, "v1", &["--compose", "other.yml"]);
     out.assert_success();
     assert!(
         out.stderr
-            .contains(&format!("docker-compose -p {} -f other.yml", stack.project)),
+            .contains(&format!("{} -p {} -f other.yml", c.command, stack.project)),
         "{out}"
     );
-    assert!(!out.stderr.contains("docker compose version"), "{out}");
+    assert!(
+        out.stderr.contains(&format!("using `{}`", c.command)),
+        "{out}"
+    );
+    // no detection: the other compose is never tried
+    assert!(
+        !out.stderr.contains(&format!("{} -p", other.command)),
+        "{out}"
+    );
+    assert!(
+        !out.stderr.contains(&format!("{} version", other.command)),
+        "{out}"
+    );
     assert_eq!(
         dir_names(&s.deploy_to.join("current")),
         [".deploy", ".env.test", "other.yml"]
@@ -564,9 +670,8 @@ fn compose_command_and_the_compose_flag_are_honoured() {
     assert_eq!(release_ids(&s).len(), 2);
 }
 
-#[test]
-fn an_agent_killed_mid_deploy_recovers_with_compose_up() {
-    let stack = Stack::new();
+fn an_agent_killed_mid_deploy_recovers_with_compose_up(c: Compose) {
+    let stack = Stack::new(c);
     let s = Site::ssh(SshdOptions::default());
     // A long health window, so the agent can be killed while it checks.
     stack.configure_with(&s, "", 60);
@@ -610,7 +715,20 @@ fn an_agent_killed_mid_deploy_recovers_with_compose_up() {
     let mut s = s;
     s.agent.kill9();
     let _ = bg.wait();
-    assert_eq!(stack.serving(), "v3", "the broken release is up, mid-check");
+    // `up` has returned, but httpd in the new container may not listen yet (v2 returns
+    // sooner than v1): poll, with a deadline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let serving = stack.serving();
+        if serving == "v3" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broken release is up, mid-check: {serving}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // A new agent finds the journal: the check fails again, so it rolls back with the
     // previous release's compose files.
@@ -646,24 +764,58 @@ fn an_agent_killed_mid_deploy_recovers_with_compose_up() {
     assert_eq!(entry["outcome"], "rolled_back", "{entry}");
 }
 
-/// `docker compose` (v2) end to end, where the plugin is installed; this CI machine has
-/// only v1 (Debian 12 does not package v2), so here it checks that and returns.
+fn a_dollar_in_an_env_value_reaches_the_container_as_it_is(c: Compose) {
+    // See: #12 (v2 expands `$word` and `$$` in an unquoted env-file value; v1 does not)
+    let stack = Stack::new(c);
+    let s = site(&stack, "");
+    s.env.write(
+        "docker-compose.yml",
+        format!("{COMPOSE_FILE}    environment:\n      SECRET: ${{SECRET}}\n"),
+    );
+    s.env.write(
+        ".env.test",
+        format!(
+            "WEB_IMAGE=${{E2E_WEB_IMAGE}}\nWEB_PORT={}\nSECRET=${{E2E_SECRET}}\n",
+            stack.port
+        ),
+    );
+    let secret = "pa$word$$x";
+    let out = s.run_env(
+        &["push", "test", "--version", "v1"],
+        &[("E2E_WEB_IMAGE", stack.image("v1")), ("E2E_SECRET", secret)],
+    );
+    out.assert_success();
+    let env = docker(&[
+        "inspect",
+        "--format",
+        "{{range .Config.Env}}{{println .}}{{end}}",
+        &stack.container_id("worker"),
+    ]);
+    assert!(
+        env.lines().any(|l| l == format!("SECRET={secret}")),
+        "the worker's environment: {env}"
+    );
+    let all = format!("{}{}", out.stdout, out.stderr);
+    assert!(!all.contains(secret), "the value is masked: {out}");
+}
+
+/// Without `compose_command` the agent detects compose: the v2 plugin first, as on a
+/// server that has both (as this machine does: scripts/test installs both).
 #[test]
-fn v2_plugin_when_installed() {
-    let v2 = Command::new("docker")
-        .args(["compose", "version"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !v2 {
-        eprintln!("docker compose (v2) is not installed: v2 is covered by unit tests only");
+fn detection_prefers_the_v2_plugin_when_both_are_installed() {
+    if !(V1.available() && V2.available()) {
         return;
     }
-    let stack = Stack::new();
-    let s = site(&stack, "compose_command = \"docker compose\"");
+    let stack = Stack::new(V2);
+    let s = Site::ssh(SshdOptions::default());
+    stack.configure(&s, "");
+    // the same config without the compose_command line
+    let config = std::fs::read_to_string(s.env.path("deploy.toml")).unwrap();
+    s.env
+        .write("deploy.toml", config.replace(&V2.config_line(), ""));
     let out = stack.push(&s, "v1", &[]);
     out.assert_success();
+    assert!(out.stderr.contains("using `docker compose`"), "{out}");
     assert!(out.stderr.contains("docker compose -p"), "{out}");
     assert_eq!(stack.serving(), "v1");
     let out = stack.push(&s, "v3", &[]);
@@ -674,9 +826,8 @@ fn v2_plugin_when_installed() {
 
 /// Promotion copies the rendered files: production runs the very image references
 /// staging ran, whatever production's own environment says.
-#[test]
-fn promote_ships_staging_s_pinned_images_to_production() {
-    let stack = Stack::new();
+fn promote_ships_staging_s_pinned_images_to_production(c: Compose) {
+    let stack = Stack::new(c);
     let staging = Site::ssh(SshdOptions::default());
     let production = Site::ssh(SshdOptions::default());
     let dir = &staging.env;
@@ -728,6 +879,7 @@ connect_retries = 1
 files = ["docker-compose.yml"]
 env_file = ".env.test"
 pull = false
+{command}
 
 [defaults.health]
 url = "http://127.0.0.1:{port}/api/v1/status/"
@@ -740,6 +892,7 @@ interval = "250ms"
             kh = dir.path("known_hosts").display(),
             agent = bin("deploy-agent").display(),
             port = stack.port,
+            command = c.config_line(),
             staging = env_section("staging", &staging, &staging_project, ""),
             production = env_section(
                 "production",
@@ -792,7 +945,22 @@ interval = "250ms"
             .contains(stack.image("v1"))
     );
     assert!(!stack.container_id("web").is_empty());
-    // staging's project is not the Stack's: remove its network here (compose v1 names
-    // it `<project>_default`)
+    // staging's project is not the Stack's: remove its network here (both compose
+    // versions name it `<project>_default`)
     docker_quiet(&["network", "rm", &format!("{staging_project}_default")]);
 }
+
+compose_matrix!(
+    v1_then_v2_are_healthy_and_the_release_holds_exactly_what_was_deployed,
+    a_broken_v3_rolls_back_to_v2_and_rollback_to_v1_serves_v1,
+    a_failed_first_deploy_leaves_no_containers_behind,
+    a_compose_file_that_does_not_parse_fails_before_anything_changes,
+    a_compose_file_that_compose_refuses_fails_at_config_before_anything_changes,
+    an_image_that_does_not_exist_fails_at_pull_before_anything_changes,
+    a_missing_env_var_is_exit_2_naming_it_and_nothing_changes,
+    docker_not_reachable_is_a_clear_error_and_nothing_changes,
+    compose_command_and_the_compose_flag_are_honoured,
+    an_agent_killed_mid_deploy_recovers_with_compose_up,
+    a_dollar_in_an_env_value_reaches_the_container_as_it_is,
+    promote_ships_staging_s_pinned_images_to_production,
+);

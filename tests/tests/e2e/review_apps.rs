@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use deployctl_e2e::{Agent, Output, SshdOptions};
 use serde_json::Value;
 
-use crate::compose::{docker, docker_quiet, import_image};
+use crate::compose::{Compose, compose_matrix, docker, docker_quiet, import_image};
 use crate::release::{app_files, http_get, tar_gz};
 use crate::support::Site;
 
@@ -497,8 +497,7 @@ fn labelled(what: &[&str], project: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn a_compose_instance_is_its_own_project_and_destroy_removes_its_volume() {
+fn a_compose_instance_is_its_own_project_and_destroy_removes_its_volume(c: Compose) {
     let id = format!(
         "{}-{}",
         std::process::id(),
@@ -526,6 +525,7 @@ files = ["docker-compose.yml"]
 env_file = ".env.test"
 project = "{project}"
 pull = false
+{command}
 
 [defaults.health]
 url = "http://127.0.0.1:${{DEPLOY_PORT}}/api/v1/status/"
@@ -534,6 +534,7 @@ interval = "250ms"
 request_timeout = "2s"
 "#,
             last = first + 1,
+            command = c.config_line(),
         ),
     );
     let env = [("E2E_WEB_IMAGE", guard.image.as_str())];
@@ -579,3 +580,6 @@ request_timeout = "2s"
     drop(s);
     drop(guard);
 }
+
+// Under Compose v1 and v2: review_apps::v1::... and review_apps::v2::...
+compose_matrix!(a_compose_instance_is_its_own_project_and_destroy_removes_its_volume);
