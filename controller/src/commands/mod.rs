@@ -101,20 +101,27 @@ fn select_instance(cli: &Cli, env: &mut Environment) -> Result<(), Failure> {
     Ok(())
 }
 
-/// An env-file value worth masking: long enough, and not a plain word such as
-/// `production` (masking that would garble every line that names the environment).
-fn looks_like_a_secret(v: &str) -> bool {
-    v.len() >= 8
-        && !v
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c == '-' || c == '_')
+/// Everything that must never be printed: the CI key text, the values of variables
+/// named in `secrets`, and the env-file values of keys named in `secrets`.
+fn secret_values(env: &Environment) -> Vec<String> {
+    let env_file = env
+        .compose
+        .env_file
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok());
+    secret_values_from(env, &|name| std::env::var(name).ok(), env_file.as_deref())
 }
 
-/// Everything that must never be printed: the CI key text, the values of variables
-/// named in `secrets`, and the values in a compose env file.
-fn secret_values(env: &Environment) -> Vec<String> {
+/// [`secret_values`] with the process environment and the env file passed in. Only what
+/// is declared secret is masked: a value that merely looks like one (an image reference
+/// with a digest, a long URL) stays readable, or `ps` output would be all `***`.
+fn secret_values_from(
+    env: &Environment,
+    var: &dyn Fn(&str) -> Option<String>,
+    env_file: Option<&str>,
+) -> Vec<String> {
     let mut out = Vec::new();
-    if let Ok(key) = std::env::var("DEPLOYCTL_SSH_KEY") {
+    if let Some(key) = var("DEPLOYCTL_SSH_KEY") {
         // Line by line (how GitHub masks multi-line secrets); the armor lines are public.
         out.extend(
             key.lines()
@@ -123,30 +130,24 @@ fn secret_values(env: &Environment) -> Vec<String> {
                 .map(str::to_owned),
         );
     }
-    for name in &env.secrets {
-        if let Ok(v) = std::env::var(name) {
-            out.push(v);
+    out.extend(env.secrets.iter().filter_map(|name| var(name)));
+    for line in env_file.unwrap_or_default().lines() {
+        let line = line.trim();
+        if line.starts_with('#') {
+            continue;
         }
-    }
-    if let Some(path) = &env.compose.env_file
-        && let Ok(text) = std::fs::read_to_string(path)
-    {
-        for line in text.lines() {
-            let line = line.trim();
-            if line.starts_with('#') {
-                continue;
-            }
-            if let Some((_, value)) = line.split_once('=') {
-                let value = value.trim().trim_matches('"').trim_matches('\'');
-                // `${VAR}` in the file: its value comes from the environment.
-                if let Some(var) = value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
-                    if let Ok(v) = std::env::var(var) {
-                        out.push(v);
-                    }
-                } else if looks_like_a_secret(value) {
-                    out.push(value.to_owned());
-                }
-            }
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let key = key.trim().trim_start_matches("export ").trim();
+        if !env.secrets.iter().any(|s| s == key) {
+            continue;
+        }
+        let value = value.trim().trim_matches('"').trim_matches('\'');
+        // `${VAR}` in the file: its value comes from the environment.
+        match value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
+            Some(name) => out.extend(var(name)),
+            None => out.push(value.to_owned()),
         }
     }
     out
@@ -384,5 +385,57 @@ pub fn agent_failure(host: &str, e: ClientError) -> Failure {
 pub async fn close_all(conns: Vec<HostConn>) {
     for c in conns {
         c.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    // See: #18 (item 11). Env-file values that merely looked like secrets (an image
+    // reference) were masked, so `ps` output showed `***` for the image.
+    #[test]
+    fn only_declared_secrets_are_masked() {
+        let toml = "app = \"shop\"\ndeploy_to = \"/srv/shop\"\n\
+                    [environments.edge]\nhosts = [\"local\"]\nstrategy = \"compose\"\n\
+                    secrets = [\"DB_PASSWORD\", \"API_TOKEN\", \"CI_TOKEN\"]\n";
+        let cfg = Config::parse(toml, "deploy.toml", &|k: &str| {
+            (k == "HOME").then(|| "/h".to_owned())
+        })
+        .unwrap();
+        let env = cfg.environment("edge").unwrap();
+        let vars = |name: &str| match name {
+            "TOKEN_FROM_CI" => Some("tok-from-ci-123456".to_owned()),
+            "CI_TOKEN" => Some("ci-token-value-987".to_owned()),
+            "BACKEND_IMAGE" => Some("ghcr.io/org/backend:0a1b2c3d4e5f".to_owned()),
+            _ => None,
+        };
+        let env_file = "# pinned images\n\
+                        IMAGE=registry.example.com/org/web@sha256:0123456789abcdef\n\
+                        BACKEND=${BACKEND_IMAGE}\n\
+                        DB_PASSWORD='hunter2-but-longer'\n\
+                        API_TOKEN=${TOKEN_FROM_CI}\n\
+                        RAILS_ENV=production\n";
+        let values = secret_values_from(&env, &vars, Some(env_file));
+        assert!(
+            values.contains(&"hunter2-but-longer".to_owned()),
+            "{values:?}"
+        );
+        assert!(
+            values.contains(&"tok-from-ci-123456".to_owned()),
+            "{values:?}"
+        );
+        assert!(
+            values.contains(&"ci-token-value-987".to_owned()),
+            "{values:?}"
+        );
+        assert!(
+            !values
+                .iter()
+                .any(|v| v.contains("sha256") || v.contains("ghcr.io")),
+            "image references are not secrets: {values:?}"
+        );
+        assert_eq!(values.len(), 3, "{values:?}");
     }
 }
