@@ -198,3 +198,39 @@ fn a_missing_environment_lists_the_known_ones() {
         "{stderr}"
     );
 }
+
+// See: #18 (item 11). The sample app served the literal "version VERSION", and nothing
+// said how to build its tarball.
+#[test]
+fn the_sample_app_build_script_stamps_the_version() {
+    let env = TestEnv::new();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sample-app/build");
+    let out = Command::new(&script)
+        .arg("v7.1")
+        .current_dir(env.dir.path())
+        .output()
+        .expect("run examples/sample-app/build");
+    assert!(out.status.success(), "{out:?}");
+    let tarball = env.path("dist/sample.tar.gz");
+    let read = |member: &str| {
+        let out = Command::new("tar")
+            .args(["-xzOf", tarball.to_str().unwrap(), member])
+            .output()
+            .expect("tar");
+        assert!(out.status.success(), "{member}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(read("public/index.html").contains("sample app, version v7.1"));
+    assert!(read("public/api/v1/status/index.html").contains("\"version\": \"v7.1\""));
+    assert!(!read("public/index.html").contains("VERSION"));
+    assert!(read("bin/restart").starts_with("#!/bin/sh"));
+    // A version that would break the substitution is refused.
+    let out = Command::new(&script)
+        .args(["v1/../x", "bad.tar.gz"])
+        .current_dir(env.dir.path())
+        .output()
+        .expect("run build");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(!env.path("bad.tar.gz").exists());
+}
