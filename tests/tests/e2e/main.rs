@@ -13,3 +13,4 @@ mod promote;
 mod release;
 mod review_apps;
 mod support;
+mod vm;

@@ -1,0 +1,506 @@
+//! The seed flows on a "VM": a Debian 12 container with systemd as PID 1, OpenSSH, sudo and
+//! polkit (tests/vm/build-image, [`deployctl_e2e::vm`]). `bootstrap` takes its systemd path
+//! and installs the real hardened unit; the app runs as its own systemd service, restarted
+//! through sudo or polkit; the agent is SIGKILLed and restarted by systemd mid-deploy.
+//!
+//! Each test boots its own container (removed on drop). Under `CI=true` a missing Docker
+//! engine or image build fails these tests; elsewhere they print a note and return.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::thread;
+use std::time::Duration;
+
+use deployctl_e2e::vm::Vm;
+use deployctl_e2e::{Output, bin};
+use flate2::Compression;
+use flate2::write::GzEncoder;
+
+const AGENT: &str = "deploy-agent.service";
+
+fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}
+
+fn repo_file(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(rel)
+}
+
+/// `bootstrap vm --json`: succeeds, one host, ok; the host's document.
+#[track_caller]
+fn bootstrap(vm: &Vm, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["bootstrap", "vm", "--json"];
+    args.extend_from_slice(extra);
+    let out = vm.deployctl(&args);
+    out.assert_success();
+    let doc = out.json();
+    assert_eq!(doc["mode"], "systemd", "{out}");
+    let host = doc["hosts"][0].clone();
+    assert_eq!(host["ok"], true, "{out}");
+    assert_eq!(host["agent_version"], version(), "{out}");
+    host
+}
+
+#[track_caller]
+fn check_passes(vm: &Vm) {
+    let out = vm.deployctl(&["check", "vm"]);
+    out.assert_success();
+    assert!(out.stdout.contains(version()), "{out}");
+}
+
+/// The second run: nothing changed, and the agent was not restarted.
+#[track_caller]
+fn second_run_changes_nothing(vm: &Vm) {
+    let pid = vm.main_pid(AGENT);
+    let host = bootstrap(vm, &[]);
+    assert_eq!(host["changed"], false, "{host}");
+    assert_eq!(host["changes"], serde_json::json!([]), "{host}");
+    assert_eq!(vm.main_pid(AGENT), pid, "the agent was restarted");
+}
+
+/// The agent's sandbox really applies (seen from outside the agent, so a container that
+/// silently skips namespaces fails here).
+#[track_caller]
+fn sandbox_applies(vm: &Vm) {
+    let pid = vm.main_pid(AGENT);
+    assert_ne!(pid, 0, "the agent does not run");
+    let s = vm.sandbox(pid);
+    assert!(s.usr_read_only, "/usr is writable for the agent: {s:?}");
+    assert!(s.private_tmp, "the agent sees the host's /tmp: {s:?}");
+    assert!(s.no_new_privs, "{s:?}");
+    assert!(s.seccomp_filter, "{s:?}");
+    assert!(s.no_capabilities, "{s:?}");
+}
+
+/// A copy of deploy-agent that differs by one trailing byte (ignored by the ELF loader):
+/// a new build to bootstrap.
+fn modified_agent(vm: &Vm) -> PathBuf {
+    let mut bytes = fs::read(bin("deploy-agent")).unwrap();
+    bytes.push(0);
+    let p = vm.env.write("new/deploy-agent", bytes);
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+// See: #12
+#[test]
+fn bootstrap_as_root_on_a_fresh_server_without_a_deploy_group() {
+    let Some(vm) = Vm::boot() else { return };
+    vm.write_config("myapp", "root", "");
+    // A fresh server: no deploy group, no agent user (bootstrap used to run groupadd twice).
+    assert_ne!(vm.exec("getent group deploy").code, 0);
+    assert_ne!(vm.exec("id deploy-agent").code, 0);
+
+    let host = bootstrap(&vm, &[]);
+    assert_eq!(host["changed"], true, "{host}");
+    let changes = host["changes"].to_string();
+    assert!(changes.contains("group deploy created"), "{host}");
+    assert!(changes.contains("user deploy-agent created"), "{host}");
+    assert!(vm.exec("systemctl is-active --quiet deploy-agent").code == 0);
+    assert_eq!(
+        vm.sh("stat -c '%a %U %G' /run/deploy-agent/agent.sock")
+            .trim(),
+        "660 deploy-agent deploy"
+    );
+    // See: #12 (deploy_to must be enterable by the app's own user)
+    assert_eq!(
+        vm.sh("stat -c '%a %U %G' /srv/myapp").trim(),
+        "755 deploy-agent deploy"
+    );
+    check_passes(&vm);
+    sandbox_applies(&vm);
+
+    second_run_changes_nothing(&vm);
+    check_passes(&vm);
+
+    // An upgrade: a new binary restarts the agent under systemd.
+    let old = vm.main_pid(AGENT);
+    let new_bin = modified_agent(&vm);
+    let host = bootstrap(&vm, &["--agent-binary", new_bin.to_str().unwrap()]);
+    assert_eq!(host["changed"], true, "{host}");
+    assert!(
+        host["changes"].to_string().contains("agent upgraded"),
+        "{host}"
+    );
+    let new = vm.main_pid(AGENT);
+    assert!(
+        new != 0 && new != old,
+        "MainPID {old} -> {new}: not restarted"
+    );
+    assert!(
+        vm.sh(&format!("readlink /proc/{new}/exe")).trim() == "/usr/local/bin/deploy-agent",
+        "the restarted agent runs the installed binary"
+    );
+    check_passes(&vm);
+    sandbox_applies(&vm);
+    let host = bootstrap(&vm, &["--agent-binary", new_bin.to_str().unwrap()]);
+    assert_eq!(host["changed"], false, "{host}");
+    assert_eq!(vm.main_pid(AGENT), new);
+}
+
+// See: #12
+#[test]
+fn bootstrap_as_a_non_root_user_with_passwordless_sudo() {
+    let Some(vm) = Vm::boot() else { return };
+    vm.add_login("ops", true);
+    vm.write_config("myapp", "ops", "");
+    assert_ne!(vm.exec("getent group deploy").code, 0);
+
+    let host = bootstrap(&vm, &[]);
+    assert_eq!(host["changed"], true, "{host}");
+    assert!(
+        host["changes"]
+            .to_string()
+            .contains("ops added to group deploy"),
+        "{host}"
+    );
+    assert!(
+        vm.sh("id -Gn ops")
+            .split_whitespace()
+            .any(|g| g == "deploy")
+    );
+    // ops reaches the socket as a member of deploy (a new login), not as root.
+    check_passes(&vm);
+    sandbox_applies(&vm);
+
+    second_run_changes_nothing(&vm);
+    check_passes(&vm);
+
+    let old = vm.main_pid(AGENT);
+    let new_bin = modified_agent(&vm);
+    let host = bootstrap(&vm, &["--agent-binary", new_bin.to_str().unwrap()]);
+    assert!(
+        host["changes"].to_string().contains("agent upgraded"),
+        "{host}"
+    );
+    let new = vm.main_pid(AGENT);
+    assert!(
+        new != 0 && new != old,
+        "MainPID {old} -> {new}: not restarted"
+    );
+    check_passes(&vm);
+}
+
+// See: #12
+#[test]
+fn agent_toml_names_only_what_the_installed_unit_has() {
+    let Some(vm) = Vm::boot() else { return };
+    vm.write_config("myapp", "root", "");
+    bootstrap(&vm, &[]);
+    let unit = vm.sh("systemctl cat deploy-agent");
+    let toml = fs::read_to_string(repo_file("systemd/agent.toml")).unwrap();
+    // Every `Directive=value` the config's comments say the unit has.
+    let mut named = 0;
+    for word in toml.split(|c: char| c.is_whitespace() || "()`,;".contains(c)) {
+        let Some((k, v)) = word.split_once('=') else {
+            continue;
+        };
+        if k.is_empty() || !k.starts_with(|c: char| c.is_ascii_uppercase()) {
+            continue;
+        }
+        named += 1;
+        let v = v.trim_end_matches('.');
+        assert!(
+            unit.lines().any(|l| {
+                l.trim()
+                    .strip_prefix(&format!("{k}="))
+                    .is_some_and(|have| v.is_empty() || have.split_whitespace().any(|x| x == v))
+            }),
+            "systemd/agent.toml mentions {word}, which the installed unit does not have:\n{unit}"
+        );
+    }
+    assert!(named > 0, "agent.toml names no unit directive at all");
+    // And what the agent really runs as: the group of its socket.
+    let pid = vm.main_pid(AGENT);
+    let groups = vm.sh(&format!("ps -o group=,supgrp= -p {pid}"));
+    assert!(groups.contains("deploy"), "{groups}");
+}
+
+// See: #12
+#[test]
+fn systemd_analyze_security_matches_the_docs() {
+    let Some(vm) = Vm::boot() else { return };
+    vm.write_config("myapp", "root", "");
+    bootstrap(&vm, &[]);
+    let docs = fs::read_to_string(repo_file("docs/agent-setup.md")).unwrap();
+    let stated = |marker: &str| -> String {
+        let at = docs
+            .find(marker)
+            .unwrap_or_else(|| panic!("docs: no {marker:?}"));
+        let rest = &docs[at + marker.len()..];
+        rest[..rest.find("**").unwrap()].to_owned()
+    };
+    let exposure = |vm: &Vm| -> String {
+        let out = vm.sh("systemd-analyze security --no-pager deploy-agent.service 2>&1");
+        let line = out
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .unwrap_or_else(|| panic!("no exposure line:\n{out}"));
+        // "→ Overall exposure level for deploy-agent.service: 1.5 OK 🙂"
+        let v: Vec<&str> = line
+            .rsplit(": ")
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        format!("{} ({})", v[0], v[1])
+    };
+    assert_eq!(
+        exposure(&vm),
+        stated("rates it **"),
+        "docs/agent-setup.md states another exposure for the strict unit"
+    );
+    vm.copy_in(
+        &repo_file("systemd/deploy-agent.service.d/allow-sudo.conf"),
+        "/etc/systemd/system/deploy-agent.service.d/allow-sudo.conf",
+    );
+    vm.sh("systemctl daemon-reload");
+    assert_eq!(
+        exposure(&vm),
+        stated("with\nthe sudo drop-in, **"),
+        "docs/agent-setup.md states another exposure with allow-sudo.conf"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The release flow with the app as its own systemd service
+// ---------------------------------------------------------------------------------------
+
+const APP_UNIT: &str = "[Unit]
+Description=e2e app (deployctl)
+
+[Service]
+User=myapp
+WorkingDirectory=/srv/myapp/current
+ExecStart=/srv/myapp/current/bin/server
+Restart=on-failure
+RestartSec=1s
+";
+
+/// The sample app (examples/sample-app: its `public/` and `bin/migrate`) with a
+/// `bin/server` for systemd and a `public/version.txt`.
+fn artifact(vm: &Vm, label: &str, server: &str) -> PathBuf {
+    let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::default()));
+    let sample = repo_file("examples/sample-app");
+    b.append_dir_all("public", sample.join("public")).unwrap();
+    b.append_path_with_name(sample.join("bin/migrate"), "bin/migrate")
+        .unwrap();
+    let mut add = |path: &str, data: &[u8], mode: u32| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_cksum();
+        b.append_data(&mut h, path, data).unwrap();
+    };
+    add("bin/server", server.as_bytes(), 0o755);
+    add("public/version.txt", format!("{label}\n").as_bytes(), 0o644);
+    let gz = b.into_inner().unwrap().finish().unwrap();
+    vm.env.write(&format!("{label}.tar.gz"), gz)
+}
+
+const SERVE: &str =
+    "#!/bin/sh\nexec python3 -m http.server 4000 --bind 127.0.0.1 --directory public\n";
+const BROKEN: &str = "#!/bin/sh\necho 'v3 cannot start' >&2\nexit 1\n";
+/// Healthy, but only after 8 s: a deploy spends a while in its health wait.
+const SLOW: &str =
+    "#!/bin/sh\nsleep 8\nexec python3 -m http.server 4000 --bind 127.0.0.1 --directory public\n";
+
+/// A booted VM with the agent bootstrapped (as root), user myapp and its unit, and a
+/// deploy.toml whose restart is `restart`.
+fn app_vm(restart: &str, health_retries: u32) -> Option<Vm> {
+    let vm = Vm::boot()?;
+    let release = format!(
+        "[defaults.release]\nmigrate = \"bin/migrate\"\nshared = [\"log\"]\nrestart = \"{restart}\"\ntimeout = \"1m\"\n\n\
+         [defaults.health]\nurl = \"http://127.0.0.1:4000/version.txt\"\nretries = {health_retries}\ninterval = \"500ms\"\nrequest_timeout = \"2s\"\n"
+    );
+    vm.write_config("myapp", "root", &release);
+    bootstrap(&vm, &[]);
+    vm.sh("useradd --system --no-create-home --shell /usr/sbin/nologin myapp");
+    vm.write("/etc/systemd/system/myapp.service", APP_UNIT, "0644");
+    vm.sh("systemctl daemon-reload");
+    Some(vm)
+}
+
+#[track_caller]
+fn push(vm: &Vm, label: &str, server: &str) -> Output {
+    let a = artifact(vm, label, server);
+    vm.deployctl(&[
+        "push",
+        "vm",
+        "--artifact",
+        a.to_str().unwrap(),
+        "--version",
+        label,
+    ])
+}
+
+/// What the app serves, and that it runs as its own user.
+#[track_caller]
+fn serves(vm: &Vm, label: &str) {
+    vm.wait_for(
+        &format!("the app to serve {label}"),
+        &format!("curl -fsS http://127.0.0.1:4000/version.txt | grep -qx {label}"),
+        Duration::from_secs(30),
+    );
+    let pid = vm.main_pid("myapp.service");
+    assert_eq!(vm.sh(&format!("ps -o user= -p {pid}")).trim(), "myapp");
+}
+
+#[track_caller]
+fn release_flow(vm: &Vm) {
+    push(vm, "v1", SERVE).assert_success();
+    serves(vm, "v1");
+    push(vm, "v2", SERVE).assert_success();
+    serves(vm, "v2");
+    let out = push(vm, "v3", BROKEN);
+    out.assert_exit(1);
+    assert!(
+        out.stdout.contains("rolled") || out.stderr.contains("rolled"),
+        "{out}"
+    );
+    serves(vm, "v2");
+    let out = vm.deployctl(&["rollback", "vm", "--to", "v1", "--yes"]);
+    out.assert_success();
+    serves(vm, "v1");
+    assert_eq!(
+        vm.sh("cat /srv/myapp/current/public/version.txt").trim(),
+        "v1"
+    );
+}
+
+// See: #12 (deploy_to was 0750: myapp could not enter current, status=200/CHDIR)
+#[test]
+fn release_flow_with_the_app_unit_restarted_through_sudo() {
+    let Some(vm) = app_vm("sudo systemctl restart myapp", 10) else {
+        return;
+    };
+    // The sudoers snippet and the drop-in, as docs/agent-setup.md says.
+    vm.copy_in(
+        &repo_file("systemd/sudoers.d/deploy-agent"),
+        "/etc/sudoers.d/deploy-agent",
+    );
+    vm.sh(
+        "chown root:root /etc/sudoers.d/deploy-agent && chmod 0440 /etc/sudoers.d/deploy-agent \
+           && visudo -cf /etc/sudoers.d/deploy-agent",
+    );
+    vm.sh("mkdir -p /etc/systemd/system/deploy-agent.service.d");
+    vm.copy_in(
+        &repo_file("systemd/deploy-agent.service.d/allow-sudo.conf"),
+        "/etc/systemd/system/deploy-agent.service.d/allow-sudo.conf",
+    );
+    vm.sh("systemctl daemon-reload && systemctl restart deploy-agent");
+    release_flow(&vm);
+}
+
+// See: #12
+#[test]
+fn release_flow_with_the_app_unit_restarted_through_polkit() {
+    let Some(vm) = app_vm("systemctl restart myapp", 10) else {
+        return;
+    };
+    vm.sh("mkdir -p /etc/polkit-1/rules.d");
+    vm.copy_in(
+        &repo_file("systemd/polkit-1/50-deploy-agent.rules"),
+        "/etc/polkit-1/rules.d/50-deploy-agent.rules",
+    );
+    // The strict unit, no drop-in: the whole sandbox stays.
+    assert_ne!(
+        vm.exec("test -e /etc/systemd/system/deploy-agent.service.d")
+            .code,
+        0
+    );
+    release_flow(&vm);
+    sandbox_applies(&vm);
+}
+
+// ---------------------------------------------------------------------------------------
+// The agent dies or is restarted mid-deploy
+// ---------------------------------------------------------------------------------------
+
+/// Starts `push LABEL` (with the slow server) on a thread and waits until `current` has
+/// moved to it, i.e. the agent is in its health wait.
+fn push_slow_in_background(vm: &Vm, label: &str) -> thread::JoinHandle<Output> {
+    let a = artifact(vm, label, SLOW);
+    let root = vm.env.root().to_owned();
+    let label_owned = label.to_owned();
+    let handle = thread::spawn(move || {
+        deployctl_e2e::deployctl(
+            &root,
+            &[
+                "push",
+                "vm",
+                "--artifact",
+                a.to_str().unwrap(),
+                "--version",
+                &label_owned,
+            ],
+            &[],
+        )
+    });
+    vm.wait_for(
+        &format!("current to move to {label}"),
+        &format!("grep -qx {label} /srv/myapp/current/public/version.txt"),
+        Duration::from_secs(60),
+    );
+    handle
+}
+
+// See: #12
+#[test]
+fn agent_sigkilled_in_a_health_wait_then_restarted_by_systemd_mid_deploy() {
+    let Some(vm) = app_vm("systemctl restart myapp", 40) else {
+        return;
+    };
+    vm.sh("mkdir -p /etc/polkit-1/rules.d");
+    vm.copy_in(
+        &repo_file("systemd/polkit-1/50-deploy-agent.rules"),
+        "/etc/polkit-1/rules.d/50-deploy-agent.rules",
+    );
+    push(&vm, "v1", SERVE).assert_success();
+    serves(&vm, "v1");
+
+    // SIGKILL during the health wait: systemd restarts the agent (Restart=on-failure), and
+    // recovery checks health again from its journal; the slow v2 comes up, so v2 stays.
+    let pushing = push_slow_in_background(&vm, "v2");
+    let old = vm.main_pid(AGENT);
+    vm.sh(&format!("kill -KILL {old}"));
+    let out = pushing.join().unwrap();
+    assert_ne!(out.code, 0, "the push lost its agent: {out}");
+    vm.wait_for(
+        "systemd to restart the agent",
+        &format!(
+            "p=$(systemctl show -p MainPID --value {AGENT}); [ \"$p\" != 0 ] && [ \"$p\" != {old} ] \
+             && systemctl is-active --quiet {AGENT}"
+        ),
+        Duration::from_secs(30),
+    );
+    vm.wait_for(
+        "recovery to finish (the journal gone)",
+        "! ls /srv/myapp/.deploy/ | grep -q journal",
+        Duration::from_secs(60),
+    );
+    serves(&vm, "v2");
+    let status = vm.deployctl(&["status", "vm", "--json"]);
+    status.assert_success();
+    assert!(status.stdout.contains("v2"), "{status}");
+    check_passes(&vm);
+
+    // `systemctl restart deploy-agent` during a deploy: the agent stops taking work, lets
+    // the deploy in flight finish (the push succeeds), then exits and starts again.
+    let pushing = push_slow_in_background(&vm, "v3");
+    let old = vm.main_pid(AGENT);
+    let restart = vm.exec(&format!("systemctl restart {AGENT}"));
+    restart.assert_success();
+    let out = pushing.join().unwrap();
+    out.assert_success();
+    let new = vm.main_pid(AGENT);
+    assert!(
+        new != 0 && new != old,
+        "MainPID {old} -> {new}: not restarted"
+    );
+    serves(&vm, "v3");
+    check_passes(&vm);
+}
