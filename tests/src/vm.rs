@@ -93,6 +93,8 @@ pub struct Sandbox {
     pub seccomp_filter: bool,
     /// Its effective and bounding capabilities are empty.
     pub no_capabilities: bool,
+    /// What the probes said, for a failure message.
+    pub detail: String,
 }
 
 /// One booted server; removed on drop.
@@ -333,16 +335,60 @@ hosts = ["127.0.0.1:{port}"]
         }
     }
 
-    /// Looks at process `pid` from outside it: its mounts (with `nsenter -m` into its mount
-    /// namespace) and /proc/PID/status.
+    /// The host's PID of the container's process `pid`: the process in the container's PID
+    /// namespace whose innermost `NSpid` is `pid`.
+    pub fn host_pid(&self, pid: u32) -> u32 {
+        let init = docker(&["inspect", "-f", "{{.State.Pid}}", &self.id]);
+        let init = init.stdout.trim();
+        let ns = std::fs::read_link(format!("/proc/{init}/ns/pid"))
+            .unwrap_or_else(|e| panic!("cannot read the VM's pid namespace (not root?): {e}"));
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let name = entry.file_name();
+            let Some(host) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if std::fs::read_link(format!("/proc/{host}/ns/pid"))
+                .ok()
+                .as_ref()
+                != Some(&ns)
+            {
+                continue;
+            }
+            let status =
+                std::fs::read_to_string(format!("/proc/{host}/status")).unwrap_or_default();
+            let inner = status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|v| v.split_whitespace().last())
+                .and_then(|v| v.parse::<u32>().ok());
+            if inner == Some(pid) {
+                return host;
+            }
+        }
+        panic!("no host process for pid {pid} in the VM {}", self.id);
+    }
+
+    /// Looks at the container's process `pid` from outside the container: its mounts
+    /// (`nsenter -m` into its mount namespace, run on the host: inside the container root
+    /// lacks CAP_SYS_PTRACE to open another user's namespaces) and /proc/PID/status.
     pub fn sandbox(&self, pid: u32) -> Sandbox {
+        let host = self.host_pid(pid).to_string();
         let marker = format!("/tmp/deployctl-e2e-marker-{}", unique());
         self.sh(&format!("touch {marker}"));
-        let usr_ro = self.exec(&format!(
-            "nsenter -t {pid} -m sh -c 'touch /usr/.deployctl-e2e-probe' 2>&1"
-        ));
-        let tmp = self.exec(&format!("nsenter -t {pid} -m test -e {marker}"));
-        let status = self.sh(&format!("cat /proc/{pid}/status"));
+        let nsenter = |args: &[&str]| {
+            let mut cmd = Command::new("nsenter");
+            cmd.args(["-t", &host, "-m", "--"])
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            run_command(cmd, Duration::from_secs(30))
+        };
+        let usr = nsenter(&["sh", "-c", "touch /usr/.deployctl-e2e-probe 2>&1"]);
+        // `test` says 1 for "no such file"; anything else is nsenter failing.
+        let tmp = nsenter(&["test", "-e", &marker]);
+        let seen = nsenter(&["test", "-e", "/etc/hostname"]);
+        let status = std::fs::read_to_string(format!("/proc/{host}/status")).unwrap_or_default();
         self.sh(&format!("rm -f {marker}"));
         let field = |k: &str| {
             status
@@ -352,12 +398,15 @@ hosts = ["127.0.0.1:{port}"]
                 .unwrap_or_default()
         };
         Sandbox {
-            usr_read_only: usr_ro.code != 0 && usr_ro.stdout.contains("Read-only file system"),
-            private_tmp: tmp.code == 1,
+            usr_read_only: usr.code != 0 && usr.stdout.contains("Read-only file system"),
+            private_tmp: seen.code == 0 && tmp.code == 1,
             no_new_privs: field("NoNewPrivs:") == "1",
             seccomp_filter: field("Seccomp:") == "2",
             no_capabilities: field("CapEff:").trim_start_matches('0').is_empty()
                 && field("CapBnd:").trim_start_matches('0').is_empty(),
+            detail: format!(
+                "host pid {host}\ntouch /usr/...: {usr}\ntest -e /tmp/...: {tmp}\n{status}"
+            ),
         }
     }
 }

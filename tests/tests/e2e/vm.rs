@@ -130,10 +130,9 @@ fn bootstrap_as_root_on_a_fresh_server_without_a_deploy_group() {
         new != 0 && new != old,
         "MainPID {old} -> {new}: not restarted"
     );
-    assert!(
-        vm.sh(&format!("readlink /proc/{new}/exe")).trim() == "/usr/local/bin/deploy-agent",
-        "the restarted agent runs the installed binary"
-    );
+    // (read from the host: root in the container may not read another user's /proc/PID/exe)
+    let exe = fs::read_link(format!("/proc/{}/exe", vm.host_pid(new))).unwrap();
+    assert_eq!(exe, PathBuf::from("/usr/local/bin/deploy-agent"));
     check_passes(&vm);
     sandbox_applies(&vm);
     let host = bootstrap(&vm, &["--agent-binary", new_bin.to_str().unwrap()]);
