@@ -232,9 +232,10 @@ impl Vm {
         out.stdout
     }
 
-    /// Copies a local file into the container.
+    /// Copies a local file into the container (making its directory).
     #[track_caller]
     pub fn copy_in(&self, local: &Path, remote: &str) {
+        self.sh(&format!("mkdir -p \"$(dirname '{remote}')\""));
         let dest = format!("{}:{remote}", self.id);
         let out = docker(&["cp", local.to_str().unwrap(), &dest]);
         out.assert_success();
@@ -244,7 +245,6 @@ impl Vm {
     #[track_caller]
     pub fn write(&self, remote: &str, text: &str, mode: &str) {
         let local = self.env.write(&format!("upload-{}", unique()), text);
-        self.sh(&format!("mkdir -p \"$(dirname {remote})\""));
         self.copy_in(&local, remote);
         self.sh(&format!(
             "chown root:root {remote} && chmod {mode} {remote}"

@@ -268,8 +268,12 @@ fn systemd_analyze_security_matches_the_docs() {
 // The release flow with the app as its own systemd service
 // ---------------------------------------------------------------------------------------
 
+/// The app's unit as docs/agent-setup.md shows it. Without `StartLimitIntervalSec=0` a
+/// release that crash-loops uses up systemd's start limit, and the rollback's `systemctl
+/// restart` then fails ("Start request repeated too quickly"): exit 5 instead of 1.
 const APP_UNIT: &str = "[Unit]
 Description=e2e app (deployctl)
+StartLimitIntervalSec=0
 
 [Service]
 User=myapp
@@ -348,14 +352,24 @@ fn serves(vm: &Vm, label: &str) {
     assert_eq!(vm.sh(&format!("ps -o user= -p {pid}")).trim(), "myapp");
 }
 
+/// `out` exited with `code`, else a panic that shows the app unit's journal too.
+#[track_caller]
+fn expect_exit(vm: &Vm, out: &Output, code: i32) {
+    if out.code != code {
+        let journal =
+            vm.exec("systemctl status --no-pager myapp; journalctl --no-pager -n 40 -u myapp");
+        panic!("expected exit code {code}:\n{out}\n--- the app unit ---\n{journal}");
+    }
+}
+
 #[track_caller]
 fn release_flow(vm: &Vm) {
-    push(vm, "v1", SERVE).assert_success();
+    expect_exit(vm, &push(vm, "v1", SERVE), 0);
     serves(vm, "v1");
-    push(vm, "v2", SERVE).assert_success();
+    expect_exit(vm, &push(vm, "v2", SERVE), 0);
     serves(vm, "v2");
     let out = push(vm, "v3", BROKEN);
-    out.assert_exit(1);
+    expect_exit(vm, &out, 1);
     assert!(
         out.stdout.contains("rolled") || out.stderr.contains("rolled"),
         "{out}"
