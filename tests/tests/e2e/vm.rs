@@ -268,20 +268,17 @@ fn systemd_analyze_security_matches_the_docs() {
 // The release flow with the app as its own systemd service
 // ---------------------------------------------------------------------------------------
 
-/// The app's unit as docs/agent-setup.md shows it. Without `StartLimitIntervalSec=0` a
-/// release that crash-loops uses up systemd's start limit, and the rollback's `systemctl
-/// restart` then fails ("Start request repeated too quickly"): exit 5 instead of 1.
-const APP_UNIT: &str = "[Unit]
-Description=e2e app (deployctl)
-StartLimitIntervalSec=0
-
-[Service]
-User=myapp
-WorkingDirectory=/srv/myapp/current
-ExecStart=/srv/myapp/current/bin/server
-Restart=on-failure
-RestartSec=1s
-";
+/// The app's unit exactly as docs/agent-setup.md shows it (the ```ini block that starts
+/// with `# /etc/systemd/system/myapp.service`), so the docs' unit is the one tested.
+fn app_unit() -> String {
+    let docs = fs::read_to_string(repo_file("docs/agent-setup.md")).unwrap();
+    let marker = "```ini\n# /etc/systemd/system/myapp.service\n";
+    let at = docs
+        .find(marker)
+        .expect("docs/agent-setup.md shows the app's unit in an ini block");
+    let rest = &docs[at + marker.len()..];
+    rest[..rest.find("```").unwrap()].to_owned()
+}
 
 /// The sample app (examples/sample-app: its `public/` and `bin/migrate`) with a
 /// `bin/server` for systemd and a `public/version.txt`.
@@ -322,7 +319,7 @@ fn app_vm(restart: &str, health_retries: u32) -> Option<Vm> {
     vm.write_config("myapp", "root", &release);
     bootstrap(&vm, &[]);
     vm.sh("useradd --system --no-create-home --shell /usr/sbin/nologin myapp");
-    vm.write("/etc/systemd/system/myapp.service", APP_UNIT, "0644");
+    vm.write("/etc/systemd/system/myapp.service", &app_unit(), "0644");
     vm.sh("systemctl daemon-reload");
     Some(vm)
 }
@@ -399,7 +396,15 @@ fn release_flow_with_the_app_unit_restarted_through_sudo() {
         "chown root:root /etc/sudoers.d/deploy-agent && chmod 0440 /etc/sudoers.d/deploy-agent \
            && visudo -cf /etc/sudoers.d/deploy-agent",
     );
-    vm.sh("mkdir -p /etc/systemd/system/deploy-agent.service.d");
+    // Without the drop-in, sudo cannot work under the strict unit, as the docs say.
+    let out = push(&vm, "v0", SERVE);
+    assert_ne!(out.code, 0, "{out}");
+    assert!(
+        out.to_string().contains(
+            "The \"no new privileges\" flag is set, which prevents sudo from running as root"
+        ),
+        "{out}"
+    );
     vm.copy_in(
         &repo_file("systemd/deploy-agent.service.d/allow-sudo.conf"),
         "/etc/systemd/system/deploy-agent.service.d/allow-sudo.conf",
@@ -480,6 +485,8 @@ fn agent_sigkilled_in_a_health_wait_then_restarted_by_systemd_mid_deploy() {
     let pushing = push_slow_in_background(&vm, "v2");
     let old = vm.main_pid(AGENT);
     vm.sh(&format!("kill -KILL {old}"));
+    // It died with a deploy in flight: its journal is there for recovery.
+    vm.sh("test -f /srv/myapp/.deploy/journal.json");
     let out = pushing.join().unwrap();
     assert_ne!(out.code, 0, "the push lost its agent: {out}");
     vm.wait_for(
@@ -492,7 +499,8 @@ fn agent_sigkilled_in_a_health_wait_then_restarted_by_systemd_mid_deploy() {
     );
     vm.wait_for(
         "recovery to finish (the journal gone)",
-        "! ls /srv/myapp/.deploy/ | grep -q journal",
+        "journalctl -u deploy-agent | grep -q 'recovery finished' \
+         && ! test -e /srv/myapp/.deploy/journal.json",
         Duration::from_secs(60),
     );
     serves(&vm, "v2");
