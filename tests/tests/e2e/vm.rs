@@ -525,3 +525,49 @@ fn agent_sigkilled_in_a_health_wait_then_restarted_by_systemd_mid_deploy() {
     serves(&vm, "v3");
     check_passes(&vm);
 }
+
+// ---------------------------------------------------------------------------------------
+// The install by hand, exactly as docs/agent-setup.md shows it
+// ---------------------------------------------------------------------------------------
+
+// See: #12
+#[test]
+fn install_by_hand_as_the_docs_show() {
+    let Some(vm) = Vm::boot() else { return };
+    let docs = fs::read_to_string(repo_file("docs/agent-setup.md")).unwrap();
+    let marker = "On the server, as root:\n\n```sh\n";
+    let at = docs.find(marker).expect("docs: the install-by-hand block");
+    let rest = &docs[at + marker.len()..];
+    let script = &rest[..rest.find("```").unwrap()];
+    // What the docs' scp put in /tmp, and the app's own user the tmpfiles snippet names.
+    vm.copy_in(&bin("deploy-agent"), "/tmp/deploy-agent");
+    for f in [
+        "deploy-agent.service",
+        "deploy-agent.sysusers",
+        "deploy-agent.tmpfiles",
+        "agent.toml",
+    ] {
+        vm.copy_in(&repo_file(&format!("systemd/{f}")), &format!("/tmp/{f}"));
+    }
+    let key = vm.env.write("deployer.pub", format!("{}\n", vm.key_pub));
+    vm.copy_in(&key, "/tmp/deployer.pub");
+    vm.sh("useradd --system --no-create-home --shell /usr/sbin/nologin myapp");
+    let script_file = vm.env.write("install.sh", format!("set -e\n{script}"));
+    vm.copy_in(&script_file, "/tmp/install.sh");
+    let out = vm.exec("sh /tmp/install.sh 2>&1");
+    assert_eq!(out.code, 0, "the docs' install block failed:\n{out}");
+    assert!(out.stdout.contains("active (running)"), "{out}");
+    assert_eq!(
+        vm.sh("stat -c '%A %U %G' /run/deploy-agent/agent.sock")
+            .trim(),
+        "srw-rw---- deploy-agent deploy"
+    );
+    assert_eq!(
+        vm.sh("stat -c '%a %U %G' /srv/myapp").trim(),
+        "755 deploy-agent deploy"
+    );
+    sandbox_applies(&vm);
+    // deployctl logs in as deploy (in group deploy), as the docs set it up.
+    vm.write_config("myapp", "deploy", "");
+    check_passes(&vm);
+}
