@@ -110,14 +110,33 @@ pub struct Vm {
 }
 
 impl Vm {
+    /// The image's tag (built when missing); `None` = skipped (not CI).
+    pub fn image() -> Option<String> {
+        match image() {
+            Ok(tag) => Some(tag),
+            Err(why) => unavailable(&why),
+        }
+    }
+
+    /// Runs `script` with `sh -c` in a throwaway container of the image, without booting it.
+    pub fn run_image(image: &str, script: &str) -> Output {
+        docker(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            image,
+            "sh",
+            "-c",
+            script,
+        ])
+    }
+
     /// Builds the image if needed, boots a container and waits until systemd has settled and
     /// sshd answers; writes `known_hosts` (the container's own host key, read with `docker
     /// exec`) into [`Vm::env`] and authorizes [`Vm::key`] for root. `None` = skipped (not CI).
     pub fn boot() -> Option<Vm> {
-        let image = match image() {
-            Ok(t) => t,
-            Err(why) => return unavailable(&why),
-        };
+        let image = Vm::image()?;
         let name = format!("deployctl-e2e-vm-{}-{}", std::process::id(), unique());
         let out = docker(&[
             "run",

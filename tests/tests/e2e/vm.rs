@@ -571,3 +571,31 @@ fn install_by_hand_as_the_docs_show() {
     vm.write_config("myapp", "deploy", "");
     check_passes(&vm);
 }
+
+// See: #12
+#[test]
+fn each_vm_makes_its_own_host_keys_and_machine_id() {
+    let Some(image) = Vm::image() else { return };
+    // Nothing baked into the image...
+    let out = Vm::run_image(
+        &image,
+        "ls /etc/ssh/ | grep ssh_host_ || true; cat /etc/machine-id",
+    );
+    out.assert_success();
+    assert_eq!(
+        out.stdout.trim(),
+        "",
+        "the image carries host keys or a machine-id"
+    );
+    // ...so two containers differ.
+    let (Some(a), Some(b)) = (Vm::boot(), Vm::boot()) else {
+        return;
+    };
+    let ids = "cat /etc/machine-id /etc/ssh/ssh_host_ed25519_key.pub";
+    let (ia, ib) = (a.sh(ids), b.sh(ids));
+    assert_eq!(ia.lines().count(), 2, "{ia}");
+    assert_eq!(ia.lines().next().unwrap().len(), 32, "{ia}");
+    for (x, y) in ia.lines().zip(ib.lines()) {
+        assert_ne!(x, y);
+    }
+}
