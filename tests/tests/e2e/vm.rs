@@ -530,6 +530,9 @@ fn agent_sigkilled_in_a_health_wait_then_restarted_by_systemd_mid_deploy() {
     let old = vm.main_pid(AGENT);
     let restart = vm.exec(&format!("systemctl restart {AGENT}"));
     restart.assert_success();
+    // It returned only once the deploy had ended: no journal left, v3 serving.
+    vm.sh("test ! -e /srv/myapp/.deploy/journal.json");
+    vm.sh("curl -fsS http://127.0.0.1:4000/version.txt | grep -qx v3");
     let out = pushing.join().unwrap();
     out.assert_success();
     let new = vm.main_pid(AGENT);
