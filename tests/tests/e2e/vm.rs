@@ -451,10 +451,10 @@ fn release_flow_with_the_app_unit_restarted_through_polkit() {
 // The agent dies or is restarted mid-deploy
 // ---------------------------------------------------------------------------------------
 
-/// Starts `push LABEL` (with the slow server) on a thread and waits until `current` has
+/// Starts `push LABEL` on a thread and waits until `current` has
 /// moved to it, i.e. the agent is in its health wait.
-fn push_slow_in_background(vm: &Vm, label: &str) -> thread::JoinHandle<Output> {
-    let a = artifact(vm, label, SLOW);
+fn push_in_background(vm: &Vm, label: &str, server: &str) -> thread::JoinHandle<Output> {
+    let a = artifact(vm, label, server);
     let root = vm.env.root().to_owned();
     let label_owned = label.to_owned();
     let handle = thread::spawn(move || {
@@ -497,7 +497,7 @@ fn agent_sigkilled_in_a_health_wait_then_restarted_by_systemd_mid_deploy() {
 
     // SIGKILL during the health wait: systemd restarts the agent (Restart=on-failure), and
     // recovery checks health again from its journal; the slow v2 comes up, so v2 stays.
-    let pushing = push_slow_in_background(&vm, "v2");
+    let pushing = push_in_background(&vm, "v2", SLOW);
     let old = vm.main_pid(AGENT);
     vm.sh(&format!("kill -KILL {old}"));
     // It died with a deploy in flight: its journal is there for recovery.
@@ -526,7 +526,7 @@ fn agent_sigkilled_in_a_health_wait_then_restarted_by_systemd_mid_deploy() {
 
     // `systemctl restart deploy-agent` during a deploy: the agent stops taking work, lets
     // the deploy in flight finish (the push succeeds), then exits and starts again.
-    let pushing = push_slow_in_background(&vm, "v3");
+    let pushing = push_in_background(&vm, "v3", SLOW);
     let old = vm.main_pid(AGENT);
     let restart = vm.exec(&format!("systemctl restart {AGENT}"));
     restart.assert_success();
@@ -542,6 +542,24 @@ fn agent_sigkilled_in_a_health_wait_then_restarted_by_systemd_mid_deploy() {
     );
     serves(&vm, "v3");
     check_passes(&vm);
+
+    // SIGKILL in the health wait of a broken release: recovery checks again, finds it
+    // unhealthy and rolls back to v3.
+    let pushing = push_in_background(&vm, "v4", BROKEN);
+    let old = vm.main_pid(AGENT);
+    vm.sh(&format!("kill -KILL {old}"));
+    vm.sh("test -f /srv/myapp/.deploy/journal.json");
+    assert_ne!(pushing.join().unwrap().code, 0);
+    vm.wait_for(
+        "recovery to roll v4 back",
+        &format!(
+            "p=$(systemctl show -p MainPID --value {AGENT}); [ \"$p\" != 0 ] && [ \"$p\" != {old} ] \
+             && ! test -e /srv/myapp/.deploy/journal.json \
+             && grep -qx v3 /srv/myapp/current/public/version.txt"
+        ),
+        Duration::from_secs(90),
+    );
+    serves(&vm, "v3");
 }
 
 // ---------------------------------------------------------------------------------------
