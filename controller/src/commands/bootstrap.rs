@@ -852,7 +852,13 @@ async fn apply_systemd(
 ) -> Result<(), HostError> {
     let name = &remote.name;
     if let Some(id) = &plan.identity {
-        ensure_identity(remote, st, plan, id, progress, a).await?;
+        // The socket group exists by now (made above when it was missing): when it is also
+        // the unit's group, the look phase's answer for it is stale.
+        let st = State {
+            unit_group: st.unit_group || id.group == plan.group,
+            ..st.clone()
+        };
+        ensure_identity(remote, &st, plan, id, progress, a).await?;
     }
     let unit_text = render_unit(&plan.bin, &plan.config, &plan.group, roots);
     let unit_sha = sha256_hex(unit_text.as_bytes());
@@ -945,7 +951,7 @@ async fn ensure_identity(
                 remote
                     .run_ok(
                         &format!("creating group {}", id.group),
-                        &format!("groupadd --system {g}"),
+                        &format!("getent group {g} >/dev/null || groupadd --system {g}"),
                     )
                     .await?;
                 format!("--gid {g}")
@@ -978,12 +984,14 @@ async fn ensure_identity(
         }
     }
     match &st.deploy_to_owner {
+        // 0755, as in deploy-agent.tmpfiles: the app's own user (a unit with `User=myapp`,
+        // `WorkingDirectory=<deploy_to>/current`) must be able to enter it.
         None => {
             remote
                 .run_ok(
                     &format!("creating {}", plan.deploy_to),
                     &format!(
-                        "d={d}\nmkdir -p \"$d\" && chown {u}:{g} \"$d\" && chmod 0750 \"$d\"",
+                        "d={d}\nmkdir -p \"$d\" && chown {u}:{g} \"$d\" && chmod 0755 \"$d\"",
                         d = shell_quote(&plan.deploy_to)
                     ),
                 )

@@ -14,3 +14,4 @@ mod promote;
 mod release;
 mod review_apps;
 mod support;
+mod vm;
