@@ -331,6 +331,7 @@ fn push_big(site: &Site, min: u64) -> Bg {
 /// What every case checks: deployctl ended within the bound, with `code`, naming
 /// `deployctl status test`.
 fn assert_ended(out: &Output, took: Duration, code: i32) {
+    eprintln!("deployctl exited {} {took:.1?} after the fault", out.code);
     assert!(took < BOUND, "took {took:?}: {out}");
     out.assert_exit(code);
     let all = format!("{}{}", out.stdout, out.stderr);
