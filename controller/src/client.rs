@@ -243,3 +243,73 @@ impl AgentClient {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.conn.tx.close()).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::{ErrorCode, Stage};
+
+    /// An agent that answers `Hello`, then sends `frames` and never reads again.
+    async fn client_against(frames: Vec<Response>) -> (AgentClient, tokio::task::JoinHandle<()>) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let agent = tokio::spawn(async move {
+            let mut conn = codec::accept(b).await.unwrap();
+            let _hello: Request = conn.recv_json().await.unwrap();
+            conn.send(&Response::Hello(HelloReply {
+                protocol: PROTOCOL_VERSION,
+                version: "test".into(),
+                hostname: "test".into(),
+            }))
+            .await
+            .unwrap();
+            for f in &frames {
+                conn.send(f).await.unwrap();
+            }
+            // hold the connection open, reading nothing: the client's send blocks
+            std::future::pending::<()>().await;
+        });
+        let client = AgentClient::handshake(Box::new(a), "test").await.unwrap();
+        (client, agent)
+    }
+
+    #[tokio::test]
+    async fn an_error_from_the_agent_ends_a_send_it_never_reads() {
+        // See: #16
+        let (mut client, agent) = client_against(vec![
+            Response::Event(Event {
+                stage: Stage::Upload,
+                message: "unpacking".into(),
+            }),
+            Response::Error(ProtoError::new(
+                ErrorCode::ShuttingDown,
+                "deploy-agent is shutting down; the upload was discarded",
+            )),
+        ])
+        .await;
+        let mut events = Vec::new();
+        // far more than the pipe holds: without watching the incoming side, this blocks
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.send_data(vec![0u8; 8 << 20], &mut |e| events.push(e.message)),
+        )
+        .await
+        .expect("the send ends once the agent's error arrives");
+        match r {
+            Err(ClientError::Agent(e)) => assert_eq!(e.code, ErrorCode::ShuttingDown),
+            other => panic!("expected the agent's error, got {other:?}"),
+        }
+        assert_eq!(events, vec!["unpacking".to_string()]);
+        agent.abort();
+    }
+
+    #[tokio::test]
+    async fn a_reply_that_never_comes_times_out() {
+        // See: #16
+        let (mut client, agent) = client_against(Vec::new()).await;
+        let r = client
+            .response_within::<proto::Releases>(Duration::from_millis(300), &mut |_| {})
+            .await;
+        assert!(matches!(r, Err(ClientError::Timeout(_))), "{r:?}");
+        agent.abort();
+    }
+}

@@ -450,3 +450,18 @@ fn silent_network_while_the_agent_deploys_ends_with_exit_5() {
         "{out}"
     );
 }
+
+#[test]
+fn frozen_agent_mid_upload_ends_with_exit_3() {
+    // See: #16 (item 9)
+    let s = site();
+    let mut bg = push_big(&s, 8 * 1024 * 1024);
+    // the agent stops reading, sshd still answers keepalives: only deployctl's bound on a
+    // send that makes no progress ends this
+    let on_disk = unpacked(&s.deploy_to);
+    let _stopped = Stopped::stop(vec![s.agent.pid()]);
+    assert_mid_upload(on_disk);
+    let (out, took) = bg.wait(BOUND, "the agent froze mid-upload");
+    assert_ended(&out, took, CONNECT);
+    assert!(out.stderr.contains("nothing was changed"), "{out}");
+}
