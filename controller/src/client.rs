@@ -21,6 +21,9 @@ pub const SEND_STALL: Duration = Duration::from_secs(30);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest wait for an answer when the caller sets no limit of its own.
 pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest wait for an answer to a request that runs none of the app's commands
+/// (the lock without `--lock-wait`, listing releases, starting an upload).
+pub const QUICK_REPLY: Duration = Duration::from_secs(120);
 /// While the agent streams a release to us, the longest gap between two frames.
 pub const FETCH_IDLE: Duration = Duration::from_secs(60);
 /// Closing the connection politely may take this long; then it is dropped.

@@ -355,7 +355,7 @@ pub async fn lock_all(
             progress.line(&c.name, "waiting for the deploy lock");
         }
         // The agent answers at once, or after waiting up to `wait` for the lock.
-        let limit = wait.unwrap_or_default() + c.client.reply_timeout();
+        let limit = wait.unwrap_or_default() + crate::client::QUICK_REPLY;
         match c.client.call_within(req, limit, |_| {}).await {
             Ok(_) => {}
             Err(e) => return Err(agent_failure(&c.name, e)),

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use super::{agent_failure, app_ref, close_all, connect_all, find_keys, holder, lock_all};
 use crate::artifact::Scan;
 use crate::cli::Cli;
-use crate::client::ClientError;
+use crate::client::{ClientError, QUICK_REPLY};
 use crate::config::{Environment, Strategy};
 use crate::exit::{self, Failure};
 use crate::output::{Progress, mib};
@@ -119,9 +119,13 @@ async fn gate(
     for c in conns.iter_mut() {
         let list = c
             .client
-            .call(proto::Releases {
-                app: app_ref(&from_env),
-            })
+            .call_within(
+                proto::Releases {
+                    app: app_ref(&from_env),
+                },
+                QUICK_REPLY,
+                |_| {},
+            )
             .await
             .map_err(|e| agent_failure(&c.name, e))?;
         match list.releases.into_iter().rev().find(|r| {
@@ -371,7 +375,7 @@ async fn upload_and_deploy(
     let progress = up.progress;
     let ready = conn
         .client
-        .call(req)
+        .call_within(req, QUICK_REPLY, |_| {})
         .await
         .map_err(|e| up.lost("asking for the upload", e))?;
     if let Some(prev) = &ready.previous {
@@ -566,7 +570,7 @@ async fn next_release_id(
     for c in conns.iter_mut() {
         let list = c
             .client
-            .call(proto::Releases { app: app_ref(env) })
+            .call_within(proto::Releases { app: app_ref(env) }, QUICK_REPLY, |_| {})
             .await
             .map_err(|e| agent_failure(&c.name, e))?;
         if let Some(last) = list.releases.last()

@@ -33,7 +33,11 @@ pub async fn run(
             for c in conns.iter_mut() {
                 let list = c
                     .client
-                    .call(proto::Releases { app: app_ref(&env) })
+                    .call_within(
+                        proto::Releases { app: app_ref(&env) },
+                        crate::client::QUICK_REPLY,
+                        |_| {},
+                    )
                     .await
                     .map_err(|e| agent_failure(&c.name, e))?;
                 let found = list
