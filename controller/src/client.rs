@@ -51,6 +51,8 @@ pub struct AgentClient {
     pub hello: HelloReply,
     /// How long [`AgentClient::call`] waits for an answer.
     reply_timeout: Duration,
+    /// The connection failed (closed, timed out, stalled): closing it politely is moot.
+    broken: bool,
 }
 
 impl AgentClient {
@@ -73,6 +75,7 @@ impl AgentClient {
                 conn,
                 hello,
                 reply_timeout: DEFAULT_REPLY_TIMEOUT,
+                broken: false,
             }),
             Response::Error(e) => Err(ClientError::Agent(e)),
             other => Err(ClientError::Unexpected(format!(
@@ -131,6 +134,15 @@ impl AgentClient {
         limit: Duration,
         on_event: &mut impl FnMut(Event),
     ) -> Result<R::Response, ClientError> {
+        let r = self.response_inner::<R>(limit, on_event).await;
+        self.note(r)
+    }
+
+    async fn response_inner<R: Rpc>(
+        &mut self,
+        limit: Duration,
+        on_event: &mut impl FnMut(Event),
+    ) -> Result<R::Response, ClientError> {
         let deadline = Instant::now() + limit;
         loop {
             let msg = tokio::time::timeout_at(deadline, self.conn.recv_json::<Response>())
@@ -152,6 +164,14 @@ impl AgentClient {
     /// size of what arrived, checked against what the agent says it sent. A gap of more
     /// than [`FETCH_IDLE`] between two frames ends it.
     pub async fn receive_fetch(
+        &mut self,
+        out: &mut impl std::io::Write,
+    ) -> Result<(String, u64), ClientError> {
+        let r = self.receive_fetch_inner(out).await;
+        self.note(r)
+    }
+
+    async fn receive_fetch_inner(
         &mut self,
         out: &mut impl std::io::Write,
     ) -> Result<(String, u64), ClientError> {
@@ -195,10 +215,21 @@ impl AgentClient {
     /// Sends one control message; fails after [`SEND_STALL`] without progress.
     pub async fn send_request(&mut self, request: impl Into<Request>) -> Result<(), ClientError> {
         let request = request.into();
-        tokio::time::timeout(SEND_STALL, self.conn.send(&request))
-            .await
-            .map_err(|_| ClientError::Stalled(SEND_STALL))??;
-        Ok(())
+        let r = match tokio::time::timeout(SEND_STALL, self.conn.send(&request)).await {
+            Ok(r) => r.map_err(ClientError::from),
+            Err(_) => Err(ClientError::Stalled(SEND_STALL)),
+        };
+        self.note(r)
+    }
+
+    /// Remembers a failed connection, so [`AgentClient::close`] does not wait on it.
+    fn note<T>(&mut self, r: Result<T, ClientError>) -> Result<T, ClientError> {
+        if let Err(e) = &r
+            && !matches!(e, ClientError::Agent(_) | ClientError::Unexpected(_))
+        {
+            self.broken = true;
+        }
+        r
     }
 
     /// Sends one chunk of an upload. Meanwhile it reads what the agent sends: progress
@@ -206,6 +237,15 @@ impl AgentClient {
     /// shutting down) or the connection closing ends the send at once, and so does a
     /// send that makes no progress for [`SEND_STALL`].
     pub async fn send_data(
+        &mut self,
+        chunk: Vec<u8>,
+        on_event: &mut impl FnMut(Event),
+    ) -> Result<(), ClientError> {
+        let r = self.send_data_inner(chunk, on_event).await;
+        self.note(r)
+    }
+
+    async fn send_data_inner(
         &mut self,
         chunk: Vec<u8>,
         on_event: &mut impl FnMut(Event),
@@ -241,8 +281,12 @@ impl AgentClient {
         }
     }
 
-    /// Closes the WebSocket, or gives up after [`CLOSE_TIMEOUT`] (a dead connection).
+    /// Closes the WebSocket, or gives up after [`CLOSE_TIMEOUT`]; at once when the
+    /// connection already failed.
     pub async fn close(mut self) {
+        if self.broken {
+            return;
+        }
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.conn.tx.close()).await;
     }
 }
