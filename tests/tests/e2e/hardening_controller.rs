@@ -122,12 +122,24 @@ struct Bg {
 
 impl Bg {
     fn push(site: &Site, artifact: &Path) -> Bg {
-        let stdout = site.env.path("push.stdout");
-        let stderr = site.env.path("push.stderr");
+        Bg::spawn(
+            site,
+            &[
+                "push",
+                "test",
+                "--artifact",
+                artifact.to_str().unwrap(),
+                "--version",
+                "v1",
+            ],
+        )
+    }
+
+    fn spawn(site: &Site, args: &[&str]) -> Bg {
+        let stdout = site.env.path(&format!("{}.stdout", args[0]));
+        let stderr = site.env.path(&format!("{}.stderr", args[0]));
         let mut cmd = Command::new(bin("deployctl"));
-        cmd.args(["push", "test", "--artifact"])
-            .arg(artifact)
-            .args(["--version", "v1"])
+        cmd.args(args)
             .current_dir(site.env.root())
             .stdin(Stdio::null())
             .stdout(fs::File::create(&stdout).unwrap())
@@ -464,4 +476,41 @@ fn frozen_agent_mid_upload_ends_with_exit_3() {
     let (out, took) = bg.wait(BOUND, "the agent froze mid-upload");
     assert_ended(&out, took, CONNECT);
     assert!(out.stderr.contains("nothing was changed"), "{out}");
+}
+
+#[test]
+fn silent_network_during_a_rollback_ends_with_exit_5() {
+    // See: #16 (item 9)
+    let s = site();
+    let art = small_artifact(&s);
+    for v in ["v1", "v2"] {
+        s.run(&[
+            "push",
+            "test",
+            "--artifact",
+            art.to_str().unwrap(),
+            "--version",
+            v,
+        ])
+        .assert_success();
+    }
+    // the rollback restarts the previous release with a slow command
+    s.write_config(
+        "",
+        "[defaults.release]\nrestart = \"sleep 45\"\ntimeout = \"2m\"\n",
+    );
+    let mut bg = Bg::spawn(&s, &["rollback", "test"]);
+    wait_until(
+        Duration::from_secs(30),
+        "the agent runs the restart command",
+        || !descendants(s.agent.pid()).is_empty(),
+    );
+    let _stopped = Stopped::stop(session_processes(&s));
+    let (out, took) = bg.wait(BOUND, "the network went silent during a rollback");
+    assert_ended(&out, took, NEEDS_HUMAN);
+    assert!(
+        out.stderr
+            .contains("lost contact while the agent rolled back"),
+        "{out}"
+    );
 }
