@@ -6,11 +6,13 @@ pub const OK: u8 = 0;
 pub const DEPLOY_FAILED: u8 = 1;
 /// Usage or configuration error: nothing was changed.
 pub const USAGE: u8 = 2;
-/// Could not connect, authenticate, or verify a host key.
+/// Could not connect, authenticate, or verify a host key; or the connection was lost (or
+/// the agent stopped) before a host's upload had finished: nothing changed on that host.
 pub const CONNECT: u8 = 3;
 /// Another deploy holds the lock.
 pub const LOCKED: u8 = 4;
-/// A rollback failed or the fleet is on mixed versions: a human must look.
+/// A rollback failed or the fleet is on mixed versions: a human must look. Also: contact
+/// was lost after the agent took the deploy over, so its outcome is unknown here.
 pub const NEEDS_HUMAN: u8 = 5;
 
 /// A failure that ends the command with an exit code and a message.

@@ -35,7 +35,11 @@ fn main() -> ExitCode {
             return ExitCode::from(deployctl::exit::USAGE);
         }
     };
-    ExitCode::from(rt.block_on(deployctl::run(cli)))
+    let code = rt.block_on(deployctl::run(cli));
+    // Never wait on a blocking task that is stuck (e.g. reading a file for an upload
+    // that ended): the command's outcome is already decided.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    ExitCode::from(code)
 }
 
 /// Prints clap's message (help and --version too) and, when the environment is what is

@@ -9,6 +9,7 @@ use std::pin::Pin;
 
 use proto::{Outcome, Rollback};
 
+use crate::client::ClientError;
 use crate::commands::{agent_failure, app_ref, holder, release_spec};
 use crate::config::{Batch, Environment, OnFailure, VerifyConfig};
 use crate::output::Progress;
@@ -301,7 +302,14 @@ pub async fn roll_back_host(
             |ev| progress.line(&host, &ev.message),
         )
         .await
-        .map_err(|e| agent_failure(&host, e).message);
+        .map_err(|e| match e {
+            ClientError::Agent(_) => agent_failure(&host, e).message,
+            other => format!(
+                "{host}: lost contact during the rollback ({other}); the agent finishes it on \
+                 its own: run `deployctl status {}` to see how it ended",
+                env.name
+            ),
+        });
     progress.finish_host(&host, "fleet rollback");
     r
 }

@@ -37,6 +37,8 @@ pub struct HostConn {
 }
 
 impl HostConn {
+    /// Closes the agent connection and the SSH session; each step is bounded, so a dead
+    /// connection cannot hold the command up.
     pub async fn close(self) {
         let HostConn { client, ssh, .. } = self;
         client.close().await;
@@ -44,6 +46,31 @@ impl HostConn {
             s.close().await;
         }
     }
+}
+
+/// The longest the agent can take to answer a deploy, a rollback, or any request that
+/// runs the app's commands, derived from the environment's own timeouts: up to four
+/// commands (migrate, restart, and on failure a restart of the previous release, or
+/// compose's pull/up/down) at `release.timeout` each, the health check twice (the new
+/// release, then the previous one after a rollback) at `retries x (interval +
+/// request_timeout)`, and two minutes for unpacking, copying and bookkeeping. Lost
+/// connections are found much sooner (SSH keepalives, the channel closing); this bounds
+/// the wait on an agent that is still connected but never answers.
+pub fn reply_budget(env: &Environment) -> Duration {
+    let health = env
+        .health
+        .as_ref()
+        .map(|h| {
+            h.interval
+                .saturating_add(h.request_timeout)
+                .saturating_mul(h.retries.max(1))
+        })
+        .unwrap_or_default();
+    env.release
+        .timeout
+        .saturating_mul(4)
+        .saturating_add(health.saturating_mul(2))
+        .saturating_add(Duration::from_secs(120))
 }
 
 pub fn ssh_options(env: &Environment, keys: Arc<Vec<KeySource>>) -> SshOptions {
@@ -80,12 +107,13 @@ pub async fn connect(
                 socket: env.agent_socket.clone(),
                 detail,
             })?;
-            let client = AgentClient::handshake(Box::new(stream), &name)
+            let mut client = AgentClient::handshake(Box::new(stream), &name)
                 .await
                 .map_err(|source| ConnectError::Client {
                     host: name.clone(),
                     source,
                 })?;
+            client.set_reply_timeout(reply_budget(env));
             Ok(HostConn {
                 name,
                 client,
@@ -102,11 +130,14 @@ pub async fn connect(
             let session = ssh::connect(target, ssh_options(env, keys)).await?;
             let io = session.open_agent().await?;
             match AgentClient::handshake(io, &name).await {
-                Ok(client) => Ok(HostConn {
-                    name,
-                    client,
-                    ssh: Some(session),
-                }),
+                Ok(mut client) => {
+                    client.set_reply_timeout(reply_budget(env));
+                    Ok(HostConn {
+                        name,
+                        client,
+                        ssh: Some(session),
+                    })
+                }
                 Err(ClientError::Agent(e)) => Err(ConnectError::Client {
                     host: name,
                     source: ClientError::Agent(e),

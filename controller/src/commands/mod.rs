@@ -355,7 +355,9 @@ pub async fn lock_all(
         if wait.is_some() {
             progress.line(&c.name, "waiting for the deploy lock");
         }
-        match c.client.call(req).await {
+        // The agent answers at once, or after waiting up to `wait` for the lock.
+        let limit = wait.unwrap_or_default() + crate::client::QUICK_REPLY;
+        match c.client.call_within(req, limit, |_| {}).await {
             Ok(_) => {}
             Err(e) => return Err(agent_failure(&c.name, e)),
         }
@@ -369,7 +371,8 @@ pub fn agent_failure(host: &str, e: ClientError) -> Failure {
         ClientError::Agent(p) => match p.code {
             ErrorCode::Locked => exit::LOCKED,
             ErrorCode::PathNotAllowed | ErrorCode::BadRequest | ErrorCode::NotFound => exit::USAGE,
-            ErrorCode::VersionMismatch => exit::CONNECT,
+            // The agent is stopping: it took nothing on (an upload is discarded).
+            ErrorCode::VersionMismatch | ErrorCode::ShuttingDown => exit::CONNECT,
             ErrorCode::RollbackFailed => exit::NEEDS_HUMAN,
             _ => exit::DEPLOY_FAILED,
         },

@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proto::{DeployReport, Push, UploadEnd};
+use proto::{DeployReport, ErrorCode, Push, UploadEnd};
 use sha2::{Digest, Sha256};
 
 use super::{agent_failure, app_ref, close_all, connect_all, find_keys, holder, lock_all};
 use crate::artifact::Scan;
 use crate::cli::Cli;
-use crate::client::ClientError;
+use crate::client::{ClientError, QUICK_REPLY};
 use crate::config::{Environment, Strategy};
 use crate::exit::{self, Failure};
 use crate::output::{Progress, mib};
@@ -119,9 +119,13 @@ async fn gate(
     for c in conns.iter_mut() {
         let list = c
             .client
-            .call(proto::Releases {
-                app: app_ref(&from_env),
-            })
+            .call_within(
+                proto::Releases {
+                    app: app_ref(&from_env),
+                },
+                QUICK_REPLY,
+                |_| {},
+            )
             .await
             .map_err(|e| agent_failure(&c.name, e))?;
         match list.releases.into_iter().rev().find(|r| {
@@ -271,7 +275,8 @@ async fn push_all(
         let artifact = artifact.to_path_buf();
         let progress = progress.clone();
         let scan = scan.clone();
-        Box::pin(async move { push_one(c, req, &artifact, size, scan, &progress).await })
+        let env_name = env.name.clone();
+        Box::pin(async move { push_one(c, req, &artifact, size, scan, &progress, &env_name).await })
     })
     .await;
     Ok((release, report))
@@ -284,11 +289,17 @@ async fn push_one(
     size: u64,
     scan: Option<Arc<Scan>>,
     progress: &Progress,
+    env_name: &str,
 ) -> HostResult {
     let host = conn.name.clone();
     let started = Instant::now();
     let release = req.release.clone();
-    let result = match upload_and_deploy(conn, req, artifact, size, scan, progress).await {
+    let up = Upload {
+        host: &host,
+        env: env_name,
+        progress,
+    };
+    let result = match upload_and_deploy(conn, req, artifact, size, scan, &up).await {
         Ok(report) => HostResult::from_report(&host, report),
         Err(e) => {
             progress.error(Some(&host), &e.message);
@@ -299,20 +310,75 @@ async fn push_one(
     result
 }
 
+/// Who an upload goes to, for its messages.
+struct Upload<'a> {
+    host: &'a str,
+    /// The environment's name, for `deployctl status ENV` in messages.
+    env: &'a str,
+    progress: &'a Progress,
+}
+
+impl Upload<'_> {
+    /// The connection failed before the agent took the deploy over: nothing changed.
+    fn lost(&self, when: &str, e: ClientError) -> Failure {
+        let (host, env) = (self.host, self.env);
+        match e {
+            ClientError::Agent(p) if p.code == ErrorCode::ShuttingDown => Failure::new(
+                exit::CONNECT,
+                format!(
+                    "{host}: {}; nothing was changed on this host. Run `deployctl status \
+                     {env}` to see the host's state, and push again once the agent is back",
+                    p.message
+                ),
+            ),
+            ClientError::Agent(_) => agent_failure(host, e),
+            other => Failure::new(
+                exit::CONNECT,
+                format!(
+                    "{host}: connection lost {when}: {other}; the upload never finished, so \
+                     nothing was changed on this host (the agent discards the partial \
+                     release). Run `deployctl status {env}` to see the host's state"
+                ),
+            ),
+        }
+    }
+
+    /// The connection failed after the agent took the deploy over: it goes on without us.
+    fn lost_after_handoff(&self, e: ClientError) -> Failure {
+        let (host, env) = (self.host, self.env);
+        let why = match &e {
+            ClientError::Timeout(limit) => format!(
+                "no report from the agent within {}s (the deploy's own timeouts, with margin)",
+                limit.as_secs()
+            ),
+            other => format!("lost contact while the agent deployed ({other})"),
+        };
+        Failure::new(
+            exit::NEEDS_HUMAN,
+            format!(
+                "{host}: {why}; the outcome is unknown here. The agent finishes or rolls back \
+                 on its own (if it stopped, when it starts again): run `deployctl status \
+                 {env}` to see how the deploy ended on the host"
+            ),
+        )
+    }
+}
+
 async fn upload_and_deploy(
     conn: &mut HostConn,
     req: Push,
     artifact: &Path,
     size: u64,
     scan: Option<Arc<Scan>>,
-    progress: &Progress,
+    up: &Upload<'_>,
 ) -> Result<DeployReport, Failure> {
     let host = conn.name.clone();
+    let progress = up.progress;
     let ready = conn
         .client
-        .call(req)
+        .call_within(req, QUICK_REPLY, |_| {})
         .await
-        .map_err(|e| agent_failure(&host, e))?;
+        .map_err(|e| up.lost("asking for the upload", e))?;
     if let Some(prev) = &ready.previous {
         progress.line(&host, &format!("current release is {prev}"));
     }
@@ -321,14 +387,14 @@ async fn upload_and_deploy(
             .client
             .call(scan.offer())
             .await
-            .map_err(|e| lost(&host, "offering a delta", e))?;
+            .map_err(|e| up.lost("offering a delta", e))?;
         let files = scan
             .entries
             .iter()
             .filter(|e| matches!(e, proto::manifest::Entry::File { .. }))
             .count();
         if need.files.len() < files {
-            return upload_delta(conn, artifact, &scan, &need.files, files, progress).await;
+            return upload_delta(conn, artifact, &scan, &need.files, files, up).await;
         }
         progress.line(
             &host,
@@ -347,9 +413,9 @@ async fn upload_and_deploy(
     while let Some(buf) = rx.recv().await {
         sent += buf.len() as u64;
         conn.client
-            .send_data(buf)
+            .send_data(buf, &mut |ev| progress.line(&host, &ev.message))
             .await
-            .map_err(|e| lost(&host, "during the upload", e))?;
+            .map_err(|e| up.lost("during the upload", e))?;
         if let Some(b) = &bar {
             b.set_position(sent);
         }
@@ -371,34 +437,30 @@ async fn upload_and_deploy(
             mib((sent as f64 / secs) as u64)
         ),
     );
-    finish_upload(conn, hex::encode(hasher.finalize()), sent, progress).await
+    finish_upload(conn, hex::encode(hasher.finalize()), sent, up).await
 }
 
-/// Ends an upload and waits for the agent's report, showing its progress.
+/// Ends an upload and waits for the agent's report, showing its progress, for at most
+/// the deploy's own timeouts ([`crate::transport::reply_budget`]).
 async fn finish_upload(
     conn: &mut HostConn,
     sha256: String,
     sent: u64,
-    progress: &Progress,
+    up: &Upload<'_>,
 ) -> Result<DeployReport, Failure> {
     let host = conn.name.clone();
     conn.client
         .send_request(UploadEnd { sha256, size: sent })
         .await
-        .map_err(|e| lost(&host, "at the end of the upload", e))?;
+        .map_err(|e| up.lost("at the end of the upload", e))?;
+    let limit = conn.client.reply_timeout();
     let report = conn
         .client
-        .response::<UploadEnd>(&mut |ev| progress.line(&host, &ev.message))
+        .response_within::<UploadEnd>(limit, &mut |ev| up.progress.line(&host, &ev.message))
         .await
         .map_err(|e| match e {
             ClientError::Agent(_) => agent_failure(&host, e),
-            other => Failure::new(
-                exit::NEEDS_HUMAN,
-                format!(
-                    "{host}: lost contact while the agent deployed ({other}); the agent \
-                     finishes or rolls back on its own: run `deployctl status` to see how it ended"
-                ),
-            ),
+            other => up.lost_after_handoff(other),
         })?;
     Ok(report)
 }
@@ -443,9 +505,10 @@ async fn upload_delta(
     scan: &Scan,
     need: &[u32],
     files: usize,
-    progress: &Progress,
+    up: &Upload<'_>,
 ) -> Result<DeployReport, Failure> {
     let host = conn.name.clone();
+    let progress = up.progress;
     let paths: HashSet<String> = need
         .iter()
         .filter_map(|&i| scan.entries.get(i as usize))
@@ -478,9 +541,9 @@ async fn upload_delta(
         hasher.update(&chunk);
         sent += chunk.len() as u64;
         conn.client
-            .send_data(chunk)
+            .send_data(chunk, &mut |ev| progress.line(&host, &ev.message))
             .await
-            .map_err(|e| lost(&host, "during the upload", e))?;
+            .map_err(|e| up.lost("during the upload", e))?;
     }
     worker
         .await
@@ -494,17 +557,7 @@ async fn upload_delta(
             t.elapsed().as_secs_f64()
         ),
     );
-    finish_upload(conn, hex::encode(hasher.finalize()), sent, progress).await
-}
-
-fn lost(host: &str, when: &str, e: ClientError) -> Failure {
-    match e {
-        ClientError::Agent(_) => agent_failure(host, e),
-        other => Failure::new(
-            exit::CONNECT,
-            format!("{host}: connection lost {when}: {other}; nothing was changed on this host"),
-        ),
-    }
+    finish_upload(conn, hex::encode(hasher.finalize()), sent, up).await
 }
 
 /// The id for this rollout: now, or one second past the newest release on any host, so
@@ -518,7 +571,7 @@ async fn next_release_id(
     for c in conns.iter_mut() {
         let list = c
             .client
-            .call(proto::Releases { app: app_ref(env) })
+            .call_within(proto::Releases { app: app_ref(env) }, QUICK_REPLY, |_| {})
             .await
             .map_err(|e| agent_failure(&c.name, e))?;
         if let Some(last) = list.releases.last()

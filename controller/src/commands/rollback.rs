@@ -6,6 +6,7 @@ use proto::Rollback;
 
 use super::{agent_failure, app_ref, close_all, connect_all, find_keys, holder, lock_all};
 use crate::cli::Cli;
+use crate::client::ClientError;
 use crate::exit::{self, Failure};
 use crate::output::Progress;
 use crate::report::{self, HostResult};
@@ -32,7 +33,11 @@ pub async fn run(
             for c in conns.iter_mut() {
                 let list = c
                     .client
-                    .call(proto::Releases { app: app_ref(&env) })
+                    .call_within(
+                        proto::Releases { app: app_ref(&env) },
+                        crate::client::QUICK_REPLY,
+                        |_| {},
+                    )
                     .await
                     .map_err(|e| agent_failure(&c.name, e))?;
                 let found = list
@@ -62,6 +67,7 @@ pub async fn run(
                 spec: super::release_spec(&env),
             };
             let progress = progress.clone();
+            let env_name = env.name.clone();
             async move {
                 let t = Instant::now();
                 let host = c.name.clone();
@@ -72,7 +78,18 @@ pub async fn run(
                 {
                     Ok(r) => HostResult::from_report(&host, r),
                     Err(e) => {
-                        let f = agent_failure(&host, e);
+                        let f = match e {
+                            ClientError::Agent(_) => agent_failure(&host, e),
+                            // The agent had the rollback: it goes on without us.
+                            other => Failure::new(
+                                exit::NEEDS_HUMAN,
+                                format!(
+                                    "{host}: lost contact while the agent rolled back ({other}); \
+                                     the outcome is unknown here. The agent finishes on its own: \
+                                     run `deployctl status {env_name}` to see how it ended"
+                                ),
+                            ),
+                        };
                         progress.error(Some(&host), &f.message);
                         HostResult::from_failure(&host, f, t.elapsed())
                     }

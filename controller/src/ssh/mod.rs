@@ -21,6 +21,19 @@ use crate::transport::Io;
 use keys::KeySource;
 use known_hosts::Verdict;
 
+/// An SSH keepalive (answered by sshd itself, whatever the agent is doing) goes out when
+/// the server has sent nothing for this long...
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// ...and after this many unanswered in a row the session counts as lost: a silent
+/// network or a stopped sshd is found within about `(KEEPALIVE_MAX + 1) x
+/// KEEPALIVE_INTERVAL` (20 s).
+pub const KEEPALIVE_MAX: usize = 3;
+/// The session ends when nothing at all happens on it for this long, e.g. a write stuck
+/// on a full TCP buffer (which also stops the keepalives).
+pub const INACTIVITY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Opening a channel, a diagnostic command, and the polite disconnect are bounded by this.
+pub const CHANNEL_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Everything needed to reach one SSH host.
 #[derive(Debug, Clone)]
 pub struct SshTarget {
@@ -230,9 +243,11 @@ fn ssh_config(target: &SshTarget, opts: &SshOptions) -> client::Config {
     }
     client::Config {
         preferred,
-        inactivity_timeout: None,
-        keepalive_interval: Some(Duration::from_secs(15)),
-        keepalive_max: 4,
+        // A write the network never takes (a full TCP buffer towards a silent peer)
+        // keeps russh from sending keepalives; this ends the session then.
+        inactivity_timeout: Some(INACTIVITY_TIMEOUT),
+        keepalive_interval: Some(KEEPALIVE_INTERVAL),
+        keepalive_max: KEEPALIVE_MAX,
         window_size: 16 * 1024 * 1024,
         maximum_packet_size: 65535,
         channel_buffer_size: 256,
@@ -418,6 +433,17 @@ async fn authenticate(
 impl Session {
     /// A byte stream to the agent: streamlocal first, the exec bridge as fallback.
     pub async fn open_agent(&self) -> Result<Box<dyn Io>, SshError> {
+        tokio::time::timeout(CHANNEL_TIMEOUT, self.open_agent_inner())
+            .await
+            .unwrap_or_else(|_| {
+                Err(self.agent_err(format!(
+                    "no answer opening a channel to deploy-agent within {}s",
+                    CHANNEL_TIMEOUT.as_secs()
+                )))
+            })
+    }
+
+    async fn open_agent_inner(&self) -> Result<Box<dyn Io>, SshError> {
         match self
             .handle
             .channel_open_direct_streamlocal(self.opts.agent_socket.clone())
@@ -454,7 +480,11 @@ impl Session {
             bin = shell_quote(&self.opts.agent_bin),
             sock = shell_quote(&self.opts.agent_socket)
         );
-        let out = self.exec_capture(&script).await.unwrap_or_default();
+        let out = tokio::time::timeout(CHANNEL_TIMEOUT, self.exec_capture(&script))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| "no answer".into());
         match out.trim() {
             "no-binary" => format!(
                 "deploy-agent is not installed ({} not found on the host); run `deployctl bootstrap ENV`",
@@ -476,7 +506,8 @@ impl Session {
         }
     }
 
-    /// Runs a command and returns its stdout (for diagnostics and bootstrap).
+    /// Runs a command and returns its stdout (for diagnostics and bootstrap). The channel
+    /// ends when the command does, or when the session is lost (keepalives).
     pub async fn exec_capture(&self, command: &str) -> Result<String, SshError> {
         let mut ch = self
             .handle
@@ -559,11 +590,14 @@ impl Session {
         }
     }
 
+    /// Says goodbye to the server, or gives up after a few seconds (a dead session).
     pub async fn close(self) {
-        let _ = self
-            .handle
-            .disconnect(russh::Disconnect::ByApplication, "", "en")
-            .await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(3),
+            self.handle
+                .disconnect(russh::Disconnect::ByApplication, "", "en"),
+        )
+        .await;
     }
 }
 
