@@ -271,36 +271,61 @@ fn has_aes_instructions() -> bool {
     }
 }
 
+/// How long a host that actively refuses connections is retried: long enough to ride out
+/// an sshd restart, short enough that a wrong port or a stopped sshd is reported at once.
+const REFUSED_FOR: Duration = Duration::from_millis(1500);
+
 /// TCP connect with a timeout per attempt and exponential backoff between attempts, for
-/// DNS and connection errors (in CI the Tailscale DNS answer can lag the job start).
+/// DNS errors and timeouts (in CI the Tailscale DNS answer can lag the job start). A
+/// refused connection means the host answered: it is retried briefly ([`REFUSED_FOR`]),
+/// not with the whole backoff.
 async fn tcp_connect(target: &SshTarget, opts: &SshOptions) -> Result<TcpStream, SshError> {
     let attempts = opts.connect_retries.max(1);
     let mut delay = Duration::from_millis(500);
-    let mut last = String::new();
-    for attempt in 1..=attempts {
+    let mut first_refusal: Option<tokio::time::Instant> = None;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
         let addr = (target.host.as_str(), target.port);
-        match tokio::time::timeout(opts.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
-            }
-            Ok(Err(e)) => last = e.to_string(),
-            Err(_) => last = format!("timed out after {}s", opts.connect_timeout.as_secs_f32()),
-        }
-        if attempt < attempts {
-            tracing::debug!(
-                "{}: connect attempt {attempt} failed: {last}",
-                target.display
-            );
-            tokio::time::sleep(delay).await;
+        let (last, refused) =
+            match tokio::time::timeout(opts.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    return Ok(s);
+                }
+                Ok(Err(e)) => (
+                    e.to_string(),
+                    e.kind() == std::io::ErrorKind::ConnectionRefused,
+                ),
+                Err(_) => (
+                    format!("timed out after {}s", opts.connect_timeout.as_secs_f32()),
+                    false,
+                ),
+            };
+        let pause = if attempt >= attempts {
+            None
+        } else if refused {
+            let since = *first_refusal.get_or_insert_with(tokio::time::Instant::now);
+            (since.elapsed() < REFUSED_FOR).then_some(Duration::from_millis(250))
+        } else {
+            Some(delay)
+        };
+        let Some(pause) = pause else {
+            return Err(SshError::Connect {
+                host: target.display.clone(),
+                attempts: attempt,
+                detail: last,
+            });
+        };
+        tracing::debug!(
+            "{}: connect attempt {attempt} failed: {last}",
+            target.display
+        );
+        tokio::time::sleep(pause).await;
+        if !refused {
             delay = (delay * 2).min(Duration::from_secs(8));
         }
     }
-    Err(SshError::Connect {
-        host: target.display.clone(),
-        attempts,
-        detail: last,
-    })
 }
 
 /// An authenticated SSH session.

@@ -234,3 +234,35 @@ fn the_sample_app_build_script_stamps_the_version() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(!env.path("bad.tar.gz").exists());
 }
+
+// See: #14 (item 4). A host whose sshd refuses connections took 7.5 s to report (five
+// attempts with the backoff meant for DNS lag); a refusal is retried only briefly.
+#[test]
+fn a_refused_connection_is_reported_within_seconds() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }; // closed again: connecting to it is refused
+    let env = TestEnv::new();
+    env.write(
+        "deploy.toml",
+        format!(
+            "app = \"x\"\ndeploy_to = \"/srv/x\"\n[environments.staging]\n\
+             hosts = [\"127.0.0.1:{port}\"]\nknown_hosts = \"known_hosts\"\n"
+        ),
+    );
+    let started = std::time::Instant::now();
+    let out = Command::new(bin("deployctl"))
+        .current_dir(env.dir.path())
+        .args(["check", "staging"])
+        .output()
+        .expect("run deployctl");
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Connection refused"),
+        "{out:?}"
+    );
+    // The old backoff slept 0.5 + 1 + 2 + 4 s; the refusal budget is 1.5 s.
+    assert!(took < std::time::Duration::from_secs(6), "took {took:?}");
+}
