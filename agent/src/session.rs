@@ -203,6 +203,9 @@ impl Session {
                 send(conn, &Response::Error(e)).await?;
                 return Ok(());
             }
+            // An upload is work in flight until its answer is sent: a shutdown waits for
+            // it to clean up and say why.
+            let mut _busy = None;
             let reply = match request {
                 Request::Hello(_) => Err(bad("hello was already exchanged")),
                 Request::Fetch(f) => match self.layout(&f.app) {
@@ -220,8 +223,7 @@ impl Session {
                         .is_ok_and(|l| self.locks.remove(&l.root).is_some()),
                 })),
                 Request::Push(p) => {
-                    // An upload is work in flight: a shutdown lets it clean up and say why.
-                    let _busy = self.shared.tasks.hold();
+                    _busy = Some(self.shared.tasks.hold());
                     let app = p.app.clone();
                     let pushed = self.push(conn, p).await;
                     // Whatever happened, this push ends the session's hold on the lock:
