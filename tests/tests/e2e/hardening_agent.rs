@@ -223,6 +223,35 @@ request_timeout = "1s"
     )
 }
 
+/// ~48 MiB that does not compress, so its upload lasts a while.
+fn big_artifact(site: &Site) -> PathBuf {
+    let mut big = plain_files("big");
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let blob: Vec<u8> = (0..48 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    big.push(("blob".into(), blob, 0o644));
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::none(),
+    ));
+    for (p, data, mode) in &big {
+        let mut h = tar::Header::new_gnu();
+        h.set_path(p).unwrap();
+        h.set_size(data.len() as u64);
+        h.set_mode(*mode);
+        h.set_cksum();
+        b.append(&h, data.as_slice()).unwrap();
+    }
+    site.env
+        .write("dist/big.tar.gz", b.into_inner().unwrap().finish().unwrap())
+}
+
 // ---------------------------------------------------------------------------------------------
 // A raw WebSocket client on the agent's socket (a controller that misbehaves on purpose)
 // ---------------------------------------------------------------------------------------------
@@ -583,33 +612,7 @@ fn a_controller_killed_mid_upload_frees_the_lock_within_seconds() {
     let site = Site::ssh(SshdOptions::default());
     let d = site.deploy_to.clone();
     site.write_config("", "");
-    // ~48 MiB that does not compress, so the upload lasts a while.
-    let mut big = plain_files("big");
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let blob: Vec<u8> = (0..48 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    big.push(("blob".into(), blob, 0o644));
-    let art = site.env.write("dist/big.tar.gz", {
-        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
-            Vec::new(),
-            flate2::Compression::none(),
-        ));
-        for (p, data, mode) in &big {
-            let mut h = tar::Header::new_gnu();
-            h.set_path(p).unwrap();
-            h.set_size(data.len() as u64);
-            h.set_mode(*mode);
-            h.set_cksum();
-            b.append(&h, data.as_slice()).unwrap();
-        }
-        b.into_inner().unwrap().finish().unwrap()
-    });
+    let art = big_artifact(&site);
     let mut bg = Bg::spawn(
         &site,
         &[
