@@ -291,4 +291,42 @@ mod tests {
         std::os::unix::fs::symlink("/etc", root.join("escape")).unwrap();
         assert!(!c.is_allowed(&root.join("escape/app")));
     }
+
+    #[test]
+    fn two_spellings_of_one_app_dir_have_one_real_path() {
+        // See: #16
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("srv");
+        std::fs::create_dir_all(root.join("myapp")).unwrap();
+        std::os::unix::fs::symlink(root.join("myapp"), root.join("alias")).unwrap();
+        let c = cfg(&root);
+        let a = c.real_path(&root.join("myapp")).unwrap();
+        assert_eq!(c.real_path(&root.join("alias")), Some(a.clone()));
+        assert_eq!(c.real_path(&root.join("alias/../myapp")), None);
+    }
+
+    #[test]
+    fn session_limits_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |text: &str| {
+            let f = dir.path().join("agent.toml");
+            std::fs::write(&f, text).unwrap();
+            AgentConfig::load(&Overrides {
+                config: Some(f),
+                allowed_roots: vec![dir.path().to_path_buf()],
+                ..Default::default()
+            })
+        };
+        let c = load("idle_timeout_secs = 3\nmax_sessions = 10\n").unwrap();
+        assert_eq!(c.sessions.idle_timeout, std::time::Duration::from_secs(3));
+        assert_eq!(c.sessions.max_sessions, 10);
+        assert_eq!(
+            c.sessions.handshake_timeout,
+            std::time::Duration::from_secs(SessionLimits::DEFAULT_HANDSHAKE_SECS)
+        );
+        let e = load("idle_timeout_secs = 0\n").unwrap_err().to_string();
+        assert!(e.contains("idle_timeout_secs"), "{e}");
+        let e = load("max_sessions = 1\n").unwrap_err().to_string();
+        assert!(e.contains("max_sessions"), "{e}");
+    }
 }

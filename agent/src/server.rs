@@ -471,3 +471,43 @@ pub async fn bridge(socket: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_the_cap_the_oldest_silent_session_makes_room() {
+        let reg = Arc::new(Registry::default());
+        let mut busy = reg.admit(3).unwrap();
+        busy.set(SlotState::Busy);
+        let mut locked = reg.admit(3).unwrap();
+        locked.set(SlotState::IdleLocked);
+        let mut old = reg.admit(3).unwrap();
+        // Full: the one still in its handshake goes, not the busy or locked ones.
+        let mut new = reg.admit(3).expect("room is made");
+        assert_eq!(reg.len(), 3);
+        assert!(old.evicted.try_recv().is_ok(), "the silent one was told");
+        assert!(busy.evicted.try_recv().is_err());
+        assert!(locked.evicted.try_recv().is_err());
+        // An idle session without a lock can go too; once all work, a newcomer cannot.
+        new.set(SlotState::Idle);
+        let mut newest = reg.admit(3).expect("the idle one makes room");
+        assert!(new.evicted.try_recv().is_ok());
+        newest.set(SlotState::Busy);
+        assert!(reg.admit(3).is_none(), "all busy or locked: refused");
+        drop(busy);
+        assert!(reg.admit(3).is_some(), "a freed slot is reused");
+        drop(old);
+        let _ = (&mut locked, &mut newest);
+    }
+
+    #[test]
+    fn throttled_logs_once_per_interval() {
+        let mut t = Throttled::new(Duration::from_secs(3600));
+        t.warn("a");
+        t.warn("b");
+        t.warn("c");
+        assert_eq!(t.suppressed, 2);
+    }
+}
