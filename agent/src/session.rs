@@ -37,11 +37,13 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let limits = shared.config.sessions;
+    let (stream, activity) = Tracked::new(stream);
     let mut session = Session {
         shared: shared.clone(),
         locks: HashMap::new(),
         slot,
         limits,
+        activity,
     };
     let handshake = async {
         let mut conn = codec::accept(stream).await?;
@@ -92,6 +94,115 @@ struct Session {
     locks: HashMap<PathBuf, Arc<LockGuard>>,
     slot: SessionSlot,
     limits: SessionLimits,
+    /// When the controller last sent a byte.
+    activity: Arc<Activity>,
+}
+
+/// When a stream last delivered bytes: the idle and stall limits count silence, not
+/// frames, so a slow link sending a large frame is not taken for a dead one.
+pub struct Activity {
+    base: std::time::Instant,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.base.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long the stream has been silent.
+    fn silent_for(&self) -> Duration {
+        let last = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
+        self.base
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
+    }
+}
+
+/// A stream that records in [`Activity`] each read that delivers bytes.
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Tracked<S> {
+    fn new(inner: S) -> (Self, Arc<Activity>) {
+        let activity = Arc::new(Activity {
+            base: std::time::Instant::now(),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+        });
+        (
+            Self {
+                inner,
+                activity: activity.clone(),
+            },
+            activity,
+        )
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The next frame, or `None` once the controller has sent no byte for `limit`.
+async fn recv_or_silent<S>(
+    conn: &mut Connection<S>,
+    activity: &Activity,
+    limit: Duration,
+) -> Option<Result<Frame, codec::CodecError>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    activity.touch();
+    let recv = conn.recv();
+    tokio::pin!(recv);
+    loop {
+        let left = limit.saturating_sub(activity.silent_for());
+        if left.is_zero() {
+            return None;
+        }
+        tokio::select! {
+            f = &mut recv => return Some(f),
+            _ = tokio::time::sleep(left) => {}
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -181,9 +292,9 @@ impl Session {
             });
             let idle = self.limits.idle_timeout;
             let frame = tokio::select! {
-                r = tokio::time::timeout(idle, conn.recv()) => match r {
-                    Ok(f) => f?,
-                    Err(_) => return Err(SessionError::Idle(idle)),
+                r = recv_or_silent(conn, &self.activity, idle) => match r {
+                    Some(f) => f?,
+                    None => return Err(SessionError::Idle(idle)),
                 },
                 _ = &mut self.slot.evicted => return Err(SessionError::Evicted),
             };
@@ -438,9 +549,9 @@ impl Session {
         let end = loop {
             let stall = self.limits.upload_stall();
             let frame = tokio::select! {
-                f = tokio::time::timeout(stall, conn.recv()) => match f {
-                    Ok(f) => f,
-                    Err(_) => {
+                f = recv_or_silent(conn, &self.activity, stall) => match f {
+                    Some(f) => f,
+                    None => {
                         drop(tx.take());
                         let _ = worker.await;
                         cleanup(&layout);
@@ -952,6 +1063,108 @@ mod handshake_tests {
         .await
         .unwrap();
         conn.recv_json::<Response>().await.unwrap()
+    }
+
+    /// A session with a 300 ms idle limit, reached through a relay that passes the
+    /// controller's bytes on `step` bytes every 20 ms (None: passes nothing after hello).
+    async fn slow_session(
+        step: Option<usize>,
+    ) -> (Connection<tokio::io::DuplexStream>, Arc<Shared>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = AgentConfig::load(&Overrides {
+            config: None,
+            socket: Some(dir.path().join("s.sock")),
+            socket_group: None,
+            allowed_roots: vec![dir.path().to_path_buf()],
+        })
+        .unwrap();
+        config.sessions.idle_timeout = Duration::from_millis(300);
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        std::mem::forget(_tx);
+        let shared = Arc::new(Shared::new(config, rx));
+        let (client, relay_in) = tokio::io::duplex(1 << 20);
+        let (relay_out, server) = tokio::io::duplex(1 << 20);
+        let slot = shared.sessions.admit(8).unwrap();
+        tokio::spawn(serve(shared.clone(), server, slot));
+        let (mut from_client, mut to_client) = tokio::io::split(relay_in);
+        let (mut from_server, mut to_server) = tokio::io::split(relay_out);
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+        });
+        let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let slow2 = slow.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match from_client.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if !slow2.load(std::sync::atomic::Ordering::SeqCst) {
+                    // the upgrade request, then hello: at full speed
+                    let _ = to_server.write_all(&buf[..n]).await;
+                    continue;
+                }
+                match step {
+                    None => {}
+                    Some(step) => {
+                        for chunk in buf[..n].chunks(step) {
+                            let _ = to_server.write_all(chunk).await;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+            }
+        });
+        let mut conn = codec::connect(client).await.unwrap();
+        conn.send(&Request::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            version: "9.9.9".into(),
+        }))
+        .await
+        .unwrap();
+        assert!(matches!(
+            conn.recv_json::<Response>().await.unwrap(),
+            Response::Hello(_)
+        ));
+        slow.store(true, std::sync::atomic::Ordering::SeqCst);
+        (conn, shared)
+    }
+
+    #[tokio::test]
+    async fn a_slow_controller_is_not_taken_for_a_silent_one() {
+        // See: #16
+        // ~3 KB at 100 bytes per 20 ms: about 0.6 s for one frame, twice the idle limit.
+        let (mut conn, _shared) = slow_session(Some(100)).await;
+        let long = format!("/{}", "x".repeat(3000));
+        conn.send(&Request::Check(proto::Check {
+            deploy_to: Some(long),
+        }))
+        .await
+        .unwrap();
+        match conn.recv_json::<Response>().await {
+            Ok(Response::Check(c)) => assert!(!c.deploy_to.unwrap().allowed),
+            other => panic!("the slow request was not answered: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_controller_is_dropped_after_the_idle_limit() {
+        // See: #16
+        let (conn, shared) = slow_session(None).await;
+        let started = std::time::Instant::now();
+        // The relay keeps the client's end open: watch the agent's side instead.
+        let deadline = started + Duration::from_secs(10);
+        while !shared.sessions.is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            shared.sessions.is_empty(),
+            "the silent session is still open"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        drop(conn);
     }
 
     #[tokio::test]
