@@ -16,6 +16,9 @@ struct FileConfig {
     socket_group: Option<String>,
     allowed_roots: Option<Vec<PathBuf>>,
     max_unpacked_bytes: Option<u64>,
+    handshake_timeout_secs: Option<u64>,
+    idle_timeout_secs: Option<u64>,
+    max_sessions: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -27,6 +30,48 @@ pub struct AgentConfig {
     pub allowed_roots: Vec<PathBuf>,
     /// Cap on the unpacked size of one release.
     pub max_unpacked_bytes: u64,
+    /// Limits on sessions: see [`SessionLimits`].
+    pub sessions: SessionLimits,
+}
+
+/// How long a session may stay silent, and how many there may be. The defaults are
+/// documented in docs/agent-setup.md ("Session limits").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// From accept to the end of `hello`: a connection that has not said hello by then
+    /// is closed.
+    pub handshake_timeout: std::time::Duration,
+    /// Between two requests (and between two frames of an upload, capped at
+    /// [`SessionLimits::UPLOAD_STALL_CAP`]): a session silent that long is closed and its
+    /// locks are freed.
+    pub idle_timeout: std::time::Duration,
+    /// Sessions at once. At the cap, a new connection evicts the oldest session still in
+    /// its handshake (or idle without a lock); only if there is none is it refused.
+    pub max_sessions: usize,
+}
+
+impl SessionLimits {
+    pub const DEFAULT_HANDSHAKE_SECS: u64 = 10;
+    pub const DEFAULT_IDLE_SECS: u64 = 600;
+    pub const DEFAULT_MAX_SESSIONS: usize = 128;
+    /// An upload that stalls this long is dead, whatever `idle_timeout` says.
+    pub const UPLOAD_STALL_CAP: std::time::Duration = std::time::Duration::from_secs(60);
+    /// One message to the controller may take this long to be sent.
+    pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+    pub fn upload_stall(&self) -> std::time::Duration {
+        self.idle_timeout.min(Self::UPLOAD_STALL_CAP)
+    }
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: std::time::Duration::from_secs(Self::DEFAULT_HANDSHAKE_SECS),
+            idle_timeout: std::time::Duration::from_secs(Self::DEFAULT_IDLE_SECS),
+            max_sessions: Self::DEFAULT_MAX_SESSIONS,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +136,39 @@ impl AgentConfig {
             // Resolve symlinks once at start so a later check compares real paths.
             roots.push(std::fs::canonicalize(&r).unwrap_or(r));
         }
+        let secs = |v: Option<u64>, key: &str, default: u64| match v {
+            Some(0) => Err(ConfigError::Invalid(format!(
+                "{key} must be at least 1 (seconds)"
+            ))),
+            Some(n) if n > 86_400 => Err(ConfigError::Invalid(format!(
+                "{key} = {n} is over a day; pick at most 86400 (seconds)"
+            ))),
+            Some(n) => Ok(std::time::Duration::from_secs(n)),
+            None => Ok(std::time::Duration::from_secs(default)),
+        };
+        let sessions = SessionLimits {
+            handshake_timeout: secs(
+                file.handshake_timeout_secs,
+                "handshake_timeout_secs",
+                SessionLimits::DEFAULT_HANDSHAKE_SECS,
+            )?,
+            idle_timeout: secs(
+                file.idle_timeout_secs,
+                "idle_timeout_secs",
+                SessionLimits::DEFAULT_IDLE_SECS,
+            )?,
+            max_sessions: match file.max_sessions {
+                Some(n) if !(2..=4096).contains(&n) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "max_sessions = {n}: pick between 2 and 4096"
+                    )));
+                }
+                Some(n) => n,
+                None => SessionLimits::DEFAULT_MAX_SESSIONS,
+            },
+        };
         Ok(Self {
+            sessions,
             socket: over
                 .socket
                 .clone()
@@ -106,17 +183,25 @@ impl AgentConfig {
     /// Whether `deploy_to` lies inside an allowed root. The path must be absolute, free
     /// of `..`, and, as far as it exists, must not leave the root through a symlink.
     pub fn is_allowed(&self, deploy_to: &Path) -> bool {
+        self.real_path(deploy_to).is_some()
+    }
+
+    /// The real path of `deploy_to` (symlinks resolved as far as it exists), if it lies
+    /// inside an allowed root. Locks and layouts are keyed by this path, so two spellings
+    /// of one directory (a symlink inside the root) are one app.
+    pub fn real_path(&self, deploy_to: &Path) -> Option<PathBuf> {
         if !deploy_to.is_absolute()
             || deploy_to
                 .components()
                 .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
         {
-            return false;
+            return None;
         }
         let real = resolve_existing_prefix(deploy_to);
         self.allowed_roots
             .iter()
             .any(|root| real.starts_with(root) && real != *root)
+            .then_some(real)
     }
 }
 
@@ -205,5 +290,43 @@ mod tests {
         // a symlink inside the root that points out of it
         std::os::unix::fs::symlink("/etc", root.join("escape")).unwrap();
         assert!(!c.is_allowed(&root.join("escape/app")));
+    }
+
+    #[test]
+    fn two_spellings_of_one_app_dir_have_one_real_path() {
+        // See: #16
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("srv");
+        std::fs::create_dir_all(root.join("myapp")).unwrap();
+        std::os::unix::fs::symlink(root.join("myapp"), root.join("alias")).unwrap();
+        let c = cfg(&root);
+        let a = c.real_path(&root.join("myapp")).unwrap();
+        assert_eq!(c.real_path(&root.join("alias")), Some(a.clone()));
+        assert_eq!(c.real_path(&root.join("alias/../myapp")), None);
+    }
+
+    #[test]
+    fn session_limits_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |text: &str| {
+            let f = dir.path().join("agent.toml");
+            std::fs::write(&f, text).unwrap();
+            AgentConfig::load(&Overrides {
+                config: Some(f),
+                allowed_roots: vec![dir.path().to_path_buf()],
+                ..Default::default()
+            })
+        };
+        let c = load("idle_timeout_secs = 3\nmax_sessions = 10\n").unwrap();
+        assert_eq!(c.sessions.idle_timeout, std::time::Duration::from_secs(3));
+        assert_eq!(c.sessions.max_sessions, 10);
+        assert_eq!(
+            c.sessions.handshake_timeout,
+            std::time::Duration::from_secs(SessionLimits::DEFAULT_HANDSHAKE_SECS)
+        );
+        let e = load("idle_timeout_secs = 0\n").unwrap_err().to_string();
+        assert!(e.contains("idle_timeout_secs"), "{e}");
+        let e = load("max_sessions = 1\n").unwrap_err().to_string();
+        assert!(e.contains("max_sessions"), "{e}");
     }
 }

@@ -15,42 +15,194 @@ use proto::{
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
+use crate::config::SessionLimits;
 use crate::deploy::{Events, Run};
 use crate::journal::{self, Journal, Phase};
 use crate::lock::LockGuard;
 use crate::release::layout::{Layout, valid_release_id};
 use crate::release::unpack;
-use crate::server::Shared;
+use crate::server::{SessionSlot, Shared, SlotState};
 
 type Reply = Result<Response, ProtoError>;
 /// A run ready to start, and the receiving end of its progress.
 type Pending = (Run, mpsc::UnboundedReceiver<Event>);
 
-pub async fn serve<S>(shared: Arc<Shared>, stream: S)
+/// Serves one connection. Every wait has a bound: the handshake (WebSocket upgrade and
+/// `hello`) must end within `handshake_timeout`, the controller may stay silent between
+/// requests for `idle_timeout` (and mid-upload for [`SessionLimits::upload_stall`]), and
+/// each message to it must be sent within [`SessionLimits::SEND_TIMEOUT`]. Past any of
+/// them, or when evicted to make room, the session ends and its locks are freed.
+pub async fn serve<S>(shared: Arc<Shared>, stream: S, slot: SessionSlot)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut conn = match codec::accept(stream).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!("handshake failed: {e}");
+    let limits = shared.config.sessions;
+    let (stream, activity) = Tracked::new(stream);
+    let mut session = Session {
+        shared: shared.clone(),
+        locks: HashMap::new(),
+        slot,
+        limits,
+        activity,
+    };
+    let handshake = async {
+        let mut conn = codec::accept(stream).await?;
+        let go_on = hello(&shared, &mut conn).await?;
+        Ok::<_, SessionError>(go_on.then_some(conn))
+    };
+    let conn = tokio::select! {
+        r = tokio::time::timeout(limits.handshake_timeout, handshake) => match r {
+            Ok(Ok(Some(conn))) => conn,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::debug!("handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("no hello within {:?}; closing", limits.handshake_timeout);
+                return;
+            }
+        },
+        _ = &mut session.slot.evicted => {
+            tracing::debug!("evicted during the handshake to make room");
             return;
         }
     };
-    let mut session = Session {
-        shared,
-        locks: HashMap::new(),
-    };
+    let mut conn = conn;
     if let Err(e) = session.run(&mut conn).await {
-        tracing::debug!("session ended: {e}");
+        match (&e, session.locks.is_empty()) {
+            (SessionError::Idle(_) | SessionError::SendTimeout, false) => tracing::info!(
+                "session ended: {e}; freeing its lock on {}",
+                session
+                    .locks
+                    .keys()
+                    .map(|k| k.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            _ => tracing::debug!("session ended: {e}"),
+        }
     }
     // Dropping `session` drops the locks it holds; runs in flight keep their own.
 }
 
 struct Session {
     shared: Arc<Shared>,
-    /// Locks taken with `Lock`, by deploy_to.
+    /// Locks taken with `Lock`, by the real path of deploy_to. A push, rollback or
+    /// destroy of the app hands the session's lock over to its run, which frees it
+    /// when it ends, before its answer is sent.
     locks: HashMap<PathBuf, Arc<LockGuard>>,
+    slot: SessionSlot,
+    limits: SessionLimits,
+    /// When the controller last sent a byte.
+    activity: Arc<Activity>,
+}
+
+/// When a stream last delivered bytes: the idle and stall limits count silence, not
+/// frames, so a slow link sending a large frame is not taken for a dead one.
+pub struct Activity {
+    base: std::time::Instant,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.base.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long the stream has been silent.
+    fn silent_for(&self) -> Duration {
+        let last = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
+        self.base
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
+    }
+}
+
+/// A stream that records in [`Activity`] each read that delivers bytes.
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Tracked<S> {
+    fn new(inner: S) -> (Self, Arc<Activity>) {
+        let activity = Arc::new(Activity {
+            base: std::time::Instant::now(),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+        });
+        (
+            Self {
+                inner,
+                activity: activity.clone(),
+            },
+            activity,
+        )
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The next frame, or `None` once the controller has sent no byte for `limit`.
+async fn recv_or_silent<S>(
+    conn: &mut Connection<S>,
+    activity: &Activity,
+    limit: Duration,
+) -> Option<Result<Frame, codec::CodecError>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    activity.touch();
+    let recv = conn.recv();
+    tokio::pin!(recv);
+    loop {
+        let left = limit.saturating_sub(activity.silent_for());
+        if left.is_zero() {
+            return None;
+        }
+        tokio::select! {
+            f = &mut recv => return Some(f),
+            _ = tokio::time::sleep(left) => {}
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +211,72 @@ enum SessionError {
     Codec(#[from] codec::CodecError),
     #[error("protocol: {0}")]
     Protocol(String),
+    #[error("the controller sent nothing for {0:?}")]
+    Idle(Duration),
+    #[error(
+        "the controller did not take a message within {:?}",
+        SessionLimits::SEND_TIMEOUT
+    )]
+    SendTimeout,
+    #[error("evicted to make room for a new session")]
+    Evicted,
+}
+
+/// Sends one message, giving up after [`SessionLimits::SEND_TIMEOUT`] (a controller that
+/// stopped reading).
+async fn send<S, T>(conn: &mut Connection<S>, message: &T) -> Result<(), SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: serde::Serialize,
+{
+    match tokio::time::timeout(SessionLimits::SEND_TIMEOUT, conn.send(message)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(SessionError::SendTimeout),
+    }
+}
+
+/// The `hello` exchange; false when the session ends here (a version mismatch).
+async fn hello<S>(shared: &Shared, conn: &mut Connection<S>) -> Result<bool, SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match conn.recv_json::<Request>().await? {
+        Request::Hello(h) if h.protocol == PROTOCOL_VERSION => {
+            conn.send(&Response::Hello(HelloReply {
+                protocol: PROTOCOL_VERSION,
+                version: env!("CARGO_PKG_VERSION").into(),
+                hostname: shared.hostname.clone(),
+            }))
+            .await?;
+        }
+        Request::Hello(h) => {
+            let upgrade = if h.protocol < PROTOCOL_VERSION {
+                "upgrade deployctl"
+            } else {
+                "upgrade deploy-agent on this host (deployctl bootstrap ENV)"
+            };
+            let e = ProtoError::new(
+                ErrorCode::VersionMismatch,
+                format!(
+                    "protocol mismatch: deployctl {} speaks protocol {}, deploy-agent {} speaks {}; {upgrade}",
+                    h.version,
+                    h.protocol,
+                    env!("CARGO_PKG_VERSION"),
+                    PROTOCOL_VERSION
+                ),
+            )
+            .with("agent_version", env!("CARGO_PKG_VERSION"))
+            .with("agent_protocol", PROTOCOL_VERSION.to_string());
+            conn.send(&Response::Error(e)).await?;
+            return Ok(false);
+        }
+        _ => {
+            let e = ProtoError::new(ErrorCode::BadRequest, "the first message must be hello");
+            conn.send(&Response::Error(e)).await?;
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 impl Session {
@@ -66,44 +284,22 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        match conn.recv_json::<Request>().await? {
-            Request::Hello(h) if h.protocol == PROTOCOL_VERSION => {
-                conn.send(&Response::Hello(HelloReply {
-                    protocol: PROTOCOL_VERSION,
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    hostname: self.shared.hostname.clone(),
-                }))
-                .await?;
-            }
-            Request::Hello(h) => {
-                let upgrade = if h.protocol < PROTOCOL_VERSION {
-                    "upgrade deployctl"
-                } else {
-                    "upgrade deploy-agent on this host (deployctl bootstrap ENV)"
-                };
-                let e = ProtoError::new(
-                    ErrorCode::VersionMismatch,
-                    format!(
-                        "protocol mismatch: deployctl {} speaks protocol {}, deploy-agent {} speaks {}; {upgrade}",
-                        h.version,
-                        h.protocol,
-                        env!("CARGO_PKG_VERSION"),
-                        PROTOCOL_VERSION
-                    ),
-                )
-                .with("agent_version", env!("CARGO_PKG_VERSION"))
-                .with("agent_protocol", PROTOCOL_VERSION.to_string());
-                conn.send(&Response::Error(e)).await?;
-                return Ok(());
-            }
-            _ => {
-                let e = ProtoError::new(ErrorCode::BadRequest, "the first message must be hello");
-                conn.send(&Response::Error(e)).await?;
-                return Ok(());
-            }
-        }
         loop {
-            let request = match conn.recv().await? {
+            self.slot.set(if self.locks.is_empty() {
+                SlotState::Idle
+            } else {
+                SlotState::IdleLocked
+            });
+            let idle = self.limits.idle_timeout;
+            let frame = tokio::select! {
+                r = recv_or_silent(conn, &self.activity, idle) => match r {
+                    Some(f) => f?,
+                    None => return Err(SessionError::Idle(idle)),
+                },
+                _ = &mut self.slot.evicted => return Err(SessionError::Evicted),
+            };
+            self.slot.set(SlotState::Busy);
+            let request = match frame {
                 Frame::Text(t) => serde_json::from_str::<Request>(&t)
                     .map_err(|e| SessionError::Protocol(format!("bad request: {e}")))?,
                 Frame::Data(_) => {
@@ -115,9 +311,12 @@ impl Session {
                     ErrorCode::ShuttingDown,
                     "deploy-agent is shutting down; retry when it is back",
                 );
-                conn.send(&Response::Error(e)).await?;
+                send(conn, &Response::Error(e)).await?;
                 return Ok(());
             }
+            // An upload is work in flight until its answer is sent: a shutdown waits for
+            // it to clean up and say why.
+            let mut _busy = None;
             let reply = match request {
                 Request::Hello(_) => Err(bad("hello was already exchanged")),
                 Request::Fetch(f) => match self.layout(&f.app) {
@@ -134,16 +333,30 @@ impl Session {
                         .layout(&u.app)
                         .is_ok_and(|l| self.locks.remove(&l.root).is_some()),
                 })),
-                Request::Push(p) => match self.push(conn, p).await? {
-                    Ok(run) => Ok(Response::Deploy(self.forward(conn, run).await?)),
-                    Err(e) => Err(e),
-                },
+                Request::Push(p) => {
+                    _busy = Some(self.shared.tasks.hold());
+                    let app = p.app.clone();
+                    let pushed = self.push(conn, p).await;
+                    // Whatever happened, this push ends the session's hold on the lock:
+                    // a run keeps its own until it ends; a refused push frees it now,
+                    // before the answer goes out.
+                    self.hand_over_lock(&app);
+                    match pushed? {
+                        Ok(run) => Ok(Response::Deploy(self.forward(conn, run).await?)),
+                        Err(e) => Err(e),
+                    }
+                }
                 Request::UploadEnd(_) => Err(bad("upload_end without push")),
                 Request::DeltaOffer(_) => Err(bad("delta_offer outside an upload")),
-                Request::Rollback(r) => match self.rollback(r).await {
-                    Ok(run) => Ok(Response::Deploy(self.forward(conn, run).await?)),
-                    Err(e) => Err(e),
-                },
+                Request::Rollback(r) => {
+                    let app = r.app.clone();
+                    let run = self.rollback(r).await;
+                    self.hand_over_lock(&app);
+                    match run {
+                        Ok(run) => Ok(Response::Deploy(self.forward(conn, run).await?)),
+                        Err(e) => Err(e),
+                    }
+                }
                 Request::Status(s) => self.status(s).await,
                 Request::Releases(r) => self
                     .layout(&r.app)
@@ -153,7 +366,12 @@ impl Session {
                         entries: journal::read_history(&l, h.limit as usize),
                     })
                 }),
-                Request::Destroy(d) => self.destroy(d).await,
+                Request::Destroy(d) => {
+                    let app = d.app.clone();
+                    let r = self.destroy(d).await;
+                    self.hand_over_lock(&app);
+                    r
+                }
                 Request::Instances(i) => self
                     .layout(&AppRef {
                         instance: None,
@@ -166,13 +384,23 @@ impl Session {
                     }),
             };
             let response = reply.unwrap_or_else(Response::Error);
-            conn.send(&response).await?;
+            send(conn, &response).await?;
         }
     }
 
+    /// Drops the session's own hold on the app's lock (taken with `Lock`): the run, if
+    /// one started, holds its own and frees it when it ends.
+    fn hand_over_lock(&mut self, app: &AppRef) {
+        if let Ok(l) = self.layout(app) {
+            self.locks.remove(&l.root);
+        }
+    }
+
+    /// The app's layout at the real path of its deploy_to: two spellings of one
+    /// directory (through a symlink inside the root) are one app with one lock.
     fn layout(&self, app: &AppRef) -> Result<Layout, ProtoError> {
         let path = Path::new(&app.deploy_to);
-        if !self.shared.config.is_allowed(path) {
+        let Some(real) = self.shared.config.real_path(path) else {
             return Err(ProtoError::new(
                 ErrorCode::PathNotAllowed,
                 format!(
@@ -189,18 +417,28 @@ impl Session {
                 ),
             )
             .with("deploy_to", &app.deploy_to));
-        }
-        crate::instances::layout_of(path, app.instance.as_deref())
+        };
+        crate::instances::layout_of(&real, app.instance.as_deref())
     }
 
     fn check(&self, deploy_to: Option<&str>) -> Response {
         let deploy_to = deploy_to.map(|p| {
             let path = Path::new(p);
-            PathCheck {
-                path: p.to_owned(),
-                allowed: self.shared.config.is_allowed(path),
-                free_bytes: free_bytes(path),
-                exists: path.is_dir(),
+            // Outside the allowed roots the agent says nothing about the path: not
+            // whether it exists, not the free space there.
+            match self.shared.config.real_path(path) {
+                Some(real) => PathCheck {
+                    path: p.to_owned(),
+                    allowed: true,
+                    free_bytes: free_bytes(&real),
+                    exists: real.is_dir(),
+                },
+                None => PathCheck {
+                    path: p.to_owned(),
+                    allowed: false,
+                    free_bytes: None,
+                    exists: false,
+                },
             }
         });
         Response::Check(CheckReply {
@@ -297,23 +535,45 @@ impl Session {
             let result = unpack::unpack_tar_gz(&mut reader, &dest, &limits);
             (result, reader.finish())
         });
-        conn.send(&Response::PushReady(PushReady {
-            previous: journal.previous.clone(),
-        }))
+        send(
+            conn,
+            &Response::PushReady(PushReady {
+                previous: journal.previous.clone(),
+            }),
+        )
         .await?;
         let mut tx = Some(tx);
         // Set by a delta offer: the upload then carries only the files we lack.
         let mut delta: Option<(proto::DeltaOffer, Arc<crate::release::delta::Sources>)> = None;
         let mut got_data = false;
         let end = loop {
+            let stall = self.limits.upload_stall();
             let frame = tokio::select! {
-                f = conn.recv() => f,
+                f = recv_or_silent(conn, &self.activity, stall) => match f {
+                    Some(f) => f,
+                    None => {
+                        drop(tx.take());
+                        let _ = worker.await;
+                        cleanup(&layout);
+                        tracing::info!(
+                            app = %p.app.name,
+                            "upload stalled for {stall:?}; discarded, lock freed"
+                        );
+                        return Err(SessionError::Idle(stall));
+                    }
+                },
                 _ = self.shared.shutdown_signal() => {
                     drop(tx.take());
                     let _ = worker.await;
                     cleanup(&layout);
+                    tracing::info!(
+                        app = %p.app.name,
+                        release = %p.release,
+                        "shutting down: upload discarded, partial release and journal removed"
+                    );
                     return Ok(Err(ProtoError::new(ErrorCode::ShuttingDown,
-                        "deploy-agent is shutting down; the upload was discarded")));
+                        "the agent is shutting down (SIGTERM): the upload was discarded and \
+                         nothing was changed; push again once deploy-agent is back")));
                 }
             };
             match frame {
@@ -338,8 +598,7 @@ impl Session {
                         .await
                         .map_err(|e| SessionError::Protocol(format!("delta index: {e}")))?;
                         let files = crate::release::delta::need(&offer, &sources);
-                        conn.send(&Response::DeltaNeed(proto::DeltaNeed { files }))
-                            .await?;
+                        send(conn, &Response::DeltaNeed(proto::DeltaNeed { files })).await?;
                         delta = Some((offer, Arc::new(sources)));
                     }
                     _ => {
@@ -497,7 +756,7 @@ impl Session {
             app: p.app.clone(),
             release: p.release.clone(),
             version: p.version.clone(),
-            previous: layout.current_release(),
+            previous: rollback_target(&layout),
             holder: p.holder.clone(),
             started: journal::now_rfc3339(),
             skip_migrations: p.skip_migrations,
@@ -561,7 +820,7 @@ impl Session {
             app: r.app.clone(),
             release: target.id.clone(),
             version: target.version.clone(),
-            previous: current,
+            previous: rollback_target(&layout).or(current),
             holder: r.holder,
             started: journal::now_rfc3339(),
             skip_migrations: true,
@@ -579,7 +838,7 @@ impl Session {
         &self,
         conn: &mut Connection<S>,
         (run, mut events): Pending,
-    ) -> Result<DeployReport, codec::CodecError>
+    ) -> Result<DeployReport, SessionError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -593,11 +852,11 @@ impl Session {
         loop {
             tokio::select! {
                 Some(ev) = events.recv() => {
-                    conn.send(&Response::Event(ev)).await?;
+                    send(conn, &Response::Event(ev)).await?;
                 }
                 report = &mut task => {
                     while let Ok(ev) = events.try_recv() {
-                        conn.send(&Response::Event(ev)).await?;
+                        send(conn, &Response::Event(ev)).await?;
                     }
                     return Ok(report.unwrap_or_else(|e| DeployReport {
                         release: String::new(),
@@ -640,21 +899,76 @@ impl Session {
     async fn status(&self, s: proto::Status) -> Reply {
         let layout = self.layout(&s.app)?;
         let list = layout.list();
+        let current = layout.current_release();
+        let missing = current.as_deref().filter(|id| !layout.release(id).is_dir());
         let health = match s.health {
-            Some(mut spec) if layout.current_release().is_some() => {
+            // `current` points at a release that is gone: say so, rather than what a
+            // health check of whatever still runs happens to answer.
+            spec if missing.is_some() => Some(proto::HealthReport {
+                url: spec
+                    .map(|spec| crate::instances::expand(&s.app, &spec.url))
+                    .unwrap_or_default(),
+                healthy: false,
+                attempts: 0,
+                last_status: None,
+                last_error: Some(missing_current(missing.unwrap_or_default())),
+                body_snippet: None,
+            }),
+            Some(mut spec) if current.is_some() => {
                 spec.retries = 1;
                 spec.url = crate::instances::expand(&s.app, &spec.url);
                 Some(crate::health::wait_healthy(&spec, |_, _| {}).await)
             }
             _ => None,
         };
+        let mut last = journal::read_history(&layout, 1).pop();
+        if let Some(problem) = crate::recover::unreadable_journal(&layout) {
+            // A journal recovery could not read: the deploy it describes is unfinished.
+            last = Some(proto::HistoryEntry {
+                action: Action::Deploy,
+                release: current.clone().unwrap_or_default(),
+                version: None,
+                previous: None,
+                outcome: Outcome::RollbackFailed,
+                holder: "deploy-agent".into(),
+                started: String::new(),
+                finished: String::new(),
+                error: Some(problem),
+                origin: None,
+                instance: s.app.instance.clone(),
+            });
+        }
         Ok(Response::Status(StatusReply {
             current: list.into_iter().find(|r| r.current),
-            last: journal::read_history(&layout, 1).pop(),
+            last,
             lock: self.shared.locks.holder(&layout.root),
             health,
         }))
     }
+}
+
+fn missing_current(id: &str) -> String {
+    format!(
+        "current points at releases/{id}, which does not exist on this host (deleted?); \
+         push a release or `deployctl rollback ENV --to` a release that exists"
+    )
+}
+
+/// What a new deploy goes back to if it fails: `current` when its release exists, or
+/// else the newest live release that does (never a release that is gone).
+fn rollback_target(layout: &Layout) -> Option<String> {
+    let current = layout.current_release();
+    if let Some(c) = &current
+        && layout.release(c).is_dir()
+    {
+        return current;
+    }
+    layout
+        .list()
+        .into_iter()
+        .rev()
+        .find(|r| r.status == ReleaseStatus::Live && layout.release(&r.id).is_dir())
+        .map(|r| r.id)
 }
 
 /// The newest live release older than `current`.
@@ -752,7 +1066,8 @@ mod handshake_tests {
         let (_tx, rx) = tokio::sync::watch::channel(false);
         let shared = Arc::new(Shared::new(config, rx));
         let (a, b) = tokio::io::duplex(64 * 1024);
-        tokio::spawn(serve(shared, b));
+        let slot = shared.sessions.admit(8).unwrap();
+        tokio::spawn(serve(shared, b, slot));
         let mut conn = codec::connect(a).await.unwrap();
         conn.send(&Request::Hello(Hello {
             protocol,
@@ -761,6 +1076,108 @@ mod handshake_tests {
         .await
         .unwrap();
         conn.recv_json::<Response>().await.unwrap()
+    }
+
+    /// A session with a 300 ms idle limit, reached through a relay that passes the
+    /// controller's bytes on `step` bytes every 20 ms (None: passes nothing after hello).
+    async fn slow_session(
+        step: Option<usize>,
+    ) -> (Connection<tokio::io::DuplexStream>, Arc<Shared>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = AgentConfig::load(&Overrides {
+            config: None,
+            socket: Some(dir.path().join("s.sock")),
+            socket_group: None,
+            allowed_roots: vec![dir.path().to_path_buf()],
+        })
+        .unwrap();
+        config.sessions.idle_timeout = Duration::from_millis(300);
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        std::mem::forget(_tx);
+        let shared = Arc::new(Shared::new(config, rx));
+        let (client, relay_in) = tokio::io::duplex(1 << 20);
+        let (relay_out, server) = tokio::io::duplex(1 << 20);
+        let slot = shared.sessions.admit(8).unwrap();
+        tokio::spawn(serve(shared.clone(), server, slot));
+        let (mut from_client, mut to_client) = tokio::io::split(relay_in);
+        let (mut from_server, mut to_server) = tokio::io::split(relay_out);
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+        });
+        let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let slow2 = slow.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match from_client.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if !slow2.load(std::sync::atomic::Ordering::SeqCst) {
+                    // the upgrade request, then hello: at full speed
+                    let _ = to_server.write_all(&buf[..n]).await;
+                    continue;
+                }
+                match step {
+                    None => {}
+                    Some(step) => {
+                        for chunk in buf[..n].chunks(step) {
+                            let _ = to_server.write_all(chunk).await;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+            }
+        });
+        let mut conn = codec::connect(client).await.unwrap();
+        conn.send(&Request::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            version: "9.9.9".into(),
+        }))
+        .await
+        .unwrap();
+        assert!(matches!(
+            conn.recv_json::<Response>().await.unwrap(),
+            Response::Hello(_)
+        ));
+        slow.store(true, std::sync::atomic::Ordering::SeqCst);
+        (conn, shared)
+    }
+
+    #[tokio::test]
+    async fn a_slow_controller_is_not_taken_for_a_silent_one() {
+        // See: #16
+        // ~3 KB at 100 bytes per 20 ms: about 0.6 s for one frame, twice the idle limit.
+        let (mut conn, _shared) = slow_session(Some(100)).await;
+        let long = format!("/{}", "x".repeat(3000));
+        conn.send(&Request::Check(proto::Check {
+            deploy_to: Some(long),
+        }))
+        .await
+        .unwrap();
+        match conn.recv_json::<Response>().await {
+            Ok(Response::Check(c)) => assert!(!c.deploy_to.unwrap().allowed),
+            other => panic!("the slow request was not answered: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_controller_is_dropped_after_the_idle_limit() {
+        // See: #16
+        let (conn, shared) = slow_session(None).await;
+        let started = std::time::Instant::now();
+        // The relay keeps the client's end open: watch the agent's side instead.
+        let deadline = started + Duration::from_secs(10);
+        while !shared.sessions.is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            shared.sessions.is_empty(),
+            "the silent session is still open"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        drop(conn);
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@ mod delta;
 mod docs;
 mod fleet;
 mod github;
+mod hardening_agent;
 mod hardening_controller;
 mod promote;
 mod release;
