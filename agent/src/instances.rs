@@ -258,7 +258,11 @@ pub fn register(app: &AppRef, spec: &ReleaseSpec) -> Result<Option<u16>, String>
                 created: created.unwrap_or_else(|| now.clone()),
                 touched: now.clone(),
                 ttl_ms: pool.ttl_ms,
-                spec: Some(spec.clone()),
+                // The values to mask are secrets: they stay in memory only.
+                spec: Some(ReleaseSpec {
+                    redact: Vec::new(),
+                    ..spec.clone()
+                }),
                 expire_error: None,
             },
         );

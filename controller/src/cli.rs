@@ -70,8 +70,9 @@ pub enum Command {
         /// Compose files to deploy (strategy = "compose"); overrides compose.files
         #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with = "artifact")]
         compose: Vec<PathBuf>,
-        /// A label stored with the release (a git SHA or tag); `rollback --to` accepts it
-        #[arg(long)]
+        /// A label stored with the release (a git SHA or tag); `rollback --to` accepts it.
+        /// At most 128 bytes, no control characters
+        #[arg(long, value_parser = parse_label)]
         version: Option<String>,
         /// Do not run the migrate command
         #[arg(long)]
@@ -261,4 +262,9 @@ Exit codes: 0 ok; 1 installing or verifying failed on a host; 2 usage or configu
 
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30s or 5m: {e}"))
+}
+
+/// A version label for `push --version` (see [`proto::label::validate_label`]).
+pub fn parse_label(s: &str) -> Result<String, String> {
+    proto::label::validate_label(s).map(|()| s.to_owned())
 }
