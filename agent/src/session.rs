@@ -379,10 +379,17 @@ impl Session {
             Ok(u) => u,
             Err(e) => {
                 cleanup(&layout);
-                let mut err = ProtoError::new(
-                    ErrorCode::BadArtifact,
-                    format!("artifact refused: {e}; nothing was changed"),
-                );
+                let mut err = if e.is_refusal() {
+                    ProtoError::new(
+                        ErrorCode::BadArtifact,
+                        format!("artifact refused: {e}; nothing was changed"),
+                    )
+                } else {
+                    ProtoError::new(
+                        ErrorCode::Io,
+                        format!("could not unpack the artifact: {e}; nothing was changed"),
+                    )
+                };
                 if let Some(entry) = e.entry() {
                     err = err.with("entry", entry);
                 }
