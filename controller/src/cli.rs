@@ -72,7 +72,7 @@ pub enum Command {
         compose: Vec<PathBuf>,
         /// A label stored with the release (a git SHA or tag); `rollback --to` accepts it.
         /// At most 128 bytes, no control characters
-        #[arg(long, value_parser = parse_label)]
+        #[arg(long)]
         version: Option<String>,
         /// Do not run the migrate command
         #[arg(long)]
@@ -264,7 +264,13 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30s or 5m: {e}"))
 }
 
-/// A version label for `push --version` (see [`proto::label::validate_label`]).
-pub fn parse_label(s: &str) -> Result<String, String> {
-    proto::label::validate_label(s).map(|()| s.to_owned())
+/// Checks `push --version` (see [`proto::label::validate_label`]) before anything
+/// connects: a usage error (exit 2) that does not echo a long label back (clap's own
+/// value errors would).
+pub fn check_label(label: Option<&str>) -> Result<(), crate::exit::Failure> {
+    match label {
+        Some(l) => proto::label::validate_label(l)
+            .map_err(|e| crate::exit::Failure::usage(format!("--version: {e}"))),
+        None => Ok(()),
+    }
 }

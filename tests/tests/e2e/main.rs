@@ -9,6 +9,7 @@ mod delta;
 mod docs;
 mod fleet;
 mod github;
+mod hardening_input;
 mod promote;
 mod release;
 mod review_apps;
