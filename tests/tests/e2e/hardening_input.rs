@@ -457,7 +457,10 @@ fn command_logs_are_masked_private_and_pruned_with_their_releases() {
             "{} holds the secret",
             f.display()
         );
-        assert_eq!(mode(f) & 0o077, 0, "{} is private", f.display());
+        // (`lock` names who deploys; it is lock.rs's file and may still be there.)
+        if f.file_name().is_some_and(|n| n != "lock") {
+            assert_eq!(mode(f) & 0o077, 0, "{} is private", f.display());
+        }
         if f.extension().is_some_and(|e| e == "log") {
             saw_log = true;
             assert!(String::from_utf8_lossy(&text).contains("connecting with ***"));
