@@ -700,8 +700,14 @@ impl Run {
     async fn fail_before_switch(self, error: String) -> DeployReport {
         let release = self.journal.release.clone();
         // A rollback target is not a bad build because we could not switch to it.
-        if self.journal.action != Action::Rollback {
-            let _ = self.layout.set_status(&release, ReleaseStatus::Failed);
+        let mut error = error;
+        if self.journal.action != Action::Rollback
+            && let Err(e) = self.layout.set_status(&release, ReleaseStatus::Failed)
+        {
+            error = format!(
+                "{error}; release {release} could not be marked failed: {}",
+                crate::release::layout::describe_io(&self.layout.root, &e)
+            );
         }
         self.events
             .send(Stage::Switch, format!("{error}; current is unchanged"));
@@ -770,7 +776,13 @@ impl Run {
             }
         };
         // Marked so that `rollback` without --to skips it.
-        let _ = self.layout.set_status(&release, ReleaseStatus::RolledBack);
+        let mut error = error;
+        if let Err(e) = self.layout.set_status(&release, ReleaseStatus::RolledBack) {
+            error = format!(
+                "{error}; release {release} could not be marked rolled back: {}",
+                crate::release::layout::describe_io(&self.layout.root, &e)
+            );
+        }
         match outcome {
             Outcome::RollbackFailed => self.events.send(
                 Stage::Rollback,
