@@ -127,9 +127,15 @@ impl Tmpfs {
         }
     }
 
-    /// Writes zeros into `name` until the filesystem is full.
-    fn fill(&self, name: &str) {
-        let mut f = fs::File::create(self.0.join(name)).unwrap();
+    fn path(&self) -> PathBuf {
+        self.0.clone()
+    }
+}
+
+/// Writes zeros into `dir/name` until the filesystem is full.
+fn fill(dir: &Path, name: &str) {
+    {
+        let mut f = fs::File::create(dir.join(name)).unwrap();
         let block = vec![0u8; 64 * 1024];
         loop {
             if f.write_all(&block).is_err() {
@@ -312,12 +318,12 @@ fn bad_history_lines_are_skipped_and_reported_the_rest_is_shown() {
 #[test]
 fn a_full_disk_at_confirm_fails_the_deploy_and_leaves_history_whole() {
     let site = Site::ssh(SshdOptions::default());
+    // Declared after `site`: unmounted before the site's temp dir goes.
     let Some(tmpfs) = Tmpfs::mount(&site.deploy_to, "8m") else {
         return;
     };
-    let tmpfs = Arc::new(tmpfs);
-    let filler = tmpfs.clone();
-    let health = Health::start(move || filler.fill("filler"));
+    let mnt = tmpfs.path();
+    let health = Health::start(move || fill(&mnt, "filler"));
     config(&site, 5, Some(health.port), "true");
 
     let a = site
@@ -375,7 +381,6 @@ fn a_full_disk_at_confirm_fails_the_deploy_and_leaves_history_whole() {
         .collect();
     assert_eq!(versions.first().map(String::as_str), Some("v1"));
     assert_eq!(versions.last().map(String::as_str), Some("v3"), "{out}");
-    drop(site);
 }
 
 // ---------------------------------------------------------------------------------------------
