@@ -145,9 +145,10 @@ impl Run {
             dir: &dir,
             env: &env,
             timeout,
-            log,
+            log: log.clone(),
         })
         .await;
+        exec::mask_log(&log, |t| self.events.redact(t));
         match result {
             Ok(step) => {
                 self.events.send(
@@ -185,16 +186,18 @@ impl Run {
         let _ = std::fs::remove_file(&log);
         let spec_timeout = Duration::from_millis(self.journal.spec.command_timeout_ms.max(1));
         let shown = compose::display(argv);
-        exec::run(exec::Command {
+        let result = exec::run(exec::Command {
             stage,
             command: &shown,
             argv: Some(argv),
             dir: &dir,
             env: &env,
             timeout: timeout.map_or(spec_timeout, |t| t.min(spec_timeout)),
-            log,
+            log: log.clone(),
         })
-        .await
+        .await;
+        exec::mask_log(&log, |t| self.events.redact(t));
+        result
     }
 
     /// Like [`Run::command`] for an agent command: shown, reported, and on failure an
@@ -642,7 +645,18 @@ impl Run {
 
     async fn confirm(mut self) -> DeployReport {
         let release = self.journal.release.clone();
-        let _ = self.layout.set_status(&release, ReleaseStatus::Live);
+        // `current` may only rest on a release whose metadata says so: if the disk is
+        // full (or anything else stops the write), the deploy fails and goes back.
+        let t = Instant::now();
+        if let Err(e) = self.layout.set_status(&release, ReleaseStatus::Live) {
+            let msg = format!(
+                "could not record release {release} as live in {}: {}",
+                self.layout.release_meta(&release).display(),
+                crate::release::layout::describe_io(&self.layout.root, &e)
+            );
+            self.step(Stage::Health, t, Err(msg.clone()));
+            return self.roll_back(msg).await;
+        }
         if self.journal.action == Action::Deploy {
             let t = Instant::now();
             let keep = self.journal.spec.keep_releases.max(1) as usize;
@@ -686,8 +700,14 @@ impl Run {
     async fn fail_before_switch(self, error: String) -> DeployReport {
         let release = self.journal.release.clone();
         // A rollback target is not a bad build because we could not switch to it.
-        if self.journal.action != Action::Rollback {
-            let _ = self.layout.set_status(&release, ReleaseStatus::Failed);
+        let mut error = error;
+        if self.journal.action != Action::Rollback
+            && let Err(e) = self.layout.set_status(&release, ReleaseStatus::Failed)
+        {
+            error = format!(
+                "{error}; release {release} could not be marked failed: {}",
+                crate::release::layout::describe_io(&self.layout.root, &e)
+            );
         }
         self.events
             .send(Stage::Switch, format!("{error}; current is unchanged"));
@@ -756,7 +776,13 @@ impl Run {
             }
         };
         // Marked so that `rollback` without --to skips it.
-        let _ = self.layout.set_status(&release, ReleaseStatus::RolledBack);
+        let mut error = error;
+        if let Err(e) = self.layout.set_status(&release, ReleaseStatus::RolledBack) {
+            error = format!(
+                "{error}; release {release} could not be marked rolled back: {}",
+                crate::release::layout::describe_io(&self.layout.root, &e)
+            );
+        }
         match outcome {
             Outcome::RollbackFailed => self.events.send(
                 Stage::Rollback,
@@ -797,7 +823,7 @@ impl Run {
         let j = &self.journal;
         let current = self.layout.current_release();
         crate::instances::touch(&j.app);
-        let _ = journal::append_history(
+        let recorded = journal::append_history(
             &self.layout,
             &HistoryEntry {
                 action: j.action,
@@ -813,6 +839,22 @@ impl Run {
                 instance: j.app.instance.clone(),
             },
         );
+        // The outcome stands (the switch already happened or did not), but the report
+        // says that the history misses it.
+        let error = match recorded {
+            Ok(()) => error,
+            Err(e) => {
+                let why = format!(
+                    "the history line for this deploy could not be written: {}",
+                    crate::release::layout::describe_io(&self.layout.root, &e)
+                );
+                tracing::error!("{}: {why}", self.layout.root.display());
+                Some(match error {
+                    Some(err) => format!("{err}; {why}"),
+                    None => why,
+                })
+            }
+        };
         let _ = Journal::clear(&self.layout);
         DeployReport {
             release: j.release.clone(),

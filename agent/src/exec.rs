@@ -8,7 +8,8 @@
 //! timeout the whole process group is killed.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -83,6 +84,7 @@ async fn run_inner(cmd: &Command<'_>) -> Result<(), ExecError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&cmd.log)
         .map_err(spawn_err)?;
     let log2 = log.try_clone().map_err(spawn_err)?;
@@ -142,6 +144,47 @@ async fn run_inner(cmd: &Command<'_>) -> Result<(), ExecError> {
                 timeout: cmd.timeout,
             })
         }
+    }
+}
+
+/// Rewrites a command's log with `mask` applied to every line (the secrets the
+/// controller named), so what stays on disk holds no secret. Temp file (0600) and
+/// rename; a log that cannot be rewritten is deleted rather than kept unmasked.
+pub fn mask_log(path: &Path, mask: impl Fn(&str) -> String) {
+    let result = (|| -> std::io::Result<()> {
+        let src = std::fs::File::open(path)?;
+        let tmp = path.with_extension("log.masking");
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let mut out = std::io::BufWriter::new(out);
+        let mut reader = std::io::BufReader::new(src);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            // Lines are bounded by the reader's buffer growth only; a command writing one
+            // endless line is cut into 1 MiB pieces.
+            let n = (&mut reader)
+                .take(1024 * 1024)
+                .read_until(b'\n', &mut line)?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(mask(&String::from_utf8_lossy(&line)).as_bytes())?;
+        }
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        tracing::warn!(
+            "cannot mask {}: {e}; deleting it rather than keeping secrets",
+            path.display()
+        );
+        let _ = std::fs::remove_file(path.with_extension("log.masking"));
+        let _ = std::fs::remove_file(path);
     }
 }
 

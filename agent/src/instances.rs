@@ -101,7 +101,10 @@ fn load(deploy_to: &Path) -> std::io::Result<Registry> {
 fn save(deploy_to: &Path, registry: &Registry) -> std::io::Result<()> {
     let path = registry_path(deploy_to);
     if let Some(dir) = path.parent() {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir)?;
+        // The agent's own state: private (see Layout::ensure).
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
     write_atomic(&path, &serde_json::to_vec_pretty(registry)?)
 }
@@ -258,7 +261,11 @@ pub fn register(app: &AppRef, spec: &ReleaseSpec) -> Result<Option<u16>, String>
                 created: created.unwrap_or_else(|| now.clone()),
                 touched: now.clone(),
                 ttl_ms: pool.ttl_ms,
-                spec: Some(spec.clone()),
+                // The values to mask are secrets: they stay in memory only.
+                spec: Some(ReleaseSpec {
+                    redact: Vec::new(),
+                    ..spec.clone()
+                }),
                 expire_error: None,
             },
         );
@@ -868,6 +875,23 @@ mod tests {
         );
         // the app itself has no port
         assert_eq!(register(&app(dir.path(), None), &s).unwrap(), None);
+    }
+
+    // See: #16 (item 6)
+    #[test]
+    fn the_registry_keeps_no_secret_and_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = pool();
+        let mut s = spec(a, b, None);
+        s.redact = vec!["hunter2-secret".into()];
+        register(&app(dir.path(), Some("pr-9")), &s).unwrap();
+        let path = registry_path(dir.path());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("hunter2-secret"), "{text}");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
     }
 
     #[test]

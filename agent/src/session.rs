@@ -362,8 +362,11 @@ impl Session {
                     .layout(&r.app)
                     .map(|l| Response::Releases(ReleasesReply { releases: l.list() })),
                 Request::History(h) => self.layout(&h.app).map(|l| {
+                    let (entries, skipped_lines) =
+                        journal::read_history_counted(&l, h.limit as usize);
                     Response::History(HistoryReply {
-                        entries: journal::read_history(&l, h.limit as usize),
+                        entries,
+                        skipped_lines,
                     })
                 }),
                 Request::Destroy(d) => {
@@ -450,6 +453,9 @@ impl Session {
 
     async fn lock(&mut self, l: proto::Lock) -> Reply {
         let layout = self.layout(&l.app)?;
+        if let Some(v) = &l.version {
+            proto::label::validate_label(v).map_err(bad)?;
+        }
         let key = layout.root.clone();
         if let Some(g) = self.locks.get(&key) {
             return Ok(Response::Lock(g.info.clone()));
@@ -632,10 +638,17 @@ impl Session {
             Ok(u) => u,
             Err(e) => {
                 cleanup(&layout);
-                let mut err = ProtoError::new(
-                    ErrorCode::BadArtifact,
-                    format!("artifact refused: {e}; nothing was changed"),
-                );
+                let mut err = if e.is_refusal() {
+                    ProtoError::new(
+                        ErrorCode::BadArtifact,
+                        format!("artifact refused: {e}; nothing was changed"),
+                    )
+                } else {
+                    ProtoError::new(
+                        ErrorCode::Io,
+                        format!("could not unpack the artifact: {e}; nothing was changed"),
+                    )
+                };
                 if let Some(entry) = e.entry() {
                     err = err.with("entry", entry);
                 }
@@ -718,6 +731,9 @@ impl Session {
         p: &proto::Push,
     ) -> Result<(Layout, Arc<LockGuard>, Journal), ProtoError> {
         let layout = self.layout(&p.app)?;
+        if let Some(v) = &p.version {
+            proto::label::validate_label(v).map_err(bad)?;
+        }
         if !valid_release_id(&p.release) {
             return Err(bad(format!(
                 "release id {:?} is not YYYYMMDDHHMMSS",

@@ -81,7 +81,8 @@ pub enum Command {
             value_hint = ValueHint::FilePath
         )]
         compose: Vec<PathBuf>,
-        /// A label stored with the release (a git SHA or tag); `rollback --to` accepts it
+        /// A label stored with the release (a git SHA or tag); `rollback --to` accepts it.
+        /// At most 128 bytes, no control characters
         #[arg(long)]
         version: Option<String>,
         /// Do not run the migrate command
@@ -291,4 +292,15 @@ path is expected.",
 
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30s or 5m: {e}"))
+}
+
+/// Checks `push --version` (see [`proto::label::validate_label`]) before anything
+/// connects: a usage error (exit 2) that does not echo a long label back (clap's own
+/// value errors would).
+pub fn check_label(label: Option<&str>) -> Result<(), crate::exit::Failure> {
+    match label {
+        Some(l) => proto::label::validate_label(l)
+            .map_err(|e| crate::exit::Failure::usage(format!("--version: {e}"))),
+        None => Ok(()),
+    }
 }

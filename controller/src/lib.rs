@@ -58,6 +58,7 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             force,
             no_delta,
         } => {
+            cli::check_label(version.as_deref())?;
             push::run(
                 cli,
                 push::PushArgs {

@@ -369,29 +369,59 @@ fn one_line(s: &str, max: usize) -> String {
     flat.chars().take(max).collect()
 }
 
-/// A plain, left-aligned text table.
+/// The widest a table cell gets, in characters; longer text is cut with `…` (`--json`
+/// has it whole).
+pub const MAX_CELL_CHARS: usize = 200;
+
+/// A cell as shown: control characters (a newline, a terminal escape) as `?`, at most
+/// [`MAX_CELL_CHARS`] characters.
+fn cell(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .take(MAX_CELL_CHARS)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if text.chars().nth(MAX_CELL_CHARS).is_some() {
+        out.pop();
+        out.push('…');
+    }
+    out
+}
+
+/// A plain, left-aligned text table. Total: any data renders (cells are cleaned and cut
+/// by [`cell`], rows may be shorter or longer than the header).
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in rows {
+    let header: Vec<String> = header.iter().map(|h| cell(h)).collect();
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| cell(c)).collect())
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in &rows {
         for (i, c) in r.iter().enumerate() {
-            if i < widths.len() {
-                widths[i] = widths[i].max(c.chars().count());
+            let n = c.chars().count();
+            match widths.get_mut(i) {
+                Some(w) => *w = (*w).max(n),
+                None => widths.push(n),
             }
         }
     }
-    let fmt_row = |cells: Vec<&str>| -> String {
-        cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_owned()
+    // Padding by hand: `{:<w$}` panics for widths over u16::MAX.
+    let fmt_row = |cells: &[String]| -> String {
+        let mut line = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(c);
+            let pad = widths[i].saturating_sub(c.chars().count());
+            line.extend(std::iter::repeat_n(' ', pad));
+        }
+        line.trim_end().to_owned()
     };
-    let mut out = vec![fmt_row(header.to_vec())];
-    for r in rows {
-        out.push(fmt_row(r.iter().map(String::as_str).collect()));
+    let mut out = vec![fmt_row(&header)];
+    for r in &rows {
+        out.push(fmt_row(r));
     }
     out.join("\n")
 }
@@ -471,5 +501,26 @@ mod tests {
     fn tables_align() {
         let t = table(&["A", "BB"], &[vec!["long".into(), "x".into()]]);
         assert_eq!(t, "A     BB\nlong  x");
+    }
+
+    // See: #16
+    #[test]
+    fn tables_are_total() {
+        // Wider than a format width may be, with control characters, ragged rows.
+        let huge = "v".repeat(100_000);
+        let t = table(
+            &["A", "B"],
+            &[
+                vec![huge.clone(), "x\n\u{1b}[31my".into()],
+                vec!["only".into()],
+                vec!["a".into(), "b".into(), "extra".into()],
+            ],
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        assert!(lines[1].starts_with(&"v".repeat(MAX_CELL_CHARS - 1)));
+        assert!(lines[1].contains("…  x??[31my"), "{}", lines[1]);
+        assert!(lines[3].ends_with("extra"));
+        assert!(!t.contains('\u{1b}'));
     }
 }

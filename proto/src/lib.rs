@@ -17,6 +17,7 @@
 
 pub mod codec;
 pub mod error;
+pub mod label;
 pub mod manifest;
 pub mod messages;
 

@@ -554,6 +554,10 @@ pub struct History {
 pub struct HistoryReply {
     /// Oldest first.
     pub entries: Vec<HistoryEntry>,
+    /// Lines of the history file that could not be read (torn, not UTF-8) and were
+    /// skipped; the rest is in `entries`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_lines: u64,
 }
 
 /// Stops a review-app instance (`stop`, or compose `down -v --remove-orphans`), removes
@@ -607,3 +611,7 @@ pub struct InstanceInfo {
 
 #[cfg(test)]
 mod tests;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}

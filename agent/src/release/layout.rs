@@ -11,6 +11,7 @@
 //! ```
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use proto::{ReleaseInfo, ReleaseStatus};
@@ -63,11 +64,17 @@ impl Layout {
         self.release(id).join(".deploy").join("release.json")
     }
 
-    /// Creates `releases/`, `shared/` and `.deploy/logs/` when missing.
+    /// Creates `releases/`, `shared/` and `.deploy/logs/` when missing. `.deploy/` and
+    /// `.deploy/logs/` are the agent's own (journal, history, command output): 0700,
+    /// whatever the umask, also when an older agent made them 0755.
     pub fn ensure(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(self.releases())?;
         std::fs::create_dir_all(self.shared())?;
         std::fs::create_dir_all(self.logs())?;
+        for dir in [self.state(), self.logs()] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         Ok(())
     }
 
@@ -192,13 +199,63 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
         std::process::id()
     ));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
+    let written = (|| {
+        // 0600: state files are the agent's own (the unit's umask is 0022).
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        // A full disk must not also keep the half-written temp file.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, path)?;
     sync_dir(dir)
+}
+
+/// An I/O error as a user reads it: a full disk (or quota) names the filesystem the
+/// path is on and how much is free, so nobody blames the artifact.
+pub fn describe_io(path: &Path, e: &std::io::Error) -> String {
+    let full = matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || e.kind() == std::io::ErrorKind::StorageFull;
+    if !full {
+        return e.to_string();
+    }
+    match rustix::fs::statvfs(path) {
+        Ok(st) => {
+            let free = st.f_bavail.saturating_mul(st.f_frsize);
+            let size = st.f_blocks.saturating_mul(st.f_frsize);
+            format!(
+                "the disk is full: the filesystem holding {} has {} free of {} ({e})",
+                path.display(),
+                human_bytes(free),
+                human_bytes(size)
+            )
+        }
+        Err(_) => format!("the disk is full at {} ({e})", path.display()),
+    }
+}
+
+/// `12.3 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
 }
 
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {

@@ -57,6 +57,7 @@ pub fn prune(layout: &Layout, keep: usize, protect: &[&str]) -> std::io::Result<
         doomed.push(to);
         removed.push(id);
     }
+    prune_logs(layout);
     // Leftovers of a deletion a crash interrupted.
     for e in std::fs::read_dir(&trash)?.flatten() {
         if !doomed.contains(&e.path()) {
@@ -73,6 +74,33 @@ pub fn prune(layout: &Layout, keep: usize, protect: &[&str]) -> std::io::Result<
         });
     }
     Ok(removed)
+}
+
+/// Deletes the command logs (`.deploy/logs/<release>.*`) of releases that are gone, so
+/// the logs stay as few as the releases. Logs not named after a release (`destroy.*`)
+/// are left alone.
+pub fn prune_logs(layout: &Layout) {
+    let live: std::collections::HashSet<String> = layout
+        .release_ids()
+        .into_iter()
+        .chain(layout.partial_ids())
+        .collect();
+    let Ok(dir) = std::fs::read_dir(layout.logs()) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some((id, _)) = name.split_once('.') else {
+            continue;
+        };
+        if super::layout::valid_release_id(id)
+            && !live.contains(id)
+            && let Err(err) = std::fs::remove_file(e.path())
+        {
+            tracing::warn!("cannot delete {}: {err}", e.path().display());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -101,7 +129,22 @@ mod tests {
             std::fs::write(l.release(id).join("sub/f"), id).unwrap();
         }
         std::fs::create_dir(l.partial("20260101000004")).unwrap();
+        // See: #16 (command logs go with their release)
+        for log in [
+            "20260101000001.restart.log",
+            "20260101000002.compose-up.20260101000002.log",
+            "20260101000003.restart.log",
+            "destroy.pr-1.log",
+        ] {
+            std::fs::write(l.logs().join(log), "x").unwrap();
+        }
         let removed = prune(&l, 1, &["20260101000003"]).unwrap();
+        let mut logs: Vec<String> = std::fs::read_dir(l.logs())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        logs.sort();
+        assert_eq!(logs, ["20260101000003.restart.log", "destroy.pr-1.log"]);
         assert_eq!(
             removed,
             vec!["20260101000004.partial", "20260101000001", "20260101000002"]

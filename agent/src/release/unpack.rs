@@ -52,7 +52,7 @@
 
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -69,8 +69,23 @@ use tar::EntryType;
 /// Non-file-content bytes (headers, padding, skipped data, trailing data) allowed
 /// regardless of the entry count.
 const OVERHEAD_BASE: u64 = 64 * 1024 * 1024;
-/// Extra non-file-content bytes allowed per entry.
-const OVERHEAD_PER_ENTRY: u64 = 16 * 1024;
+/// Extra non-file-content bytes allowed per tar header (the header and the padding
+/// of its data); the data of GNU long names and PAX headers is granted as it is read.
+const OVERHEAD_PER_ENTRY: u64 = 1024;
+/// The longest entry path (or link target) accepted, in bytes: Linux's `PATH_MAX`.
+pub const MAX_PATH_BYTES: usize = 4096;
+/// The most path components an entry may have.
+pub const MAX_DEPTH: usize = 128;
+/// The largest GNU long name / long link record read (a name up to
+/// [`MAX_PATH_BYTES`] plus its NUL fits).
+pub const MAX_LONG_NAME_BYTES: u64 = 2 * MAX_PATH_BYTES as u64;
+/// The largest PAX extended header read.
+pub const MAX_PAX_BYTES: u64 = 64 * 1024;
+/// Memory the unpacker may spend remembering what it extracted (the manifest, hard link
+/// targets, verified directories), counted per entry from its path length.
+pub const MAX_BOOKKEEPING_BYTES: u64 = 32 * 1024 * 1024;
+/// Entry names in error messages are cut to this many characters.
+const MAX_SHOWN_NAME: usize = 200;
 /// Size of the copy buffer and of the input buffer.
 const BUF_SIZE: usize = 64 * 1024;
 
@@ -150,6 +165,22 @@ pub enum UnpackError {
     Corrupt { detail: String },
     #[error("reading the archive stream: {source}")]
     Read { source: io::Error },
+    #[error("entry {entry:?}: path has more than {limit} components")]
+    TooDeep { entry: String, limit: usize },
+    #[error("entry {entry:?}: path or link target is longer than {limit} bytes")]
+    PathTooLong { entry: String, limit: usize },
+    #[error("{what} of {size} bytes is over the limit of {limit} bytes")]
+    HeaderTooLarge {
+        what: &'static str,
+        size: u64,
+        limit: u64,
+    },
+    #[error(
+        "archive lists too many entries or too long names: tracking them would take more than {limit} bytes of memory"
+    )]
+    TooMuchBookkeeping { limit: u64 },
+    #[error("the disk is full while unpacking entry {entry:?}: {detail}")]
+    DiskFull { entry: String, detail: String },
     #[error("entry {entry:?}: {source}")]
     Io { entry: String, source: io::Error },
 }
@@ -169,10 +200,32 @@ impl UnpackError {
             | ThroughSymlink { entry }
             | Duplicate { entry }
             | NotADirectory { entry }
+            | TooDeep { entry, .. }
+            | PathTooLong { entry, .. }
+            | DiskFull { entry, .. }
             | Io { entry, .. } => Some(entry),
             _ => None,
         }
     }
+
+    /// The archive itself is at fault (as opposed to the server: a full disk, a
+    /// filesystem error, or the upload stream breaking off).
+    pub fn is_refusal(&self) -> bool {
+        !matches!(
+            self,
+            UnpackError::DiskFull { .. } | UnpackError::Io { .. } | UnpackError::Read { .. }
+        )
+    }
+}
+
+/// A name as error messages show it: at most [`MAX_SHOWN_NAME`] characters.
+fn shown(name: &[u8]) -> String {
+    let text = String::from_utf8_lossy(name);
+    if text.chars().count() <= MAX_SHOWN_NAME {
+        return text.into_owned();
+    }
+    let head: String = text.chars().take(MAX_SHOWN_NAME).collect();
+    format!("{head}…({} bytes)", name.len())
 }
 
 /// Unpack a gzip'd tar read from `reader` into `dest` (an existing, empty directory).
@@ -215,12 +268,65 @@ fn unpack_impl<R: Read>(
         out: Unpacked::default(),
         entries: 0,
         files: HashSet::new(),
+        dirs: HashMap::new(),
+        bookkeeping: 0,
         buf: vec![0; BUF_SIZE],
     };
 
-    for entry in archive.entries().map_err(|e| state.classify(e))? {
+    // Raw entries: GNU long names and PAX headers are read here, with a hard limit,
+    // rather than whole into memory by the `tar` crate.
+    let mut ext = Extensions::default();
+    let entries = archive.entries().map_err(|e| state.classify(e))?.raw(true);
+    for entry in entries {
         let mut entry = entry.map_err(|e| state.classify(e))?;
-        ex.entry(&mut entry)?;
+        state.grant(OVERHEAD_PER_ENTRY);
+        let header = entry.header();
+        let recognized = header.as_gnu().is_some() || header.as_ustar().is_some();
+        let kind = header.entry_type();
+        if recognized && (kind.is_gnu_longname() || kind.is_gnu_longlink()) {
+            let long = kind.is_gnu_longname();
+            let what = if long {
+                "GNU long name"
+            } else {
+                "GNU long link"
+            };
+            let slot = if long { &mut ext.name } else { &mut ext.link };
+            if slot.is_some() {
+                return Err(UnpackError::Corrupt {
+                    detail: format!("two {what} records for one entry"),
+                });
+            }
+            let mut data = read_record(&mut entry, &state, what, MAX_LONG_NAME_BYTES)?;
+            if data.last() == Some(&0) {
+                data.pop();
+            }
+            *slot = Some(data);
+            continue;
+        }
+        if recognized && kind.is_pax_local_extensions() {
+            if ext.pax.is_some() {
+                return Err(UnpackError::Corrupt {
+                    detail: "two PAX headers for one entry".into(),
+                });
+            }
+            ext.pax = Some(read_record(
+                &mut entry,
+                &state,
+                "PAX header",
+                MAX_PAX_BYTES,
+            )?);
+            continue;
+        }
+        if recognized && kind.is_pax_global_extensions() {
+            read_record(&mut entry, &state, "PAX global header", MAX_PAX_BYTES)?;
+            continue;
+        }
+        ex.entry(&mut entry, std::mem::take(&mut ext))?;
+    }
+    if ext.name.is_some() || ext.link.is_some() || ext.pax.is_some() {
+        return Err(UnpackError::Corrupt {
+            detail: "long name or PAX header at the end of the archive describes no entry".into(),
+        });
     }
     if state.eof.get() {
         return Err(UnpackError::Corrupt {
@@ -392,6 +498,39 @@ impl<R: Read> Read for Budget<R> {
     }
 }
 
+/// GNU long name / long link / PAX data waiting for the entry it describes.
+#[derive(Default)]
+struct Extensions {
+    name: Option<Vec<u8>>,
+    link: Option<Vec<u8>>,
+    pax: Option<Vec<u8>>,
+}
+
+/// Reads the data of an extension record (long name, PAX header), refusing one larger
+/// than `limit` before reading any of it.
+fn read_record<T: Read>(
+    e: &mut tar::Entry<'_, T>,
+    state: &StreamState,
+    what: &'static str,
+    limit: u64,
+) -> Result<Vec<u8>, UnpackError> {
+    let size = e.size();
+    if size > limit {
+        return Err(UnpackError::HeaderTooLarge { what, size, limit });
+    }
+    state.grant(size);
+    let mut data = Vec::with_capacity(size as usize);
+    e.take(limit)
+        .read_to_end(&mut data)
+        .map_err(|err| state.classify(err))?;
+    if data.len() as u64 != size {
+        return Err(UnpackError::Corrupt {
+            detail: format!("{what}: truncated ({} of {size} bytes)", data.len()),
+        });
+    }
+    Ok(data)
+}
+
 fn drain<R: Read>(r: &mut R) -> io::Result<()> {
     let mut buf = vec![0; BUF_SIZE];
     loop {
@@ -419,21 +558,60 @@ struct Extractor<'a> {
     entries: u64,
     /// Regular files extracted so far (relative, normalized): valid hard link targets.
     files: HashSet<PathBuf>,
+    /// Directories known to be real directories (created or checked), as a tree:
+    /// (parent node, name) -> node; node 0 is `dest`. Each entry's parents are then
+    /// checked once each, so the cost of an entry is linear in its path length, and the
+    /// memory linear in the names of distinct directories.
+    dirs: HashMap<(u32, Vec<u8>), u32>,
+    /// Bytes of memory spent on `out.manifest`, `files` and `dirs` (estimated).
+    bookkeeping: u64,
     buf: Vec<u8>,
 }
 
 impl Extractor<'_> {
-    fn entry<T: Read>(&mut self, e: &mut tar::Entry<'_, T>) -> Result<(), UnpackError> {
+    fn entry<T: Read>(
+        &mut self,
+        e: &mut tar::Entry<'_, T>,
+        ext: Extensions,
+    ) -> Result<(), UnpackError> {
         self.entries += 1;
         if self.entries > self.limits.max_entries {
             return Err(UnpackError::TooManyEntries {
                 limit: self.limits.max_entries,
             });
         }
-        self.state.grant(OVERHEAD_PER_ENTRY);
-
-        let raw_path = e.path_bytes().into_owned();
-        let name = String::from_utf8_lossy(&raw_path).into_owned();
+        let mut raw_path = ext.name.unwrap_or_else(|| e.path_bytes().into_owned());
+        let mut raw_link = ext.link;
+        if let Some(pax) = &ext.pax {
+            for rec in tar::PaxExtensions::new(pax) {
+                let rec = rec.map_err(|err| UnpackError::Corrupt {
+                    detail: format!("entry {:?}: bad PAX header: {err}", shown(&raw_path)),
+                })?;
+                match rec.key_bytes() {
+                    b"path" => raw_path = rec.value_bytes().to_vec(),
+                    b"linkpath" => raw_link = Some(rec.value_bytes().to_vec()),
+                    // The `tar` crate reads raw entries by the header's size; a PAX size
+                    // that says otherwise would make us read a different archive than
+                    // GNU tar does.
+                    b"size" if rec.value().ok() != Some(e.size().to_string().as_str()) => {
+                        return Err(UnpackError::Corrupt {
+                            detail: format!(
+                                "entry {:?}: PAX size differs from the header's size",
+                                shown(&raw_path)
+                            ),
+                        });
+                    }
+                    k if k.starts_with(b"GNU.sparse.") => {
+                        return Err(UnpackError::Special {
+                            entry: shown(&raw_path),
+                            kind: "sparse file".into(),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let name = shown(&raw_path);
         let header = e.header();
         let mut kind = header.entry_type();
         // Old (v7) archives mark directories only with a trailing slash; like GNU tar,
@@ -467,11 +645,13 @@ impl Extractor<'_> {
         match kind {
             EntryType::Directory => self.dir(&name, &rel, mode),
             EntryType::Symlink => {
-                let target = link_target(e);
+                let target = raw_link.unwrap_or_else(|| link_target(e));
+                self.check_target(&name, &target)?;
                 self.symlink(&name, &rel, &target)
             }
             EntryType::Link => {
-                let target = link_target(e);
+                let target = raw_link.unwrap_or_else(|| link_target(e));
+                self.check_target(&name, &target)?;
                 self.hardlink(&name, &rel, &target)
             }
             _ => self.file(e, &name, &rel, mode, mtime),
@@ -487,14 +667,14 @@ impl Extractor<'_> {
             Existing::Nothing => DirBuilder::new()
                 .mode(0o755)
                 .create(&full)
-                .map_err(io_err(name))?,
+                .map_err(self.io_err(name))?,
             Existing::Dir => {}
             Existing::Other => return Err(UnpackError::Duplicate { entry: name.into() }),
         }
         // `full` is a real directory (checked or just created), so chmod cannot follow a
         // symlink.
         fs::set_permissions(&full, fs::Permissions::from_mode((mode & 0o777) | 0o700))
-            .map_err(io_err(name))?;
+            .map_err(self.io_err(name))?;
         self.out.dirs += 1;
         Ok(())
     }
@@ -507,24 +687,12 @@ impl Extractor<'_> {
         mode: u32,
         mtime: Option<u64>,
     ) -> Result<(), UnpackError> {
-        if let Some(exts) = e.pax_extensions().map_err(|err| self.state.classify(err))? {
-            for ext in exts {
-                let ext = ext.map_err(|err| UnpackError::Corrupt {
-                    detail: format!("entry {name:?}: bad pax header: {err}"),
-                })?;
-                if ext.key_bytes().starts_with(b"GNU.sparse.") {
-                    return Err(UnpackError::Special {
-                        entry: name.into(),
-                        kind: "sparse file".into(),
-                    });
-                }
-            }
-        }
         let size = e.size();
         let limit = self.limits.max_total_bytes;
         if size > limit - self.out.bytes {
             return Err(UnpackError::TooLarge { limit });
         }
+        self.charge(2 * rel.as_os_str().len() as u64 + 256)?;
         let (full, existing) = self.prepare(name, rel)?;
         if !matches!(existing, Existing::Nothing) {
             return Err(UnpackError::Duplicate { entry: name.into() });
@@ -536,7 +704,7 @@ impl Extractor<'_> {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&full)
-            .map_err(io_err(name))?;
+            .map_err(self.io_err(name))?;
 
         self.state.grant(size);
         self.state
@@ -555,7 +723,7 @@ impl Extractor<'_> {
             if written > limit - self.out.bytes {
                 return Err(UnpackError::TooLarge { limit });
             }
-            file.write_all(&self.buf[..n]).map_err(io_err(name))?;
+            file.write_all(&self.buf[..n]).map_err(self.io_err(name))?;
             hasher.update(&self.buf[..n]);
         }
         if written != size {
@@ -564,11 +732,11 @@ impl Extractor<'_> {
             });
         }
         file.set_permissions(fs::Permissions::from_mode(mode & 0o777))
-            .map_err(io_err(name))?;
+            .map_err(self.io_err(name))?;
         if let Some(t) =
             mtime.and_then(|s| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(s)))
         {
-            file.set_modified(t).map_err(io_err(name))?;
+            file.set_modified(t).map_err(self.io_err(name))?;
         }
         self.out.files += 1;
         self.out.bytes += written;
@@ -585,7 +753,7 @@ impl Extractor<'_> {
     fn symlink(&mut self, name: &str, rel: &Path, target: &[u8]) -> Result<(), UnpackError> {
         let escapes = || UnpackError::LinkEscapes {
             entry: name.into(),
-            target: String::from_utf8_lossy(target).into_owned(),
+            target: shown(target),
         };
         if target.is_empty() {
             return Err(UnpackError::Corrupt {
@@ -606,11 +774,12 @@ impl Extractor<'_> {
                 }
             }
         }
+        self.charge(rel.as_os_str().len() as u64 + target.as_os_str().len() as u64 + 128)?;
         let (full, existing) = self.prepare(name, rel)?;
         if !matches!(existing, Existing::Nothing) {
             return Err(UnpackError::Duplicate { entry: name.into() });
         }
-        std::os::unix::fs::symlink(target, &full).map_err(io_err(name))?;
+        std::os::unix::fs::symlink(target, &full).map_err(self.io_err(name))?;
         self.out.symlinks += 1;
         self.out.manifest.push(proto::manifest::Entry::Symlink {
             path: manifest_path(rel),
@@ -620,7 +789,7 @@ impl Extractor<'_> {
     }
 
     fn hardlink(&mut self, name: &str, rel: &Path, target: &[u8]) -> Result<(), UnpackError> {
-        let target_name = String::from_utf8_lossy(target).into_owned();
+        let target_name = shown(target);
         let target_rel = match normalize(&target_name, target) {
             Ok(t) => t,
             Err(UnpackError::AbsolutePath { .. } | UnpackError::ParentDir { .. }) => {
@@ -643,12 +812,13 @@ impl Extractor<'_> {
             Ok(m) if m.file_type().is_file() => {}
             _ => return Err(bad_target()),
         }
+        self.charge(2 * rel.as_os_str().len() as u64 + 256)?;
         let (full, existing) = self.prepare(name, rel)?;
         if !matches!(existing, Existing::Nothing) {
             return Err(UnpackError::Duplicate { entry: name.into() });
         }
         // link(2) does not follow a symlink in `src` (and `src` is a regular file).
-        fs::hard_link(&src, &full).map_err(io_err(name))?;
+        fs::hard_link(&src, &full).map_err(self.io_err(name))?;
         self.out.files += 1;
         self.files.insert(rel.to_path_buf());
         // A hard link holds the same content as its target: list it as that file.
@@ -675,38 +845,97 @@ impl Extractor<'_> {
 
     /// Makes sure every parent of `rel` under `dest` is a real directory (creating
     /// missing ones) and reports what is at `rel` itself. Refuses symlinks anywhere.
-    fn prepare(&self, name: &str, rel: &Path) -> Result<(PathBuf, Existing), UnpackError> {
+    /// Parents already known ([`Extractor::dirs`]) are not checked again.
+    fn prepare(&mut self, name: &str, rel: &Path) -> Result<(PathBuf, Existing), UnpackError> {
+        let comps: Vec<&OsStr> = rel.components().map(|c| c.as_os_str()).collect();
+        let Some((last, parents)) = comps.split_last() else {
+            return Err(UnpackError::EmptyPath { entry: name.into() });
+        };
         let mut full = self.dest.to_path_buf();
-        let mut comps = rel.components().peekable();
-        while let Some(c) = comps.next() {
+        let mut node = 0u32;
+        for c in parents {
             full.push(c);
-            let meta = match fs::symlink_metadata(&full) {
-                Ok(m) => Some(m),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-                Err(e) => return Err(io_err(name)(e)),
-            };
-            let ft = meta.map(|m| m.file_type());
-            if ft.is_some_and(|t| t.is_symlink()) {
-                return Err(UnpackError::ThroughSymlink { entry: name.into() });
+            let key = (node, c.as_bytes().to_vec());
+            if let Some(&known) = self.dirs.get(&key) {
+                node = known;
+                continue;
             }
-            if comps.peek().is_none() {
-                let existing = match ft {
-                    None => Existing::Nothing,
-                    Some(t) if t.is_dir() => Existing::Dir,
-                    Some(_) => Existing::Other,
-                };
-                return Ok((full, existing));
-            }
-            match ft {
-                Some(t) if t.is_dir() => {}
-                Some(_) => return Err(UnpackError::NotADirectory { entry: name.into() }),
-                None => DirBuilder::new()
+            match fs::symlink_metadata(&full) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(UnpackError::ThroughSymlink { entry: name.into() });
+                }
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Err(UnpackError::NotADirectory { entry: name.into() }),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => DirBuilder::new()
                     .mode(0o755)
                     .create(&full)
-                    .map_err(io_err(name))?,
+                    .map_err(self.io_err(name))?,
+                Err(e) => return Err(self.io_err(name)(e)),
+            }
+            self.charge(c.len() as u64 + 64)?;
+            let id = u32::try_from(self.dirs.len() + 1).map_err(|_| {
+                UnpackError::TooMuchBookkeeping {
+                    limit: MAX_BOOKKEEPING_BYTES,
+                }
+            })?;
+            self.dirs.insert(key, id);
+            node = id;
+        }
+        full.push(last);
+        let existing = match fs::symlink_metadata(&full) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(UnpackError::ThroughSymlink { entry: name.into() });
+            }
+            Ok(m) if m.is_dir() => Existing::Dir,
+            Ok(_) => Existing::Other,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Existing::Nothing,
+            Err(e) => return Err(self.io_err(name)(e)),
+        };
+        Ok((full, existing))
+    }
+
+    /// Counts memory kept for the rest of the unpack against [`MAX_BOOKKEEPING_BYTES`].
+    fn charge(&mut self, bytes: u64) -> Result<(), UnpackError> {
+        self.bookkeeping = self.bookkeeping.saturating_add(bytes);
+        if self.bookkeeping > MAX_BOOKKEEPING_BYTES {
+            return Err(UnpackError::TooMuchBookkeeping {
+                limit: MAX_BOOKKEEPING_BYTES,
+            });
+        }
+        Ok(())
+    }
+
+    /// A link target's length (its components are checked by the link kind).
+    fn check_target(&self, name: &str, target: &[u8]) -> Result<(), UnpackError> {
+        if target.len() > MAX_PATH_BYTES {
+            return Err(UnpackError::PathTooLong {
+                entry: name.into(),
+                limit: MAX_PATH_BYTES,
+            });
+        }
+        Ok(())
+    }
+
+    /// An I/O error on `name`; a full disk says so, with the filesystem and its free
+    /// space, instead of blaming the artifact.
+    fn io_err<'n>(&self, name: &'n str) -> impl Fn(io::Error) -> UnpackError + 'n {
+        let dest = self.dest.to_path_buf();
+        move |source| {
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSPC) | Some(libc::EDQUOT)
+            ) {
+                UnpackError::DiskFull {
+                    entry: name.into(),
+                    detail: crate::release::layout::describe_io(&dest, &source),
+                }
+            } else {
+                UnpackError::Io {
+                    entry: name.into(),
+                    source,
+                }
             }
         }
-        Err(UnpackError::EmptyPath { entry: name.into() })
     }
 }
 
@@ -719,10 +948,26 @@ fn normalize(name: &str, raw: &[u8]) -> Result<PathBuf, UnpackError> {
     if raw.is_empty() {
         return Err(UnpackError::EmptyPath { entry: name.into() });
     }
+    if raw.len() > MAX_PATH_BYTES {
+        return Err(UnpackError::PathTooLong {
+            entry: name.into(),
+            limit: MAX_PATH_BYTES,
+        });
+    }
     let mut out = PathBuf::new();
+    let mut depth = 0;
     for c in Path::new(OsStr::from_bytes(raw)).components() {
         match c {
-            Component::Normal(p) => out.push(p),
+            Component::Normal(p) => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(UnpackError::TooDeep {
+                        entry: name.into(),
+                        limit: MAX_DEPTH,
+                    });
+                }
+                out.push(p)
+            }
             Component::CurDir => {}
             Component::ParentDir => return Err(UnpackError::ParentDir { entry: name.into() }),
             Component::RootDir | Component::Prefix(_) => {
@@ -750,13 +995,6 @@ fn kind_name(kind: EntryType) -> String {
         EntryType::XHeader => "stray pax header".into(),
         EntryType::GNULongName | EntryType::GNULongLink => "stray GNU long name".into(),
         other => format!("unsupported type {:?}", other.as_byte() as char),
-    }
-}
-
-fn io_err(name: &str) -> impl Fn(io::Error) -> UnpackError + '_ {
-    move |source| UnpackError::Io {
-        entry: name.into(),
-        source,
     }
 }
 
@@ -1446,6 +1684,135 @@ mod tests {
         let err = unpack_impl(data.as_slice(), &sb.dest, &limits, 100_000).unwrap_err();
         sb.assert_contained();
         assert!(matches!(err, UnpackError::Overhead { .. }), "{err}");
+    }
+
+    // ---- hostile shapes (#16) -------------------------------------------------------
+
+    /// A GNU long-name (or long-link) record of `len` bytes, then a file.
+    fn long_name_record(kind: EntryType, len: usize) -> Vec<u8> {
+        let mut h = Header::new_gnu();
+        h.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+        h.set_entry_type(kind);
+        h.set_mode(0o644);
+        h.set_size(len as u64);
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        out.extend(std::iter::repeat_n(b'a', len));
+        out.resize(out.len().div_ceil(512) * 512, 0);
+        out
+    }
+
+    // See: #16
+    #[test]
+    fn deep_paths_are_refused_and_repeats_cost_linear_time() {
+        // 300 repeats of one 2,000-deep directory: refused at once.
+        let deep = "d/".repeat(2000);
+        let mut tb = Tb::new();
+        for _ in 0..300 {
+            tb = tb.long_file(&deep, b"");
+        }
+        let sb = sandbox();
+        let err = sb.refuse(&tb.tgz());
+        assert!(
+            matches!(
+                err,
+                UnpackError::TooDeep {
+                    limit: MAX_DEPTH,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().len() < 400, "the name is cut: {err}");
+
+        // At the limit it works, and each repeat checks no parent twice.
+        let ok = format!("{}f", "d/".repeat(MAX_DEPTH - 1));
+        let mut tb = Tb::new().long_file(&ok, b"x");
+        for i in 0..300 {
+            tb = tb.long_file(&format!("{}g{i}", "d/".repeat(MAX_DEPTH - 1)), b"y");
+        }
+        let sb = sandbox();
+        let out = sb.unpack(&tb.tgz()).unwrap();
+        assert_eq!(out.files, 301);
+
+        let long = format!("{}/f", "x".repeat(MAX_PATH_BYTES));
+        let sb = sandbox();
+        let err = sb.refuse(&Tb::new().long_file(&long, b"x").tgz());
+        assert!(matches!(err, UnpackError::PathTooLong { .. }), "{err}");
+    }
+
+    // See: #16
+    #[test]
+    fn long_names_and_pax_headers_have_a_hard_limit() {
+        for kind in [EntryType::GNULongName, EntryType::GNULongLink] {
+            let mut tar = long_name_record(kind, 50 * 1024 * 1024);
+            tar.extend(Tb::new().file("f", 0o644, b"x").tar());
+            let sb = sandbox();
+            let err = sb.refuse(&gz(&tar));
+            assert!(
+                matches!(err, UnpackError::HeaderTooLarge { size, .. } if size == 50 * 1024 * 1024),
+                "{err}"
+            );
+            assert!(err.to_string().len() < 200, "{err}");
+        }
+        let mut b = tar::Builder::new(Vec::new());
+        let big = vec![b'x'; 200 * 1024];
+        b.append_pax_extensions([("comment", big.as_slice())])
+            .unwrap();
+        let mut h = Header::new_ustar();
+        h.set_size(1);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "f", b"x".as_slice()).unwrap();
+        let sb = sandbox();
+        let err = sb.refuse(&gz(&b.into_inner().unwrap()));
+        assert!(
+            matches!(
+                err,
+                UnpackError::HeaderTooLarge {
+                    what: "PAX header",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    // See: #16
+    #[test]
+    fn pax_path_and_linkpath_are_honoured_and_size_must_agree() {
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("path", b"dir/from-pax".as_slice())])
+            .unwrap();
+        let mut h = Header::new_ustar();
+        h.set_size(2);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "ignored", b"hi".as_slice()).unwrap();
+        b.append_pax_extensions([("linkpath", b"from-pax".as_slice())])
+            .unwrap();
+        let mut h = Header::new_ustar();
+        h.set_entry_type(EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        h.set_link_name("nowhere").unwrap();
+        b.append_data(&mut h, "dir/link", b"".as_slice()).unwrap();
+        let sb = sandbox();
+        sb.unpack(&gz(&b.into_inner().unwrap())).unwrap();
+        assert_eq!(fs::read(sb.dest.join("dir/from-pax")).unwrap(), b"hi");
+        assert_eq!(
+            fs::read_link(sb.dest.join("dir/link")).unwrap(),
+            Path::new("from-pax")
+        );
+
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("size", b"999".as_slice())])
+            .unwrap();
+        let mut h = Header::new_ustar();
+        h.set_size(2);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "f", b"hi".as_slice()).unwrap();
+        let sb = sandbox();
+        let err = sb.refuse(&gz(&b.into_inner().unwrap()));
+        assert!(matches!(err, UnpackError::Corrupt { .. }), "{err}");
     }
 
     // ---- corruption ---------------------------------------------------------------

@@ -130,7 +130,18 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                             e.error.clone().unwrap_or_default(),
                         ]);
                     }
-                    docs.push(json!({"host": c.name, "history": h.entries}));
+                    if h.skipped_lines > 0 {
+                        let note = format!(
+                            "{} unreadable line(s) of the history file were skipped (torn by a \
+                             full disk or edited by hand); the other entries are shown",
+                            h.skipped_lines
+                        );
+                        eprintln!("warning: [{}] {note}", c.name);
+                        docs.push(json!({"host": c.name, "history": h.entries,
+                            "skipped_lines": h.skipped_lines}));
+                    } else {
+                        docs.push(json!({"host": c.name, "history": h.entries}));
+                    }
                 }
                 Err(e) => {
                     let f = agent_failure(&c.name, e);

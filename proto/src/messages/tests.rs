@@ -503,8 +503,16 @@ fn history() {
     golden(
         Response::History(HistoryReply {
             entries: vec![history_entry()],
+            skipped_lines: 0,
         }),
         json!({"type": "history", "params": {"entries": [history_entry_json()]}}),
+    );
+    golden(
+        Response::History(HistoryReply {
+            entries: vec![],
+            skipped_lines: 2,
+        }),
+        json!({"type": "history", "params": {"entries": [], "skipped_lines": 2}}),
     );
 }
 

@@ -12,6 +12,7 @@ mod fleet;
 mod github;
 mod hardening_agent;
 mod hardening_controller;
+mod hardening_input;
 mod promote;
 mod release;
 mod review_apps;
