@@ -23,7 +23,8 @@ async fn session(root: &std::path::Path) -> codec::Connection<tokio::io::DuplexS
     std::mem::forget(tx);
     let shared = Arc::new(Shared::new(config, rx));
     let (a, b) = tokio::io::duplex(64 * 1024);
-    tokio::spawn(agent::session::serve(shared, b));
+    let slot = shared.sessions.admit(8).unwrap();
+    tokio::spawn(agent::session::serve(shared, b, slot));
     let mut conn = codec::connect(a).await.unwrap();
     conn.send(&Request::Hello(Hello {
         protocol: PROTOCOL_VERSION,
