@@ -283,6 +283,22 @@ impl AgentClient {
 
     /// Closes the WebSocket, or gives up after [`CLOSE_TIMEOUT`]; at once when the
     /// connection already failed.
+    /// Tells the agent this connection is alive while it waits for its turn (a fleet
+    /// rollout's later batches): the agent closes sessions that stay silent for its
+    /// `idle_timeout_secs`, freeing their locks. Bounded by [`SEND_STALL`]; an error is
+    /// left for the next real request to report.
+    pub async fn keepalive(&mut self) {
+        if self.broken {
+            return;
+        }
+        if !matches!(
+            tokio::time::timeout(SEND_STALL, self.conn.tx.ping()).await,
+            Ok(Ok(()))
+        ) {
+            self.broken = true;
+        }
+    }
+
     pub async fn close(mut self) {
         if self.broken {
             return;

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use proto::{Outcome, Rollback};
 
@@ -85,15 +86,21 @@ where
             ));
         }
         for wave in batch.chunks(parallel) {
-            let futs = conns
+            let (active, mut waiting): (Vec<_>, Vec<_>) = conns
                 .iter_mut()
                 .enumerate()
-                .filter(|(i, _)| wave.contains(i))
-                .map(|(i, c)| {
-                    let fut = deploy(c);
-                    async move { (i, fut.await) }
-                });
-            for (i, mut r) in futures_util::future::join_all(futs).await {
+                .partition(|(i, _)| wave.contains(i));
+            let futs = active.into_iter().map(|(i, c)| {
+                let fut = deploy(c);
+                async move { (i, fut.await) }
+            });
+            // The hosts not in this wave hold their locks (or, done, may be rolled back
+            // later) on idle sessions: keep those alive for as long as the wave runs.
+            let wave_results = tokio::select! {
+                r = futures_util::future::join_all(futs) => r,
+                never = keep_alive(&mut waiting) => match never {},
+            };
+            for (i, mut r) in wave_results {
                 r.batch = Some(b as u32 + 1);
                 if r.outcome != Some(Outcome::Live) && failure.is_none() {
                     failure = Some(format!(
@@ -196,6 +203,20 @@ where
 }
 
 /// Polls each URL from here (outside in) until it answers `expect_status`.
+/// How often a connection that waits for its turn tells its agent it is alive; well under
+/// the agent's shortest sensible `idle_timeout_secs`.
+pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(20);
+
+/// Pings every waiting host's agent every [`KEEPALIVE_EVERY`], until dropped.
+async fn keep_alive(waiting: &mut [(usize, &mut HostConn)]) -> std::convert::Infallible {
+    loop {
+        tokio::time::sleep(KEEPALIVE_EVERY).await;
+        for (_, c) in waiting.iter_mut() {
+            c.client.keepalive().await;
+        }
+    }
+}
+
 pub async fn verify(v: &VerifyConfig, progress: &Progress) -> Vec<VerifyResult> {
     let client = match reqwest::Client::builder()
         .timeout(v.request_timeout)

@@ -110,6 +110,13 @@ where
         Ok(())
     }
 
+    /// A WebSocket ping: proof of life for a peer that counts silence. The pong that
+    /// comes back is skipped by [`Receiver::recv`].
+    pub async fn ping(&mut self) -> Result<(), CodecError> {
+        self.sink.send(Message::Ping(Vec::new().into())).await?;
+        Ok(())
+    }
+
     pub async fn close(&mut self) -> Result<(), CodecError> {
         self.sink.close().await?;
         Ok(())

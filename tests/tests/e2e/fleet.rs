@@ -32,19 +32,29 @@ struct Fleet {
 }
 
 const START: &str = r#"mount --bind "$1" "$2" || exit 1
-"$3" serve --socket "$2/run/agent.sock" --allowed-root "$2" > "$1/agent.log" 2>&1 &
+cfg=""; [ -f "$1/agent.toml" ] && cfg="--config $1/agent.toml"
+"$3" serve $cfg --socket "$2/run/agent.sock" --allowed-root "$2" > "$1/agent.log" 2>&1 &
 echo $! > "$1/agent.pid"
 shift 3
 exec "$@""#;
 
 impl Fleet {
     fn start(n: usize) -> Fleet {
+        Fleet::start_with_agent_toml(n, None)
+    }
+
+    /// Like [`Fleet::start`], each agent also reading `agent_toml` (its flags still set
+    /// the socket and the allowed root).
+    fn start_with_agent_toml(n: usize, agent_toml: Option<&str>) -> Fleet {
         let env = TestEnv::new();
         let mnt = env.mkdir("mnt");
         let mut hosts: Vec<Host> = Vec::new();
         for i in 0..n {
             let dir = env.mkdir(&format!("host{i}"));
             std::fs::create_dir_all(dir.join("run")).unwrap();
+            if let Some(toml) = agent_toml {
+                std::fs::write(dir.join("agent.toml"), toml).unwrap();
+            }
             let mut extra = Vec::new();
             if let Some(first) = hosts.first() {
                 // One client key for the whole fleet: the first host's.
@@ -139,7 +149,7 @@ hosts = [{hosts}]
     }
 
     /// A release whose migration fails on a host holding `shared/fail-migrate`, and
-    /// sleeps on one holding `shared/slow-migrate`.
+    /// sleeps on one holding `shared/slow-migrate` (4 s) or `shared/slower-migrate` (35 s).
     fn artifact(&self, version: &str) -> PathBuf {
         let path = self.env.path(&format!("{version}.tar.gz"));
         let f = std::fs::File::create(&path).unwrap();
@@ -147,6 +157,7 @@ hosts = [{hosts}]
         let mut tar = tar::Builder::new(gz);
         let migrate = "set -eu\n\
             [ -e \"$DEPLOY_TO/shared/slow-migrate\" ] && sleep 4\n\
+            [ -e \"$DEPLOY_TO/shared/slower-migrate\" ] && sleep 35\n\
             if [ -e \"$DEPLOY_TO/shared/fail-migrate\" ]; then echo 'migration exploded' >&2; exit 1; fi\n\
             echo migrated\n";
         let restart = "set -eu\n\
@@ -528,4 +539,23 @@ fn promote_refuses_when_the_source_hosts_disagree() {
     f.run(&["promote", "prod", "production", "--yes"])
         .assert_exit(0);
     assert_eq!(f.version_on(2), some("v3"));
+}
+
+// A host waiting for its batch holds its lock on an idle session, and the agent closes
+// sessions that stay silent for `idle_timeout_secs` (freeing their locks). deployctl pings
+// the waiting hosts every 20 s, so a rollout whose batches take longer than the agent's
+// idle limit still reaches them.
+#[test]
+fn hosts_waiting_for_their_batch_are_kept_alive_past_the_agents_idle_limit() {
+    let f = Fleet::start_with_agent_toml(2, Some("idle_timeout_secs = 28\n"));
+    f.config("rollout = { batch = 1 }", "");
+    f.mark(0, "slower-migrate"); // the first batch takes 35 s, longer than 28 s
+    let out = f.push("v1", &["--json"]);
+    out.assert_exit(0);
+    assert_eq!(f.versions(), vec![some("v1"), some("v1")], "{out}");
+    let log = std::fs::read_to_string(f.hosts[1].dir.join("agent.log")).unwrap_or_default();
+    assert!(
+        !log.contains("idle"),
+        "host 1's session was not closed as idle: {log}"
+    );
 }
