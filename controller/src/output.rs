@@ -179,6 +179,15 @@ impl Progress {
     }
 
     /// A host is done: under GitHub Actions, print its held lines as one group.
+    /// An error that the final report states in full (with its context): under GitHub
+    /// Actions it still becomes an `::error::` annotation; elsewhere nothing is printed
+    /// now, so the error is said once.
+    pub fn annotate(&self, host: Option<&str>, message: &str) {
+        if self.github.is_some() {
+            self.error(host, message);
+        }
+    }
+
     pub fn finish_host(&self, host: &str, title: &str) {
         let Some(g) = &self.github else {
             return;

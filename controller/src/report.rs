@@ -102,7 +102,7 @@ pub fn announce(progress: &crate::output::Progress, r: &HostResult, title: &str)
         && r.outcome != Some(Outcome::Live)
         && let Some(e) = &r.error
     {
-        progress.error(Some(&r.host), e);
+        progress.annotate(Some(&r.host), e);
     }
     let how = if r.outcome == Some(Outcome::Live) {
         "ok".to_owned()
@@ -228,7 +228,10 @@ pub fn print_deploy(
                 v.attempts
             );
         }
-        if let Some(why) = &f.failure {
+        // With one host, its own error below says it all.
+        if let Some(why) = &f.failure
+            && (results.len() > 1 || results.iter().all(|r| r.error.is_none()))
+        {
             crate::out!("rollout stopped: {why}");
         }
     }

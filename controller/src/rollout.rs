@@ -103,12 +103,9 @@ where
             for (i, mut r) in wave_results {
                 r.batch = Some(b as u32 + 1);
                 if r.outcome != Some(Outcome::Live) && failure.is_none() {
-                    failure = Some(format!(
-                        "{} failed in batch {}: {}",
-                        r.host,
-                        b + 1,
-                        r.error.clone().unwrap_or_else(|| "see above".into())
-                    ));
+                    // The host's own error is in its result (and the report): not
+                    // repeated here.
+                    failure = Some(format!("{} failed in batch {}", r.host, b + 1));
                 }
                 results[i] = Some(r);
             }
@@ -147,7 +144,9 @@ where
         .map(|(r, c)| r.unwrap_or_else(|| HostResult::skipped(&c.name)))
         .collect();
     if let Some(why) = &failure {
-        progress.error(None, why);
+        if hosts.len() > 1 {
+            progress.info(&format!("rollout stopped: {why}"));
+        }
         match env.rollout.on_failure {
             OnFailure::RollbackAll => {
                 report.on_failure = Some("rollback-all");

@@ -86,7 +86,7 @@ pub async fn run(
                     }
                     Err(e) => {
                         let f = agent_failure(&host, e);
-                        progress.error(Some(&host), &f.message);
+                        progress.annotate(Some(&host), &f.message);
                         HostDestroy {
                             host: host.clone(),
                             existed: None,

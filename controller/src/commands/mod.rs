@@ -292,8 +292,9 @@ pub async fn connect_all(
     }
     if !errors.is_empty() {
         errors.sort_by_key(|(i, _)| *i);
+        // The failure below lists every host's error; annotate them under GitHub only.
         for (_, e) in &errors {
-            progress.error(None, &e.to_string());
+            progress.annotate(None, &e.to_string());
         }
         for (_, c) in ok {
             c.close().await;

@@ -302,7 +302,7 @@ async fn push_one(
     let result = match upload_and_deploy(conn, req, artifact, size, scan, &up).await {
         Ok(report) => HostResult::from_report(&host, report),
         Err(e) => {
-            progress.error(Some(&host), &e.message);
+            progress.annotate(Some(&host), &e.message);
             HostResult::from_failure(&host, e, started.elapsed())
         }
     };

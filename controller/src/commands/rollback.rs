@@ -90,7 +90,7 @@ pub async fn run(
                                 ),
                             ),
                         };
-                        progress.error(Some(&host), &f.message);
+                        progress.annotate(Some(&host), &f.message);
                         HostResult::from_failure(&host, f, t.elapsed())
                     }
                 };

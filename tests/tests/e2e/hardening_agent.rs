@@ -861,7 +861,14 @@ fn recovery_decides_from_disk_when_the_journal_is_unreadable() {
         "current is not back on the live release\n{}",
         site.agent.log()
     );
-    assert_eq!(release_status(&d, &r2), "rolled_back");
+    // Recovery moves the journal aside first, then marks the release: wait for the mark.
+    assert!(
+        poll(Duration::from_secs(20), || release_status(&d, &r2)
+            == "rolled_back"),
+        "v2 is {} after recovery\n{}",
+        release_status(&d, &r2),
+        site.agent.log()
+    );
     let out = site.run(&["status", "test", "--json"]);
     out.assert_success();
     let doc = out.json();

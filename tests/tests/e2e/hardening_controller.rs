@@ -377,7 +377,7 @@ fn agent_sigkill_mid_upload_of_a_large_artifact_ends_with_exit_3() {
     assert_mid_upload(on_disk);
     let (out, took) = bg.wait(BOUND, "the agent was killed mid-upload");
     assert_ended(&out, took, CONNECT);
-    assert!(out.stderr.contains("nothing was changed"), "{out}");
+    assert!(all_output(&out).contains("nothing was changed"), "{out}");
 }
 
 #[test]
@@ -391,7 +391,7 @@ fn agent_sigkill_during_unpack_ends_with_exit_3() {
     assert_mid_upload(on_disk);
     let (out, took) = bg.wait(BOUND, "the agent was killed during unpack");
     assert_ended(&out, took, CONNECT);
-    assert!(out.stderr.contains("nothing was changed"), "{out}");
+    assert!(all_output(&out).contains("nothing was changed"), "{out}");
 }
 
 #[test]
@@ -404,7 +404,7 @@ fn agent_sigterm_during_upload_ends_with_exit_3() {
     assert_mid_upload(on_disk);
     let (out, took) = bg.wait(BOUND, "the agent got SIGTERM mid-upload");
     assert_ended(&out, took, CONNECT);
-    assert!(out.stderr.contains("nothing was changed"), "{out}");
+    assert!(all_output(&out).contains("nothing was changed"), "{out}");
 }
 
 #[test]
@@ -420,7 +420,7 @@ fn sshd_session_process_killed_mid_upload_ends_with_exit_3() {
     assert_mid_upload(on_disk);
     let (out, took) = bg.wait(BOUND, "sshd's session processes were killed mid-upload");
     assert_ended(&out, took, CONNECT);
-    assert!(out.stderr.contains("nothing was changed"), "{out}");
+    assert!(all_output(&out).contains("nothing was changed"), "{out}");
 }
 
 #[test]
@@ -436,7 +436,7 @@ fn silent_network_mid_upload_ends_with_exit_3() {
     assert_mid_upload(on_disk);
     let (out, took) = bg.wait(BOUND, "the network went silent mid-upload");
     assert_ended(&out, took, CONNECT);
-    assert!(out.stderr.contains("nothing was changed"), "{out}");
+    assert!(all_output(&out).contains("nothing was changed"), "{out}");
 }
 
 #[test]
@@ -458,7 +458,7 @@ fn silent_network_while_the_agent_deploys_ends_with_exit_5() {
     let (out, took) = bg.wait(BOUND, "the network went silent while the agent deployed");
     assert_ended(&out, took, NEEDS_HUMAN);
     assert!(
-        out.stderr.contains("finishes or rolls back on its own"),
+        all_output(&out).contains("finishes or rolls back on its own"),
         "{out}"
     );
 }
@@ -475,7 +475,7 @@ fn frozen_agent_mid_upload_ends_with_exit_3() {
     assert_mid_upload(on_disk);
     let (out, took) = bg.wait(BOUND, "the agent froze mid-upload");
     assert_ended(&out, took, CONNECT);
-    assert!(out.stderr.contains("nothing was changed"), "{out}");
+    assert!(all_output(&out).contains("nothing was changed"), "{out}");
 }
 
 #[test]
@@ -509,8 +509,13 @@ fn silent_network_during_a_rollback_ends_with_exit_5() {
     let (out, took) = bg.wait(BOUND, "the network went silent during a rollback");
     assert_ended(&out, took, NEEDS_HUMAN);
     assert!(
-        out.stderr
-            .contains("lost contact while the agent rolled back"),
+        all_output(&out).contains("lost contact while the agent rolled back"),
         "{out}"
     );
+}
+
+/// What deployctl said, progress (stderr) and results (stdout): a host's error is said
+/// once, in the results, and the lost-connection hints come with it.
+fn all_output(out: &Output) -> String {
+    format!("{}\n{}", out.stdout, out.stderr)
 }
