@@ -175,3 +175,250 @@ fn socket_the_user_may_not_open_is_reported_as_permission_denied() {
         "shows owner and mode: {out}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Progress display
+// ---------------------------------------------------------------------------------------
+
+/// Deterministic incompressible bytes (xorshift).
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A release: `big` bytes of noise in `big.bin` (the same in every version) FIRST, then a
+/// few small files, then `VERSION`, so a delta has to read all of `big.bin` before it
+/// finds anything to send.
+fn artifact(s: &Site, version: &str, big: usize) -> std::path::PathBuf {
+    let path = s.env.path(&format!("{version}.tar.gz"));
+    let f = std::fs::File::create(&path).unwrap();
+    let gz = flate2::write::GzEncoder::new(f, flate2::Compression::none());
+    let mut tar = tar::Builder::new(gz);
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, name, data).unwrap();
+    };
+    add("big.bin", &noise(7, big));
+    for i in 0..20 {
+        add(&format!("f{i}"), &noise(100 + i, 2048));
+    }
+    add("VERSION", format!("{version}\n").as_bytes());
+    tar.into_inner().unwrap().finish().unwrap();
+    path
+}
+
+/// `deployctl ARGS` under a pseudo-terminal (`script` from util-linux): stdin, stdout and
+/// stderr are the pty; the captured output is what a terminal would have received.
+fn under_pty(s: &Site, args: &[&str], env: &[(&str, &str)]) -> Option<Output> {
+    if !deployctl_e2e::require::require(
+        "script",
+        "runs deployctl under a pseudo-terminal (apt-get install bsdutils)",
+    ) {
+        return None;
+    }
+    let mut cmd = shell_quote(bin("deployctl").to_str().unwrap());
+    for a in args {
+        cmd.push(' ');
+        cmd.push_str(&shell_quote(a));
+    }
+    let out = deployctl_e2e::run(
+        Path::new("/usr/bin/script"),
+        s.env.root(),
+        &["-qec", &cmd, "/dev/null"],
+        env,
+    );
+    Some(out)
+}
+
+/// Quotes a word for `sh -c`.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Removes CSI escape sequences (`ESC [ ... final`).
+fn strip_csi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' && chars.peek() == Some(&'[') {
+            chars.next();
+            for d in chars.by_ref() {
+                if ('@'..='~').contains(&d) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The visible text of each line of terminal output: escapes removed, and of a line
+/// rewritten with `\r`, what stays after the last rewrite.
+fn visible_lines(raw: &str) -> Vec<String> {
+    raw.split('\n')
+        .map(|l| {
+            let l = strip_csi(l);
+            let l = l.strip_suffix('\r').unwrap_or(&l);
+            l.rsplit('\r').next().unwrap_or("").to_owned()
+        })
+        .collect()
+}
+
+/// SGR (colour) sequences: `ESC [ <digits;> m`.
+fn has_sgr(raw: &str) -> bool {
+    raw.match_indices("\x1b[").any(|(i, _)| {
+        raw[i + 2..]
+            .chars()
+            .find(|c| !(c.is_ascii_digit() || *c == ';'))
+            == Some('m')
+    })
+}
+
+#[track_caller]
+fn assert_terminal_lines(out: &Output) {
+    let lines = visible_lines(&out.stdout);
+    let ours: Vec<&String> = lines.iter().filter(|l| l.contains("[local]")).collect();
+    assert!(!ours.is_empty(), "progress lines on the terminal: {out}");
+    for l in &ours {
+        assert!(
+            !l.ends_with("  "),
+            "a progress line is padded with spaces to the width: {l:?}\n{out:?}"
+        );
+    }
+    // Each message ends with its own newline (the pty turns it into \r\n).
+    let uploaded = out
+        .stdout
+        .split('\n')
+        .find(|l| strip_csi(l).contains("[local] uploaded "))
+        .unwrap_or_else(|| panic!("no `uploaded` line: {out:?}"));
+    let shown = strip_csi(uploaded);
+    let shown = shown.strip_suffix('\r').unwrap_or(&shown);
+    let shown = shown.rsplit('\r').next().unwrap();
+    assert!(
+        shown.starts_with("[local] uploaded ") && !shown.ends_with(' '),
+        "the line ends right after the message: {shown:?}"
+    );
+}
+
+// See: #18
+// On a terminal: lines end with newlines (not padded to the width), the upload draws a
+// bar, and NO_COLOR turns colours off (cursor movement from the bars stays).
+#[test]
+fn on_a_terminal_progress_is_lines_and_bars_and_no_color_means_none() {
+    let s = Site::local();
+    s.write_config("", "");
+    let v1 = artifact(&s, "v1", 24 << 20);
+    let args = [
+        "push",
+        "test",
+        "--artifact",
+        v1.to_str().unwrap(),
+        "--version",
+        "v1",
+    ];
+    let Some(out) = under_pty(&s, &args, &[("NO_COLOR", "1")]) else {
+        return;
+    };
+    out.assert_exit(0);
+    assert_terminal_lines(&out);
+    assert!(
+        out.stdout.contains("[local] upload ") && out.stdout.contains("eta"),
+        "an upload bar was drawn: {out:?}"
+    );
+    assert!(
+        !has_sgr(&out.stdout),
+        "no colour codes with NO_COLOR: {out:?}"
+    );
+
+    // Without NO_COLOR: colours on the terminal; the delta upload draws its own bar.
+    let v2 = artifact(&s, "v2", 24 << 20);
+    let args = [
+        "push",
+        "test",
+        "--artifact",
+        v2.to_str().unwrap(),
+        "--version",
+        "v2",
+    ];
+    let out = under_pty(&s, &args, &[]).unwrap();
+    out.assert_exit(0);
+    assert_terminal_lines(&out);
+    assert!(has_sgr(&out.stdout), "colours on a terminal: {out:?}");
+    assert!(
+        strip_csi(&out.stdout).contains("[local] delta "),
+        "a delta bar was drawn: {out:?}"
+    );
+    // A pipe gets no escape codes at all, colours or bars.
+    let v3 = artifact(&s, "v3", 1 << 20);
+    let out = s.run(&[
+        "push",
+        "test",
+        "--artifact",
+        v3.to_str().unwrap(),
+        "--version",
+        "v3",
+    ]);
+    out.assert_exit(0);
+    assert!(!out.stderr.contains('\x1b'), "{out}");
+}
+
+// See: #18
+// A delta upload reads the whole artifact twice (its manifest, then to pick out the few
+// files the host lacks); that used to be silent (5 s for 300 MB). Off a terminal it prints a progress line every
+// DEPLOYCTL_PROGRESS_EVERY (default 1s; 20ms here so a quick machine shows some).
+#[test]
+fn a_delta_upload_prints_progress_lines() {
+    let s = Site::local();
+    s.write_config("", "");
+    let v1 = artifact(&s, "v1", 48 << 20);
+    let v2 = artifact(&s, "v2", 48 << 20);
+    s.run(&[
+        "push",
+        "test",
+        "--artifact",
+        v1.to_str().unwrap(),
+        "--version",
+        "v1",
+    ])
+    .assert_exit(0);
+    let out = s.run_env(
+        &[
+            "push",
+            "test",
+            "--artifact",
+            v2.to_str().unwrap(),
+            "--version",
+            "v2",
+        ],
+        &[("DEPLOYCTL_PROGRESS_EVERY", "20ms")],
+    );
+    out.assert_exit(0);
+    assert!(out.stderr.contains("delta: sending 1 of 22 files"), "{out}");
+    let progress: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| {
+            l.starts_with("delta: reading the artifact for its manifest: ")
+                || (l.starts_with("[local] delta: ")
+                    && l.contains(" files, ")
+                    && l.contains(" read ("))
+        })
+        .collect();
+    assert!(
+        !progress.is_empty(),
+        "progress while the delta is picked out: {out}"
+    );
+    assert!(!out.stderr.contains('\x1b'), "plain lines on a pipe: {out}");
+}
