@@ -288,27 +288,33 @@ fn has_sgr(raw: &str) -> bool {
 
 #[track_caller]
 fn assert_terminal_lines(out: &Output) {
-    let lines = visible_lines(&out.stdout);
-    let ours: Vec<&String> = lines.iter().filter(|l| l.contains("[local]")).collect();
-    assert!(!ours.is_empty(), "progress lines on the terminal: {out}");
-    for l in &ours {
-        assert!(
-            !l.ends_with("  "),
-            "a progress line is padded with spaces to the width: {l:?}\n{out:?}"
-        );
+    // Messages (not bars): each must be alone on its line, end with the line's newline,
+    // and carry no padding. indicatif's println used to pad each one with spaces to the
+    // terminal's width and end none of them, so the whole run was one line.
+    // (Bars and the spinner start differently: "[local] upload =>", "[local] ⠁ ...".)
+    let markers = ["[local] connected", "[local] uploaded ", "[local] release "];
+    let mut seen = 0;
+    let text = strip_csi(&out.stdout);
+    for line in text.split('\n') {
+        let segments: Vec<&str> = line.trim_end_matches('\r').split('\r').collect();
+        for (i, seg) in segments.iter().enumerate() {
+            if !markers.iter().any(|m| seg.starts_with(m)) {
+                continue;
+            }
+            seen += 1;
+            assert!(
+                i + 1 == segments.len(),
+                "the message is overwritten before its newline: {seg:?}\n{out:?}"
+            );
+            assert!(
+                !seg.contains("  ") && !seg.ends_with(' '),
+                "a message padded with spaces (or sharing its line): {seg:?}\n{out:?}"
+            );
+        }
     }
-    // Each message ends with its own newline (the pty turns it into \r\n).
-    let uploaded = out
-        .stdout
-        .split('\n')
-        .find(|l| strip_csi(l).contains("[local] uploaded "))
-        .unwrap_or_else(|| panic!("no `uploaded` line: {out:?}"));
-    let shown = strip_csi(uploaded);
-    let shown = shown.strip_suffix('\r').unwrap_or(&shown);
-    let shown = shown.rsplit('\r').next().unwrap();
     assert!(
-        shown.starts_with("[local] uploaded ") && !shown.ends_with(' '),
-        "the line ends right after the message: {shown:?}"
+        seen >= 3,
+        "the progress messages are on the terminal: {out:?}"
     );
 }
 
