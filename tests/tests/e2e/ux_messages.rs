@@ -264,18 +264,6 @@ fn strip_csi(s: &str) -> String {
     out
 }
 
-/// The visible text of each line of terminal output: escapes removed, and of a line
-/// rewritten with `\r`, what stays after the last rewrite.
-fn visible_lines(raw: &str) -> Vec<String> {
-    raw.split('\n')
-        .map(|l| {
-            let l = strip_csi(l);
-            let l = l.strip_suffix('\r').unwrap_or(&l);
-            l.rsplit('\r').next().unwrap_or("").to_owned()
-        })
-        .collect()
-}
-
 /// SGR (colour) sequences: `ESC [ <digits;> m`.
 fn has_sgr(raw: &str) -> bool {
     raw.match_indices("\x1b[").any(|(i, _)| {
