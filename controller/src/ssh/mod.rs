@@ -773,6 +773,47 @@ pub fn shell_quote(s: &str) -> String {
 mod tests {
     use super::*;
 
+    fn facts(out: &str) -> AgentFacts {
+        AgentFacts::parse(out)
+    }
+
+    #[test]
+    fn unreachable_agent_messages_name_the_likely_cause() {
+        // See: #18
+        let sock = "/run/deploy-agent/agent.sock";
+        let refused = Some("Failed to open channel (ConnectFailed)");
+        let say =
+            |out: &str| explain_unreachable(&facts(out), sock, "deploy-agent", "deploy", refused);
+        let missing = say("bin=no\ndir=ok\nsock=missing\naccess=no\nuser=deploy\n");
+        assert!(missing.contains("socket missing"), "{missing}");
+        assert!(!missing.contains("not installed"), "{missing}");
+        let denied = say(
+            "bin=yes\ndir=ok\nsock=socket\naccess=no\nstat=deploy-agent:deploy 660\n\
+             user=deploy\ngroups=deploy users\nlistening=yes\n",
+        );
+        assert!(denied.contains("permission denied"), "{denied}");
+        assert!(denied.contains("deploy-agent:deploy 660"), "{denied}");
+        let dir = say("bin=yes\ndir=denied\nsock=missing\naccess=no\nuser=deploy\n");
+        assert!(
+            dir.contains("may not enter the socket's directory /run/deploy-agent"),
+            "{dir}"
+        );
+        let stale = say("bin=yes\ndir=ok\nsock=socket\naccess=yes\nlistening=no\n");
+        assert!(stale.contains("stale socket"), "{stale}");
+        let forbidden = say("bin=no\ndir=ok\nsock=socket\naccess=yes\nlistening=yes\n");
+        assert!(
+            forbidden.contains("sshd refused the direct channel"),
+            "{forbidden}"
+        );
+        let other = say("bin=yes\ndir=ok\nsock=other\naccess=yes\n");
+        assert!(other.contains("is not a socket"), "{other}");
+        let silent = say("");
+        assert!(silent.contains("did not answer the diagnostic"), "{silent}");
+        for m in [&missing, &denied, &stale, &forbidden] {
+            assert!(m.contains(sock) && m.contains("bridge"), "{m}");
+        }
+    }
+
     #[test]
     fn quoting() {
         assert_eq!(

@@ -94,6 +94,33 @@ fn stopped_agent_is_reported_as_not_running() {
     assert!(out.stderr.contains("stale socket"), "{out}");
 }
 
+// See: #18
+// The agent is fine, but sshd forbids streamlocal forwarding and the bridge is not on the
+// SSH PATH: the fix is agent_bin's full path (or allowing forwarding), not a bootstrap.
+#[test]
+fn refused_streamlocal_and_no_bridge_on_path_names_both() {
+    let s = Site::ssh(SshdOptions {
+        allow_streamlocal: false,
+        ..Default::default()
+    });
+    s.write_config("", "");
+    point_at(
+        &s,
+        s.agent.socket.clone().to_str().unwrap(),
+        Some("deploy-agent"),
+    );
+    let out = s.run(&["check", "test"]);
+    assert_names(
+        &out,
+        s.agent.socket.to_str().unwrap(),
+        "sshd refused the direct channel",
+    );
+    assert!(
+        out.stderr.contains("set agent_bin to the full path"),
+        "{out}"
+    );
+}
+
 /// A throwaway system user (root only), removed on drop.
 struct TempUser(String);
 
