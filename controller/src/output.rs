@@ -99,6 +99,53 @@ fn gh_escape(s: &str) -> String {
 /// Lines held per host until the host is done.
 type HeldLines = HashMap<String, Vec<String>>;
 
+/// The terminal indicatif draws on: stderr, where a failed write (a terminal that hung
+/// up) is ignored like everywhere else in this module; indicatif would otherwise panic
+/// on it while lifting the bars to print a line (`MultiProgress::suspend`).
+#[derive(Debug)]
+struct StderrTerm(console::Term);
+
+impl indicatif::TermLike for StderrTerm {
+    fn width(&self) -> u16 {
+        self.0.size().1
+    }
+    fn height(&self) -> u16 {
+        self.0.size().0
+    }
+    fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+        let _ = self.0.move_cursor_up(n);
+        Ok(())
+    }
+    fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+        let _ = self.0.move_cursor_down(n);
+        Ok(())
+    }
+    fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+        let _ = self.0.move_cursor_right(n);
+        Ok(())
+    }
+    fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+        let _ = self.0.move_cursor_left(n);
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        let _ = self.0.write_line(s);
+        Ok(())
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        let _ = self.0.write_str(s);
+        Ok(())
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        let _ = self.0.clear_line();
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        let _ = self.0.flush();
+        Ok(())
+    }
+}
+
 /// SGR codes for the few colours used on a terminal.
 const CYAN: &str = "\x1b[36m";
 const BOLD_RED: &str = "\x1b[1;31m";
@@ -136,8 +183,12 @@ pub struct Progress {
 impl Progress {
     pub fn new(quiet: bool) -> Self {
         let github = github_actions().then(|| Arc::new(Mutex::new(HashMap::new())));
-        let multi = (github.is_none() && std::io::stderr().is_terminal())
-            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        let multi = (github.is_none() && std::io::stderr().is_terminal()).then(|| {
+            MultiProgress::with_draw_target(ProgressDrawTarget::term_like_with_hz(
+                Box::new(StderrTerm(console::Term::stderr())),
+                20,
+            ))
+        });
         let colour = multi.is_some() && colour_on_stderr();
         Self {
             multi,
@@ -269,7 +320,8 @@ impl Progress {
             if tag.is_some() { prefix } else { "" },
             template.replace("{bar}", bar_style)
         );
-        let bar = m.add(bar);
+        // A bar dropped on an error path is cleared, not left half-drawn.
+        let bar = m.add(bar.with_finish(indicatif::ProgressFinish::AndClear));
         bar.set_style(
             ProgressStyle::with_template(&template)
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
