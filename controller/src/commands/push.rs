@@ -252,10 +252,10 @@ async fn push_all(
             match &bar {
                 Some(b) => {
                     b.set_position(read);
-                    b.set_message(format!("{files} files"));
+                    b.set_message(format!("files: {files}"));
                 }
                 None => progress.info(&format!(
-                    "delta: reading the artifact for its manifest: {files} files, {} of {} \
+                    "delta: reading the artifact for its manifest: {} of {} read, files: {files} \
                      ({t:.1}s)",
                     mib(read),
                     mib(size)
