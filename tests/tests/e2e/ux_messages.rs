@@ -121,6 +121,32 @@ fn refused_streamlocal_and_no_bridge_on_path_names_both() {
     );
 }
 
+// See: #18
+// `hosts = ["local"]` opens the socket itself; its message names the cause too.
+#[test]
+fn local_host_names_a_missing_or_stale_socket() {
+    let mut s = Site::local();
+    s.write_config("", "");
+    let sock = s.agent.socket.to_str().unwrap().to_owned();
+    let wrong = s.env.path("nowhere/agent.sock");
+    let cfg = s
+        .env
+        .read("deploy.toml")
+        .replace(&sock, wrong.to_str().unwrap());
+    s.env.write("deploy.toml", cfg.clone());
+    let out = s.run(&["check", "test"]);
+    out.assert_exit(3);
+    assert!(out.stderr.contains(wrong.to_str().unwrap()), "{out}");
+    assert!(out.stderr.contains("socket missing"), "{out}");
+    s.env
+        .write("deploy.toml", cfg.replace(wrong.to_str().unwrap(), &sock));
+    s.agent.kill9();
+    let out = s.run(&["check", "test"]);
+    out.assert_exit(3);
+    assert!(out.stderr.contains(&sock), "{out}");
+    assert!(out.stderr.contains("stale socket"), "{out}");
+}
+
 /// A throwaway system user (root only), removed on drop.
 struct TempUser(String);
 
