@@ -148,7 +148,14 @@ impl<R: Read> Read for Hashing<R> {
 }
 
 pub fn scan(path: &Path) -> Result<Scan, String> {
+    scan_counted(path, &SubsetProgress::default())
+}
+
+/// [`scan`], counting bytes read and files hashed into `progress` (for the progress
+/// display).
+pub fn scan_counted(path: &Path, progress: &SubsetProgress) -> Result<Scan, String> {
     let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let f = CountingReader { inner: f, progress };
     let mut raw = Hashing {
         inner: f,
         hasher: Sha256::new(),
@@ -185,6 +192,9 @@ pub fn scan(path: &Path) -> Result<Scan, String> {
                     h.update(&buf[..n]);
                     size += n as u64;
                 }
+                progress
+                    .files
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 files.insert(rel.clone(), entries.len());
                 entries.push(Entry::File {
                     path: rel,
@@ -251,7 +261,41 @@ pub fn subset(
     paths: &std::collections::HashSet<String>,
     out: impl std::io::Write,
 ) -> Result<(), String> {
+    subset_counted(artifact, paths, out, &SubsetProgress::default())
+}
+
+/// How far [`subset_counted`] is: bytes of the artifact read, files written.
+#[derive(Debug, Default)]
+pub struct SubsetProgress {
+    pub read: std::sync::atomic::AtomicU64,
+    pub files: std::sync::atomic::AtomicU64,
+}
+
+/// The artifact as read, counting bytes into a [`SubsetProgress`].
+struct CountingReader<'a, R> {
+    inner: R,
+    progress: &'a SubsetProgress,
+}
+
+impl<R: std::io::Read> std::io::Read for CountingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress
+            .read
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// [`subset`], counting progress into `progress` as it goes (for the progress display).
+pub fn subset_counted(
+    artifact: &Path,
+    paths: &std::collections::HashSet<String>,
+    out: impl std::io::Write,
+    progress: &SubsetProgress,
+) -> Result<(), String> {
     let f = std::fs::File::open(artifact).map_err(|e| format!("{}: {e}", artifact.display()))?;
+    let f = CountingReader { inner: f, progress };
     let gz = flate2::read::GzDecoder::new(std::io::BufReader::with_capacity(1 << 20, f));
     let mut archive = tar::Archive::new(gz);
     let enc = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
@@ -280,6 +324,9 @@ pub fn subset(
         h.set_mtime(entry.header().mtime().unwrap_or(0));
         h.set_entry_type(tar::EntryType::Regular);
         b.append_data(&mut h, &rel, &mut entry).map_err(bad)?;
+        progress
+            .files
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         left -= 1;
     }
     let enc = b.into_inner().map_err(bad)?;

@@ -1,7 +1,13 @@
 //! What the user sees while a command runs: one line per step per host, on stderr, so
 //! stdout carries only the result (a table, or the `--json` document).
 //!
-//! - On a terminal: live lines and an upload bar per host.
+//! - On a terminal: each message is a line of its own (ended by a newline, never padded
+//!   to the terminal's width, so scrollback and copy-paste stay lines), printed above the
+//!   live indicatif bars: the upload, the delta upload (artifact read, files and bytes
+//!   sent), and a spinner while the agent deploys (unpack, restart, health wait).
+//!   Colours ([`colour_on_stderr`]) only there, and never with `NO_COLOR`.
+//! - Elsewhere (a pipe, a file): plain lines only, no bars, no escape codes; a delta
+//!   upload prints a progress line about every second.
 //! - Under GitHub Actions (`GITHUB_ACTIONS=true`): each host's lines are held and printed
 //!   as one `::group::` when the host is done (hosts run in parallel, and groups cannot
 //!   interleave); failures also become `::error::` annotations; the final table goes to
@@ -93,9 +99,82 @@ fn gh_escape(s: &str) -> String {
 /// Lines held per host until the host is done.
 type HeldLines = HashMap<String, Vec<String>>;
 
+/// The terminal indicatif draws on: stderr, where a failed write (a terminal that hung
+/// up) is ignored like everywhere else in this module; indicatif would otherwise panic
+/// on it while lifting the bars to print a line (`MultiProgress::suspend`).
+#[derive(Debug)]
+struct StderrTerm(console::Term);
+
+impl indicatif::TermLike for StderrTerm {
+    fn width(&self) -> u16 {
+        self.0.size().1
+    }
+    fn height(&self) -> u16 {
+        self.0.size().0
+    }
+    fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+        let _ = self.0.move_cursor_up(n);
+        Ok(())
+    }
+    fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+        let _ = self.0.move_cursor_down(n);
+        Ok(())
+    }
+    fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+        let _ = self.0.move_cursor_right(n);
+        Ok(())
+    }
+    fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+        let _ = self.0.move_cursor_left(n);
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        let _ = self.0.write_line(s);
+        Ok(())
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        let _ = self.0.write_str(s);
+        Ok(())
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        let _ = self.0.clear_line();
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        let _ = self.0.flush();
+        Ok(())
+    }
+}
+
+/// SGR codes for the few colours used on a terminal.
+const CYAN: &str = "\x1b[36m";
+const BOLD_RED: &str = "\x1b[1;31m";
+const RESET: &str = "\x1b[0m";
+
+/// How often a delta upload reports progress as a plain line (not on a terminal), unless
+/// `DEPLOYCTL_PROGRESS_EVERY` says otherwise.
+pub const PLAIN_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The interval between plain progress lines: `DEPLOYCTL_PROGRESS_EVERY` (a duration
+/// such as `5s` or `500ms`; at least 10ms), else [`PLAIN_PROGRESS_EVERY`].
+pub fn plain_progress_every() -> std::time::Duration {
+    match std::env::var("DEPLOYCTL_PROGRESS_EVERY") {
+        Ok(v) if !v.trim().is_empty() => match humantime::parse_duration(v.trim()) {
+            Ok(d) => d.max(std::time::Duration::from_millis(10)),
+            Err(e) => {
+                tracing::warn!("DEPLOYCTL_PROGRESS_EVERY={v:?} is not a duration ({e}); using 1s");
+                PLAIN_PROGRESS_EVERY
+            }
+        },
+        _ => PLAIN_PROGRESS_EVERY,
+    }
+}
+
 #[derive(Clone)]
 pub struct Progress {
     multi: Option<MultiProgress>,
+    /// Colours: on a terminal and without `NO_COLOR`.
+    colour: bool,
     quiet: bool,
     /// Held lines per host, under GitHub Actions.
     github: Option<Arc<Mutex<HeldLines>>>,
@@ -104,10 +183,16 @@ pub struct Progress {
 impl Progress {
     pub fn new(quiet: bool) -> Self {
         let github = github_actions().then(|| Arc::new(Mutex::new(HashMap::new())));
-        let multi = (github.is_none() && std::io::stderr().is_terminal())
-            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        let multi = (github.is_none() && std::io::stderr().is_terminal()).then(|| {
+            MultiProgress::with_draw_target(ProgressDrawTarget::term_like_with_hz(
+                Box::new(StderrTerm(console::Term::stderr())),
+                20,
+            ))
+        });
+        let colour = multi.is_some() && colour_on_stderr();
         Self {
             multi,
+            colour,
             quiet,
             github,
         }
@@ -117,13 +202,30 @@ impl Progress {
         self.multi.is_some()
     }
 
+    /// One message line. On a terminal the bars are lifted, the line is written with its
+    /// newline, and the bars are drawn again below it (`MultiProgress::println` would pad
+    /// the line with spaces to the terminal's width and end it without a newline).
     fn print(&self, text: &str) {
-        let text = redact(text);
         match &self.multi {
-            Some(m) => {
-                let _ = m.println(text);
-            }
-            None => emit_err(&text),
+            Some(m) => m.suspend(|| emit_err(text)),
+            None => emit_err(text),
+        }
+    }
+
+    /// `[host]`, in colour where colours are on.
+    fn host_tag(&self, host: &str) -> String {
+        if self.colour {
+            format!("{CYAN}[{host}]{RESET}")
+        } else {
+            format!("[{host}]")
+        }
+    }
+
+    fn error_word(&self) -> String {
+        if self.colour {
+            format!("{BOLD_RED}error:{RESET}")
+        } else {
+            "error:".to_owned()
         }
     }
 
@@ -139,7 +241,7 @@ impl Progress {
                 .push(message.to_owned());
             return;
         }
-        self.print(&format!("[{host}] {message}"));
+        self.print(&format!("{} {message}", self.host_tag(host)));
     }
 
     pub fn info(&self, message: &str) {
@@ -156,8 +258,8 @@ impl Progress {
             None => message,
         };
         let text = match host {
-            Some(h) => format!("[{h}] error: {message}"),
-            None => format!("error: {message}"),
+            Some(h) => format!("{} {} {message}", self.host_tag(h), self.error_word()),
+            None => format!("{} {message}", self.error_word()),
         };
         if self.github.is_some() {
             let title = match host {
@@ -209,20 +311,76 @@ impl Progress {
         emit(&out);
     }
 
-    /// An upload bar on a terminal; nothing otherwise.
-    pub fn upload_bar(&self, host: &str, len: u64) -> Option<ProgressBar> {
+    /// A bar (or spinner) on a terminal, added below the others; `None` elsewhere or
+    /// when quiet. `template` is an indicatif template after the `tag` (`[host]`, or
+    /// nothing); `{bar}` in it gets colours where colours are on.
+    fn bar(&self, tag: Option<&str>, template: &str, bar: ProgressBar) -> Option<ProgressBar> {
         if self.quiet {
             return None;
         }
         let m = self.multi.as_ref()?;
-        let bar = m.add(ProgressBar::new(len));
-        bar.set_style(
-            ProgressStyle::with_template(
-                "[{prefix}] upload {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        let (prefix, bar_style) = if self.colour {
+            ("{prefix:.cyan} ", "{bar:30.cyan/blue}")
+        } else {
+            ("{prefix} ", "{bar:30}")
+        };
+        let template = format!(
+            "{}{}",
+            if tag.is_some() { prefix } else { "" },
+            template.replace("{bar}", bar_style)
         );
-        bar.set_prefix(host.to_owned());
+        // A bar dropped on an error path is cleared, not left half-drawn.
+        let bar = m.add(bar.with_finish(indicatif::ProgressFinish::AndClear));
+        bar.set_style(
+            ProgressStyle::with_template(&template)
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        if let Some(t) = tag {
+            bar.set_prefix(t.to_owned());
+        }
+        Some(bar)
+    }
+
+    /// A bar on a terminal for reading the artifact (`len` bytes) before any host is
+    /// involved, e.g. the delta manifest; its message counts files.
+    pub fn read_bar(&self, what: &str, len: u64) -> Option<ProgressBar> {
+        self.bar(
+            None,
+            &format!("{what} {{bar}} {{bytes}}/{{total_bytes}} {{msg}}"),
+            ProgressBar::new(len),
+        )
+    }
+
+    /// The upload bar on a terminal: bytes sent of `len`.
+    pub fn upload_bar(&self, host: &str, len: u64) -> Option<ProgressBar> {
+        self.bar(
+            Some(&format!("[{host}]")),
+            "upload {bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            ProgressBar::new(len),
+        )
+    }
+
+    /// The delta upload's bar on a terminal: the artifact read (of `len` bytes) while
+    /// the files the host lacks are picked out; the message says files and bytes sent.
+    pub fn delta_bar(&self, host: &str, len: u64) -> Option<ProgressBar> {
+        self.bar(
+            Some(&format!("[{host}]")),
+            "delta {bar} {bytes}/{total_bytes} read, {msg}",
+            ProgressBar::new(len),
+        )
+    }
+
+    /// A spinner with the elapsed time while waiting on the agent (unpack, copy,
+    /// restart, health checks); its message is the agent's latest step.
+    pub fn wait_spinner(&self, host: &str, message: &str) -> Option<ProgressBar> {
+        let bar = self.bar(
+            Some(&format!("[{host}]")),
+            "{spinner} {msg} ({elapsed})",
+            ProgressBar::new_spinner(),
+        )?;
+        bar.set_message(redact(message));
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
         Some(bar)
     }
 }

@@ -19,7 +19,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 pub enum ConnectError {
     #[error(transparent)]
     Ssh(#[from] SshError),
-    #[error("{host}: cannot connect to deploy-agent at {socket}: {detail}; is it running?")]
+    #[error("{host}: cannot connect to deploy-agent at {socket}: {detail}")]
     Local {
         host: String,
         socket: String,
@@ -27,6 +27,26 @@ pub enum ConnectError {
     },
     #[error("{host}: {source}")]
     Client { host: String, source: ClientError },
+}
+
+/// Why the local socket could not be opened, with the likely cause.
+fn local_cause(e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    let cause = match e.kind() {
+        ErrorKind::NotFound => {
+            "socket missing: deploy-agent is not running, or agent_socket is wrong (it must \
+             match the agent's `socket` setting)"
+        }
+        ErrorKind::PermissionDenied => {
+            "permission denied: this user is not in the socket's group (the agent's \
+             socket_group)"
+        }
+        ErrorKind::ConnectionRefused => {
+            "nothing is listening: a stale socket, deploy-agent is not running"
+        }
+        _ => "is deploy-agent running?",
+    };
+    format!("{e}; {cause}")
 }
 
 /// A connection to one host's agent, with the SSH session kept alive under it.
@@ -100,8 +120,10 @@ pub async fn connect(
                 tokio::net::UnixStream::connect(&socket),
             )
             .await
-            .map_err(|_| "timed out".to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(|_| {
+                "timed out; is deploy-agent stuck? (journalctl -u deploy-agent)".to_string()
+            })
+            .and_then(|r| r.map_err(|e| local_cause(&e)))
             .map_err(|detail| ConnectError::Local {
                 host: name.clone(),
                 socket: env.agent_socket.clone(),

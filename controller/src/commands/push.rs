@@ -240,7 +240,33 @@ async fn push_all(
     // the files they lack. Reading the artifact once here serves every host.
     let scan = if any_releases && !args.no_delta {
         let path = artifact.to_path_buf();
-        match tokio::task::spawn_blocking(move || crate::artifact::scan(&path)).await {
+        let counts = Arc::new(crate::artifact::SubsetProgress::default());
+        let work = {
+            let counts = counts.clone();
+            tokio::task::spawn_blocking(move || crate::artifact::scan_counted(&path, &counts))
+        };
+        let bar = progress.read_bar("delta: reading the artifact for its manifest", size);
+        let scanned = watch(work, bar.is_some(), |t| {
+            let read = counts.read.load(std::sync::atomic::Ordering::Relaxed);
+            let files = counts.files.load(std::sync::atomic::Ordering::Relaxed);
+            match &bar {
+                Some(b) => {
+                    b.set_position(read);
+                    b.set_message(format!("files: {files}"));
+                }
+                None => progress.info(&format!(
+                    "delta: reading the artifact for its manifest: {} of {} read, files: {files} \
+                     ({t:.1}s)",
+                    mib(read),
+                    mib(size)
+                )),
+            }
+        })
+        .await;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        match scanned {
             Ok(Ok(s)) if s.entries.len() <= MAX_DELTA_ENTRIES => Some(Arc::new(s)),
             // A broken artifact is refused by the agent, with the entry named.
             _ => None,
@@ -454,14 +480,25 @@ async fn finish_upload(
         .await
         .map_err(|e| up.lost("at the end of the upload", e))?;
     let limit = conn.client.reply_timeout();
+    // On a terminal, a spinner with the agent's latest step while it unpacks, copies,
+    // restarts and waits for the health check.
+    let spinner = up.progress.wait_spinner(&host, "deploying");
     let report = conn
         .client
-        .response_within::<UploadEnd>(limit, &mut |ev| up.progress.line(&host, &ev.message))
-        .await
-        .map_err(|e| match e {
-            ClientError::Agent(_) => agent_failure(&host, e),
-            other => up.lost_after_handoff(other),
-        })?;
+        .response_within::<UploadEnd>(limit, &mut |ev| {
+            if let Some(s) = &spinner {
+                s.set_message(crate::output::redact(&ev.message));
+            }
+            up.progress.line(&host, &ev.message)
+        })
+        .await;
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    let report = report.map_err(|e| match e {
+        ClientError::Agent(_) => agent_failure(&host, e),
+        other => up.lost_after_handoff(other),
+    })?;
     Ok(report)
 }
 
@@ -490,6 +527,31 @@ fn read_ahead(
         if tx.blocking_send(buf).is_err() {
             // the upload stopped; its error is reported by the sender side
             return Ok(hasher);
+        }
+    }
+}
+
+/// Awaits `work`, calling `show(seconds so far)` on each tick meanwhile: every 100 ms
+/// when it updates a bar (`bar`), every [`crate::output::plain_progress_every`] when it
+/// prints a line.
+async fn watch<T>(
+    work: impl std::future::Future<Output = T>,
+    bar: bool,
+    mut show: impl FnMut(f64),
+) -> T {
+    let every = if bar {
+        std::time::Duration::from_millis(100)
+    } else {
+        crate::output::plain_progress_every()
+    };
+    let t = Instant::now();
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            r = &mut work => return r,
+            _ = tick.tick() => show(t.elapsed().as_secs_f64()),
         }
     }
 }
@@ -532,18 +594,73 @@ async fn upload_delta(
     let t = Instant::now();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let path = artifact.to_path_buf();
-    let worker = tokio::task::spawn_blocking(move || {
-        crate::artifact::subset(&path, &paths, proto::codec::ChunkWriter::new(tx))
-    });
+    let counts = Arc::new(crate::artifact::SubsetProgress::default());
+    let worker = {
+        let counts = counts.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::artifact::subset_counted(
+                &path,
+                &paths,
+                proto::codec::ChunkWriter::new(tx),
+                &counts,
+            )
+        })
+    };
+    let artifact_len = std::fs::metadata(artifact).map(|m| m.len()).unwrap_or(0);
+    let bar = progress.delta_bar(&host, artifact_len);
+    let want = need.len();
+    // Picking the files out of the artifact reads all of it, and little may be sent
+    // meanwhile: progress is the artifact read, the files found and the bytes sent; a
+    // bar on a terminal, a line about every second elsewhere.
+    let show = |sent: u64| {
+        let read = counts.read.load(std::sync::atomic::Ordering::Relaxed);
+        let found = counts.files.load(std::sync::atomic::Ordering::Relaxed);
+        match &bar {
+            Some(b) => {
+                b.set_position(read);
+                b.set_message(format!("{found}/{want} files, {} sent", mib(sent)));
+            }
+            None => progress.line(
+                &host,
+                &format!(
+                    "delta: {found} of {want} files, {} sent, {} of {} read ({:.1}s)",
+                    mib(sent),
+                    mib(read),
+                    mib(artifact_len),
+                    t.elapsed().as_secs_f64()
+                ),
+            ),
+        }
+    };
+    let every = if bar.is_some() {
+        std::time::Duration::from_millis(100)
+    } else {
+        crate::output::plain_progress_every()
+    };
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut hasher = Sha256::new();
     let mut sent = 0u64;
-    while let Some(chunk) = rx.recv().await {
+    loop {
+        let chunk = tokio::select! {
+            c = rx.recv() => match c {
+                Some(c) => c,
+                None => break,
+            },
+            _ = tick.tick() => {
+                show(sent);
+                continue;
+            }
+        };
         hasher.update(&chunk);
         sent += chunk.len() as u64;
         conn.client
             .send_data(chunk, &mut |ev| progress.line(&host, &ev.message))
             .await
             .map_err(|e| up.lost("during the upload", e))?;
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
     worker
         .await

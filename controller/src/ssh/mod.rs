@@ -333,6 +333,9 @@ pub struct Session {
     handle: client::Handle<Handler>,
     target: SshTarget,
     opts: SshOptions,
+    /// Why the direct-streamlocal channel to the agent's socket was refused, when it was
+    /// (then the bridge was tried): the first half of an "agent not reachable" message.
+    streamlocal_refused: Mutex<Option<String>>,
 }
 
 pub async fn connect(target: SshTarget, opts: SshOptions) -> Result<Session, SshError> {
@@ -377,6 +380,7 @@ pub async fn connect(target: SshTarget, opts: SshOptions) -> Result<Session, Ssh
         handle,
         target,
         opts,
+        streamlocal_refused: Mutex::new(None),
     })
 }
 
@@ -475,11 +479,17 @@ impl Session {
             .await
         {
             Ok(ch) => return Ok(Box::new(ch.into_stream())),
-            Err(e) => tracing::debug!(
-                "{}: streamlocal to {} refused ({e}); falling back to `deploy-agent bridge`",
-                self.target.display,
-                self.opts.agent_socket
-            ),
+            Err(e) => {
+                tracing::debug!(
+                    "{}: streamlocal to {} refused ({e}); falling back to `deploy-agent bridge`",
+                    self.target.display,
+                    self.opts.agent_socket
+                );
+                *self
+                    .streamlocal_refused
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            }
         }
         let ch = self
             .handle
@@ -497,11 +507,28 @@ impl Session {
         Ok(Box::new(ch.into_stream()))
     }
 
-    /// Why the agent could not be reached, asked over a separate exec channel.
+    /// Why the agent could not be reached: what was tried (the socket over
+    /// direct-streamlocal, then the `deploy-agent bridge` fallback) and the most likely
+    /// cause, from facts asked over a separate exec channel (the socket's presence, type,
+    /// owner, mode, whether anything listens on it, whether this user may open it, and
+    /// whether the bridge binary is on the SSH PATH).
     pub async fn diagnose_agent(&self) -> String {
         let script = format!(
-            "if ! command -v {bin} >/dev/null 2>&1; then echo no-binary; \
-             elif [ ! -S {sock} ]; then echo no-socket; else echo socket-ok; fi",
+            "s={sock}; b={bin}; \
+             if command -v \"$b\" >/dev/null 2>&1; then echo bin=yes; else echo bin=no; fi; \
+             d=$(dirname \"$s\"); \
+             if [ ! -d \"$d\" ]; then echo dir=missing; \
+             elif [ ! -x \"$d\" ]; then echo dir=denied; else echo dir=ok; fi; \
+             if [ -S \"$s\" ]; then echo sock=socket; \
+             elif [ -e \"$s\" ]; then echo sock=other; else echo sock=missing; fi; \
+             if [ -r \"$s\" ] && [ -w \"$s\" ]; then echo access=yes; else echo access=no; fi; \
+             echo \"stat=$(stat -c '%U:%G %a' \"$s\" 2>/dev/null)\"; \
+             echo \"user=$(id -un 2>/dev/null)\"; \
+             echo \"groups=$(id -Gn 2>/dev/null)\"; \
+             if [ -r /proc/net/unix ]; then \
+               if awk -v p=\"$s\" '$NF == p {{ f = 1 }} END {{ exit !f }}' /proc/net/unix; \
+               then echo listening=yes; else echo listening=no; fi; \
+             fi",
             bin = shell_quote(&self.opts.agent_bin),
             sock = shell_quote(&self.opts.agent_socket)
         );
@@ -509,26 +536,19 @@ impl Session {
             .await
             .ok()
             .and_then(Result::ok)
-            .unwrap_or_else(|| "no answer".into());
-        match out.trim() {
-            "no-binary" => format!(
-                "deploy-agent is not installed ({} not found on the host); run `deployctl bootstrap ENV`",
-                self.opts.agent_bin
-            ),
-            "no-socket" => format!(
-                "no deploy-agent socket at {}; is deploy-agent running? (systemctl status deploy-agent)",
-                self.opts.agent_socket
-            ),
-            "socket-ok" => format!(
-                "the deploy-agent socket {} exists but did not answer; check that {} may open it \
-                 (socket_group) and the agent's log (journalctl -u deploy-agent)",
-                self.opts.agent_socket, self.target.user
-            ),
-            other => format!(
-                "could not reach deploy-agent at {} ({other})",
-                self.opts.agent_socket
-            ),
-        }
+            .unwrap_or_default();
+        let streamlocal = self
+            .streamlocal_refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        explain_unreachable(
+            &AgentFacts::parse(&out),
+            &self.opts.agent_socket,
+            &self.opts.agent_bin,
+            &self.target.user,
+            streamlocal.as_deref(),
+        )
     }
 
     /// Runs a command and returns its stdout (for diagnostics and bootstrap). The channel
@@ -626,6 +646,143 @@ impl Session {
     }
 }
 
+/// What the diagnostic script found on the host (see [`Session::diagnose_agent`]);
+/// `None` where it did not answer.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct AgentFacts {
+    /// The bridge binary is on the SSH user's PATH (or is an existing absolute path).
+    pub bin: Option<bool>,
+    /// "missing", "denied" (not searchable by the user) or "ok": the socket's directory.
+    pub dir: Option<String>,
+    /// "socket", "other" (a file that is not a socket) or "missing".
+    pub sock: Option<String>,
+    /// The user may read and write the socket file.
+    pub access: Option<bool>,
+    /// `owner:group mode` of the socket file.
+    pub stat: Option<String>,
+    pub user: Option<String>,
+    pub groups: Option<String>,
+    /// Something listens on the socket path (from /proc/net/unix).
+    pub listening: Option<bool>,
+}
+
+impl AgentFacts {
+    pub fn parse(out: &str) -> AgentFacts {
+        let mut f = AgentFacts::default();
+        let yes = |v: &str| match v {
+            "yes" => Some(true),
+            "no" => Some(false),
+            _ => None,
+        };
+        let text = |v: &str| (!v.is_empty()).then(|| v.to_owned());
+        for line in out.lines() {
+            let Some((k, v)) = line.split_once('=') else {
+                continue;
+            };
+            let v = v.trim();
+            match k.trim() {
+                "bin" => f.bin = yes(v),
+                "dir" => f.dir = text(v),
+                "sock" => f.sock = text(v),
+                "access" => f.access = yes(v),
+                "stat" => f.stat = text(v),
+                "user" => f.user = text(v),
+                "groups" => f.groups = text(v),
+                "listening" => f.listening = yes(v),
+                _ => {}
+            }
+        }
+        f
+    }
+}
+
+/// The "deploy-agent not reachable" message: what was tried, then the likely cause. It
+/// says "not installed" only when nothing points at an installed agent (no socket and no
+/// binary).
+pub fn explain_unreachable(
+    f: &AgentFacts,
+    socket: &str,
+    bin: &str,
+    ssh_user: &str,
+    streamlocal_refused: Option<&str>,
+) -> String {
+    let user = f.user.as_deref().unwrap_or(ssh_user);
+    let bridge = format!("`{bin} bridge --socket {socket}`");
+    let tried = match streamlocal_refused {
+        Some(e) => format!(
+            "tried the socket {socket} over SSH (direct-streamlocal: {e}), then the \
+             fallback {bridge}{}",
+            match f.bin {
+                Some(false) => format!(" ({bin} is not on {user}'s PATH over SSH)"),
+                _ => String::new(),
+            }
+        ),
+        None => format!(
+            "the socket {socket} was opened over SSH (direct-streamlocal) but no deploy-agent \
+             handshake came back"
+        ),
+    };
+    let stat = f
+        .stat
+        .as_deref()
+        .map(|s| format!(" ({s})"))
+        .unwrap_or_default();
+    let cause = match (f.dir.as_deref(), f.sock.as_deref()) {
+        (None, None) => "the host did not answer the diagnostic command; check the socket and \
+                         the agent by hand (systemctl status deploy-agent)"
+            .to_owned(),
+        (Some("denied"), _) => format!(
+            "permission denied: {user} may not enter the socket's directory {}; add {user} \
+             to the agent's socket group (socket_group) and log in again",
+            std::path::Path::new(socket)
+                .parent()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        ),
+        (_, Some("missing")) if f.bin == Some(false) => format!(
+            "socket missing: no deploy-agent socket at {socket} and no {bin} on the PATH; \
+             deploy-agent may never have been set up on this host (`deployctl bootstrap ENV`), \
+             or it is not running, or agent_socket is wrong (it must match the agent's \
+             `socket` setting)"
+        ),
+        (_, Some("missing")) => format!(
+            "socket missing: no deploy-agent socket at {socket}; deploy-agent is not running \
+             (systemctl status deploy-agent) or agent_socket is wrong (it must match the \
+             agent's `socket` setting)"
+        ),
+        (_, Some("other")) => format!(
+            "{socket} exists but is not a socket{stat}; agent_socket is wrong (it must match \
+             the agent's `socket` setting)"
+        ),
+        (_, Some(_)) if f.access == Some(false) => format!(
+            "permission denied: {user} (groups: {}) may not open {socket}{stat}; add {user} to \
+             the socket's group (the agent's socket_group) and log in again",
+            f.groups.as_deref().unwrap_or("?")
+        ),
+        (_, Some(_)) if f.listening == Some(false) => format!(
+            "nothing is listening on {socket}{stat}: a stale socket, deploy-agent is not \
+             running (systemctl status deploy-agent; journalctl -u deploy-agent)"
+        ),
+        (_, Some(_)) if streamlocal_refused.is_some() && f.bin == Some(false) => format!(
+            "the agent listens on {socket}, but sshd refused the direct channel \
+             (AllowStreamLocalForwarding / DisableForwarding in sshd_config) and the bridge \
+             is not on the PATH: allow streamlocal forwarding for {user}, or set agent_bin to \
+             the full path of deploy-agent"
+        ),
+        (_, Some(_)) if streamlocal_refused.is_some() => format!(
+            "the agent listens on {socket}, sshd refused the direct channel (streamlocal \
+             forwarding disabled?) and the bridge did not get an answer; see the agent's log \
+             (journalctl -u deploy-agent)"
+        ),
+        (_, Some(_)) => format!(
+            "what listens on {socket} did not answer as deploy-agent; is agent_socket another \
+             program's socket? See the agent's log (journalctl -u deploy-agent)"
+        ),
+        (_, None) => format!("could not inspect {socket} on the host"),
+    };
+    format!("deploy-agent not reachable: {tried}. Likely cause: {cause}")
+}
+
 /// Quotes a word for a POSIX shell.
 pub fn shell_quote(s: &str) -> String {
     if !s.is_empty()
@@ -640,6 +797,47 @@ pub fn shell_quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn facts(out: &str) -> AgentFacts {
+        AgentFacts::parse(out)
+    }
+
+    #[test]
+    fn unreachable_agent_messages_name_the_likely_cause() {
+        // See: #18
+        let sock = "/run/deploy-agent/agent.sock";
+        let refused = Some("Failed to open channel (ConnectFailed)");
+        let say =
+            |out: &str| explain_unreachable(&facts(out), sock, "deploy-agent", "deploy", refused);
+        let missing = say("bin=no\ndir=ok\nsock=missing\naccess=no\nuser=deploy\n");
+        assert!(missing.contains("socket missing"), "{missing}");
+        assert!(!missing.contains("not installed"), "{missing}");
+        let denied = say(
+            "bin=yes\ndir=ok\nsock=socket\naccess=no\nstat=deploy-agent:deploy 660\n\
+             user=deploy\ngroups=deploy users\nlistening=yes\n",
+        );
+        assert!(denied.contains("permission denied"), "{denied}");
+        assert!(denied.contains("deploy-agent:deploy 660"), "{denied}");
+        let dir = say("bin=yes\ndir=denied\nsock=missing\naccess=no\nuser=deploy\n");
+        assert!(
+            dir.contains("may not enter the socket's directory /run/deploy-agent"),
+            "{dir}"
+        );
+        let stale = say("bin=yes\ndir=ok\nsock=socket\naccess=yes\nlistening=no\n");
+        assert!(stale.contains("stale socket"), "{stale}");
+        let forbidden = say("bin=no\ndir=ok\nsock=socket\naccess=yes\nlistening=yes\n");
+        assert!(
+            forbidden.contains("sshd refused the direct channel"),
+            "{forbidden}"
+        );
+        let other = say("bin=yes\ndir=ok\nsock=other\naccess=yes\n");
+        assert!(other.contains("is not a socket"), "{other}");
+        let silent = say("");
+        assert!(silent.contains("did not answer the diagnostic"), "{silent}");
+        for m in [&missing, &denied, &stale, &forbidden] {
+            assert!(m.contains(sock) && m.contains("bridge"), "{m}");
+        }
+    }
 
     #[test]
     fn quoting() {
