@@ -17,4 +17,5 @@ mod promote;
 mod release;
 mod review_apps;
 mod support;
+mod ux_more;
 mod vm;
