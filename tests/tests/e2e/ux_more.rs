@@ -2,7 +2,10 @@
 //! `releases`, and in `check`: the real `deployctl` and agent over a real sshd, the sample
 //! app served by `busybox httpd`.
 
-use crate::release::{App, all_output, app_files, assert_serves, current, free_port};
+use deployctl_e2e::SshdOptions;
+
+use crate::release::{App, all_output, app_files, assert_serves, current, free_port, tar_gz};
+use crate::support::Site;
 
 /// deploy.toml for the sample app with `url` as its health check.
 fn config_with_health(app: &App, url: &str) {
@@ -173,4 +176,61 @@ fn releases_show_only_the_current_one_as_live_with_readable_times_and_sizes() {
     assert_eq!(list[0]["status"], "live", "{doc}");
     assert_eq!(list[0]["state"], "was live", "{doc}");
     assert_eq!(list[1]["state"], "live", "{doc}");
+}
+
+// See: #18
+#[test]
+fn check_shows_the_allowed_roots_and_push_names_the_flags_that_set_them() {
+    // The harness starts the agent with `--allowed-root <dir>/srv` and no config file.
+    let site = Site::ssh(SshdOptions::default());
+    site.write_config("", "");
+    let root = site.agent.root.display().to_string();
+
+    let out = site.run(&["check", "test"]);
+    out.assert_success();
+    assert!(out.stdout.contains("ALLOWED ROOTS"), "{out}");
+    assert!(
+        out.stdout
+            .contains(&format!("{root} (from --allowed-root flags)")),
+        "{out}"
+    );
+    let out = site.run(&["check", "test", "--json"]);
+    out.assert_success();
+    let doc = out.json();
+    assert_eq!(doc["hosts"][0]["allowed_roots"][0], root.as_str(), "{doc}");
+    assert_eq!(
+        doc["hosts"][0]["roots_from"], "--allowed-root flags",
+        "{doc}"
+    );
+
+    // deploy_to outside the roots: push's hint names the flags, not a file the agent
+    // never read.
+    let outside = site.env.path("elsewhere/app");
+    let cfg = site
+        .env
+        .read("deploy.toml")
+        .replace(site.deploy_to.to_str().unwrap(), outside.to_str().unwrap());
+    site.env.write("deploy.toml", cfg);
+    let art = site.env.write("dist/v1.tar.gz", tar_gz(&app_files("v1")));
+    let out = site.run(&[
+        "push",
+        "test",
+        "--artifact",
+        art.to_str().unwrap(),
+        "--version",
+        "v1",
+    ]);
+    out.assert_exit(2);
+    let text = all_output(&out);
+    assert!(text.contains(&root), "names the roots: {out}");
+    assert!(text.contains("--allowed-root"), "names the flags: {out}");
+    assert!(!text.contains("/etc/deploy-agent/agent.toml"), "{out}");
+
+    let out = site.run(&["check", "test"]);
+    out.assert_exit(2);
+    assert!(
+        out.stdout
+            .contains(&format!("outside the agent's allowed_roots ({root}")),
+        "{out}"
+    );
 }
