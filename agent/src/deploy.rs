@@ -749,6 +749,9 @@ impl Run {
                             && let Some((outcome, why)) = self.judge_the_check(&prev).await
                         {
                             check_note = Some(why);
+                            if outcome == Outcome::RollbackFailed {
+                                self.diagnose(&prev, Stage::Health).await;
+                            }
                             outcome
                         } else {
                             let stage = if restart_ok {
@@ -799,7 +802,7 @@ impl Run {
             Outcome::RollbackFailed if check_note.is_some() => self.events.send(
                 Stage::Rollback,
                 format!(
-                    "ROLLBACK FAILED: the previous release fails the health check too; {}",
+                    "ROLLBACK FAILED: the previous release is not healthy either; {}",
                     check_note.as_deref().unwrap_or_default()
                 ),
             ),
