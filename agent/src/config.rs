@@ -28,6 +28,8 @@ pub struct AgentConfig {
     pub socket_group: Option<String>,
     /// A `deploy_to` must lie under one of these.
     pub allowed_roots: Vec<PathBuf>,
+    /// Where `allowed_roots` came from, for messages: see [`RootsFrom`].
+    pub roots_from: RootsFrom,
     /// Cap on the unpacked size of one release.
     pub max_unpacked_bytes: u64,
     /// Limits on sessions: see [`SessionLimits`].
@@ -74,6 +76,36 @@ impl Default for SessionLimits {
     }
 }
 
+/// Where the allowed roots were set, so a message names the place to change them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootsFrom {
+    /// `allowed_roots` in this config file.
+    File(PathBuf),
+    /// The agent's `--allowed-root` flags (they override the file).
+    Flags,
+}
+
+impl RootsFrom {
+    /// Short, for `check`: the file's path, or `--allowed-root flags`.
+    pub fn label(&self) -> String {
+        match self {
+            RootsFrom::File(p) => p.display().to_string(),
+            RootsFrom::Flags => "--allowed-root flags".into(),
+        }
+    }
+
+    /// What to do to allow another path.
+    pub fn hint(&self) -> String {
+        match self {
+            RootsFrom::File(p) => format!("add it to allowed_roots in {}", p.display()),
+            RootsFrom::Flags => "this agent takes its roots from its --allowed-root flags \
+                                 (they override the config file): add --allowed-root for it \
+                                 where the agent is started"
+                .into(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -114,10 +146,13 @@ impl AgentConfig {
             }
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
-        let allowed_roots = if over.allowed_roots.is_empty() {
-            file.allowed_roots.unwrap_or_default()
+        let (allowed_roots, roots_from) = if over.allowed_roots.is_empty() {
+            (
+                file.allowed_roots.unwrap_or_default(),
+                RootsFrom::File(path.clone()),
+            )
         } else {
-            over.allowed_roots.clone()
+            (over.allowed_roots.clone(), RootsFrom::Flags)
         };
         if allowed_roots.is_empty() {
             return Err(ConfigError::Invalid(
@@ -176,6 +211,7 @@ impl AgentConfig {
                 .unwrap_or_else(|| DEFAULT_SOCKET.into()),
             socket_group: over.socket_group.clone().or(file.socket_group),
             allowed_roots: roots,
+            roots_from,
             max_unpacked_bytes: file.max_unpacked_bytes.unwrap_or(10 << 30),
         })
     }
@@ -303,6 +339,36 @@ mod tests {
         let a = c.real_path(&root.join("myapp")).unwrap();
         assert_eq!(c.real_path(&root.join("alias")), Some(a.clone()));
         assert_eq!(c.real_path(&root.join("alias/../myapp")), None);
+    }
+
+    // See: #18
+    #[test]
+    fn messages_name_where_the_roots_were_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agent.toml");
+        std::fs::write(&f, format!("allowed_roots = [{:?}]\n", dir.path())).unwrap();
+        let from_file = AgentConfig::load(&Overrides {
+            config: Some(f.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(from_file.roots_from, RootsFrom::File(f.clone()));
+        assert!(
+            from_file
+                .roots_from
+                .hint()
+                .contains(&f.display().to_string())
+        );
+        // Flags override the file, and the message says so.
+        let from_flags = AgentConfig::load(&Overrides {
+            config: Some(f),
+            allowed_roots: vec![dir.path().to_path_buf()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(from_flags.roots_from, RootsFrom::Flags);
+        assert!(from_flags.roots_from.hint().contains("--allowed-root"));
+        assert!(!from_flags.roots_from.hint().contains("agent.toml"));
     }
 
     #[test]

@@ -683,6 +683,7 @@ impl Run {
                 }
             }
         }
+        self.record_check(&release);
         self.events
             .send(Stage::Health, format!("release {release} is live"));
         self.finish(Outcome::Live, None)
@@ -720,6 +721,9 @@ impl Run {
         let _ = self.persist(Phase::RollingBack);
         let release = self.journal.release.clone();
         let t = Instant::now();
+        // Set when the previous release failed the health check too: what that says
+        // about the check itself (see `judge_the_check`).
+        let mut check_note: Option<String> = None;
         let outcome = match self.journal.previous.clone() {
             Some(prev) => {
                 self.events.send(
@@ -741,6 +745,14 @@ impl Run {
                         let restart_ok = self.restart(&prev).await.is_ok();
                         if restart_ok && self.check_health().await.is_ok() {
                             Outcome::RolledBack
+                        } else if restart_ok
+                            && let Some((outcome, why)) = self.judge_the_check(&prev).await
+                        {
+                            check_note = Some(why);
+                            if outcome == Outcome::RollbackFailed {
+                                self.diagnose(&prev, Stage::Health).await;
+                            }
+                            outcome
                         } else {
                             let stage = if restart_ok {
                                 Stage::Health
@@ -783,10 +795,27 @@ impl Run {
                 crate::release::layout::describe_io(&self.layout.root, &e)
             );
         }
+        if let Some(note) = &check_note {
+            error = format!("{error}; {note}");
+        }
         match outcome {
+            Outcome::RollbackFailed if check_note.is_some() => self.events.send(
+                Stage::Rollback,
+                format!(
+                    "ROLLBACK FAILED: the previous release is not healthy either; {}",
+                    check_note.as_deref().unwrap_or_default()
+                ),
+            ),
             Outcome::RollbackFailed => self.events.send(
                 Stage::Rollback,
                 "ROLLBACK FAILED: the previous release is not healthy either; a human must look",
+            ),
+            _ if check_note.is_some() => self.events.send(
+                Stage::Rollback,
+                format!(
+                    "rolled back: the previous release serves again; {}",
+                    check_note.as_deref().unwrap_or_default()
+                ),
             ),
             _ if self.journal.previous.is_none() => self.events.send(
                 Stage::Rollback,
@@ -798,6 +827,91 @@ impl Run {
             ),
         }
         self.finish(outcome, Some(error))
+    }
+
+    /// The previous release `prev` was switched back to and failed this deploy's health
+    /// check: is the app broken, or the check? What `prev` passed when it went live
+    /// (recorded by [`Self::record_check`]) tells:
+    /// - it passed a *different* URL, and passes that one now: the app serves and the
+    ///   new `health.url` is most likely wrong: rolled back (not a rollback failure);
+    /// - it passed a different URL and fails both, or passed this very URL and fails it
+    ///   now, or was never checked: the agent cannot tell; a rollback failure, with
+    ///   the URL, its answer and what is likely wrong.
+    ///
+    /// `None` when there was no check to judge.
+    async fn judge_the_check(&mut self, prev: &str) -> Option<(Outcome, String)> {
+        let failed = self.health.clone().filter(|h| !h.healthy)?;
+        let url = failed.url.clone();
+        let answer = health::answer(&failed);
+        let before = read_check(&self.layout, prev);
+        Some(match before {
+            Some(old) if old != self.events.redact(&url) => {
+                let mut spec = self.journal.spec.health.clone()?;
+                spec.url = old.clone();
+                // A few tries: it answered before the switch, it is running now.
+                spec.retries = spec.retries.clamp(1, 3);
+                let t = Instant::now();
+                self.events.send(
+                    Stage::Health,
+                    format!("checking {old}, the URL release {prev} passed when it went live"),
+                );
+                let report = health::wait_healthy(&spec, |_, _| {}).await;
+                if report.healthy {
+                    self.step(Stage::Health, t, Ok(format!("{old} is healthy")));
+                    (
+                        Outcome::RolledBack,
+                        format!(
+                            "the health check itself looks wrong: release {prev} fails \
+                             {url} too (answer: {answer}), but passes {old}, the URL it \
+                             passed when it went live; check health.url (path and port) \
+                             in deploy.toml"
+                        ),
+                    )
+                } else {
+                    let was = health::answer(&report);
+                    self.step(Stage::Health, t, Err(health::describe(&report)));
+                    (
+                        Outcome::RollbackFailed,
+                        format!(
+                            "release {prev} fails {url} (answer: {answer}) and also {old}, \
+                             the URL it passed when it went live (answer: {was}); the app \
+                             itself looks down; a human must look"
+                        ),
+                    )
+                }
+            }
+            Some(_) => (
+                Outcome::RollbackFailed,
+                format!(
+                    "release {prev} passed this very check when it went live and fails it \
+                     now: {url} answered {answer}; either something the app needs changed, \
+                     or health.url is wrong for this host; a human must look"
+                ),
+            ),
+            None => (
+                Outcome::RollbackFailed,
+                format!(
+                    "release {prev} was never checked against {url} (it went live without \
+                     a health check, or before the agent recorded one), so the health check \
+                     itself may be wrong (a typo in the path or port?): {url} answered \
+                     {answer}; a human must look"
+                ),
+            ),
+        })
+    }
+
+    /// Records the health URL a release passed when it went live, for
+    /// [`Self::judge_the_check`]. Best effort: without it a later failure is only less
+    /// well explained.
+    fn record_check(&self, release: &str) {
+        if let Some(h) = self.health.as_ref().filter(|h| h.healthy) {
+            let path = check_file(&self.layout, release);
+            // A secret in the URL (a token in the query) stays off the disk.
+            let body = serde_json::json!({ "url": self.events.redact(&h.url) }).to_string();
+            if let Err(e) = crate::release::layout::write_atomic(&path, body.as_bytes()) {
+                tracing::warn!("{}: {e}", path.display());
+            }
+        }
     }
 
     /// For a compose release: stops and removes its containers (volumes are kept).
@@ -868,6 +982,18 @@ impl Run {
             duration_ms: self.started.elapsed().as_millis() as u64,
         }
     }
+}
+
+/// `releases/<id>/.deploy/health.json`: the health URL the release passed when it
+/// went live.
+fn check_file(layout: &Layout, release: &str) -> std::path::PathBuf {
+    layout.release(release).join(".deploy").join("health.json")
+}
+
+fn read_check(layout: &Layout, release: &str) -> Option<String> {
+    let text = std::fs::read_to_string(check_file(layout, release)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["url"].as_str().map(str::to_owned)
 }
 
 /// Limit for commands that only look (`docker info`, `version`, `ps`, `logs`).

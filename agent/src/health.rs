@@ -214,6 +214,30 @@ pub fn describe(report: &HealthReport) -> String {
     )
 }
 
+/// What the URL answered at the last attempt, for a person: the status and the start
+/// of the body, or why there was no answer.
+pub fn answer(report: &HealthReport) -> String {
+    match (&report.last_status, &report.last_error) {
+        (_, Some(e)) => e.clone(),
+        (Some(code), None) => {
+            let body: String = report
+                .body_snippet
+                .as_deref()
+                .unwrap_or_default()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            if body.is_empty() {
+                format!("status {code}, empty body")
+            } else {
+                let snippet: String = body.chars().take(80).collect();
+                format!("status {code}, body {snippet:?}")
+            }
+        }
+        (None, None) => "no answer".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -407,8 +407,7 @@ impl Session {
             return Err(ProtoError::new(
                 ErrorCode::PathNotAllowed,
                 format!(
-                    "deploy_to {} is outside this agent's allowed roots ({}); \
-                     add it to allowed_roots in /etc/deploy-agent/agent.toml",
+                    "deploy_to {} is outside this agent's allowed roots ({}); {}",
                     app.deploy_to,
                     self.shared
                         .config
@@ -416,7 +415,8 @@ impl Session {
                         .iter()
                         .map(|r| r.display().to_string())
                         .collect::<Vec<_>>()
-                        .join(", ")
+                        .join(", "),
+                    self.shared.config.roots_from.hint()
                 ),
             )
             .with("deploy_to", &app.deploy_to));
@@ -448,6 +448,14 @@ impl Session {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             protocol: PROTOCOL_VERSION,
             deploy_to,
+            allowed_roots: self
+                .shared
+                .config
+                .allowed_roots
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect(),
+            roots_from: Some(self.shared.config.roots_from.label()),
         })
     }
 

@@ -402,8 +402,20 @@ pub fn step_summary(markdown: &str) {
     }
 }
 
+/// A size for people: bytes, KiB, MiB or GiB, whichever keeps the number short
+/// (`512 B`, `3.2 KiB`, `41.0 MiB`, `65.1 GiB`). Named `mib` for its callers' sake.
 pub fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+    const K: f64 = 1024.0;
+    let b = bytes as f64;
+    if bytes < 1024 {
+        format!("{bytes} B")
+    } else if b < K * K {
+        format!("{:.1} KiB", b / K)
+    } else if b < K * K * K {
+        format!("{:.1} MiB", b / (K * K))
+    } else {
+        format!("{:.1} GiB", b / (K * K * K))
+    }
 }
 
 /// `println!` for results: masked by [`redact`], and never a panic on a closed stdout.
@@ -425,6 +437,16 @@ macro_rules! err {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // See: #18
+    #[test]
+    fn sizes_use_the_unit_that_fits() {
+        assert_eq!(mib(0), "0 B");
+        assert_eq!(mib(900), "900 B");
+        assert_eq!(mib(3 * 1024 + 205), "3.2 KiB");
+        assert_eq!(mib(41 * 1024 * 1024), "41.0 MiB");
+        assert_eq!(mib(66_704 * 1024 * 1024 + 300 * 1024 * 1024), "65.4 GiB");
+    }
 
     #[test]
     fn escaping_keeps_annotations_on_one_line() {

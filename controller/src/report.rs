@@ -367,6 +367,43 @@ pub fn outcome_name(o: Outcome) -> &'static str {
     }
 }
 
+/// A stored timestamp (RFC 3339, to the nanosecond) as a table shows it: to the
+/// second, in UTC (`2026-11-28 04:39:49Z`). Text that is not a timestamp is shown as is
+/// (`--json` keeps the stored value).
+pub fn short_time(stamp: &str) -> String {
+    use time::format_description::well_known::Rfc3339;
+    let Ok(t) = time::OffsetDateTime::parse(stamp, &Rfc3339) else {
+        return if stamp.is_empty() {
+            "-".into()
+        } else {
+            stamp.to_owned()
+        };
+    };
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+/// A release's state as `releases` shows it. The stored status says whether a release
+/// was ever confirmed live; only the one `current` points at is `live` now, the others
+/// that were are `was live`. Other statuses are shown as stored.
+pub fn release_state(r: &proto::ReleaseInfo) -> String {
+    match r.status {
+        proto::ReleaseStatus::Live if !r.current => "was live".into(),
+        status => serde_json::to_value(status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+    }
+}
+
 fn one_line(s: &str, max: usize) -> String {
     let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
     flat.chars().take(max).collect()
@@ -498,6 +535,44 @@ mod tests {
             5
         );
         assert_eq!(exit_code(&[r(None, 3)]), 3);
+    }
+
+    // See: #18
+    #[test]
+    fn tables_show_seconds_in_utc() {
+        assert_eq!(
+            short_time("2026-11-28T04:39:49.123456789Z"),
+            "2026-11-28 04:39:49Z"
+        );
+        assert_eq!(
+            short_time("2026-11-28T06:39:49.5+02:00"),
+            "2026-11-28 04:39:49Z"
+        );
+        assert_eq!(short_time(""), "-");
+        assert_eq!(short_time("yesterday"), "yesterday");
+    }
+
+    // See: #18
+    #[test]
+    fn only_the_current_release_is_live() {
+        let r = |status, current| proto::ReleaseInfo {
+            id: "20261128043949".into(),
+            version: None,
+            sha256: None,
+            created: String::new(),
+            status,
+            current,
+            content: None,
+        };
+        assert_eq!(release_state(&r(proto::ReleaseStatus::Live, true)), "live");
+        assert_eq!(
+            release_state(&r(proto::ReleaseStatus::Live, false)),
+            "was live"
+        );
+        assert_eq!(
+            release_state(&r(proto::ReleaseStatus::RolledBack, false)),
+            "rolled_back"
+        );
     }
 
     #[test]

@@ -166,6 +166,12 @@ pub struct CheckReply {
     pub agent_version: String,
     pub protocol: u32,
     pub deploy_to: Option<PathCheck>,
+    /// The agent's `allowed_roots` (empty from an agent that does not send them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_roots: Vec<String>,
+    /// Where they were set: the config file's path, or the `--allowed-root` flags.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roots_from: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

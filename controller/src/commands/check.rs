@@ -66,12 +66,16 @@ pub async fn run(cli: &Cli, env_name: &str, json: bool) -> Result<u8, Failure> {
         match r {
             Ok((hello, reply)) => {
                 let path = reply.deploy_to.clone();
+                let roots = roots_cell(&reply);
                 let (ok, note) = match &path {
                     Some(p) if !p.allowed => {
                         code = code.max(exit::USAGE);
                         (
                             false,
-                            format!("deploy_to {} is outside the agent's allowed_roots", p.path),
+                            format!(
+                                "deploy_to {} is outside the agent's allowed_roots ({roots})",
+                                p.path
+                            ),
                         )
                     }
                     Some(p) => (
@@ -98,12 +102,14 @@ pub async fn run(cli: &Cli, env_name: &str, json: bool) -> Result<u8, Failure> {
                     if ok { "ok" } else { "FAIL" }.into(),
                     hello.hostname.clone(),
                     format!("{} (protocol {})", reply.agent_version, reply.protocol),
+                    roots.clone(),
                     note.clone(),
                 ]);
                 docs.push(json!({
                     "host": name, "ok": ok, "hostname": hello.hostname,
                     "agent_version": reply.agent_version, "protocol": reply.protocol,
-                    "deploy_to": path, "note": note,
+                    "deploy_to": path, "allowed_roots": reply.allowed_roots,
+                    "roots_from": reply.roots_from, "note": note,
                 }));
             }
             Err((c, message)) => {
@@ -112,6 +118,7 @@ pub async fn run(cli: &Cli, env_name: &str, json: bool) -> Result<u8, Failure> {
                 rows.push(vec![
                     name.clone(),
                     "FAIL".into(),
+                    "-".into(),
                     "-".into(),
                     "-".into(),
                     message.clone(),
@@ -126,8 +133,31 @@ pub async fn run(cli: &Cli, env_name: &str, json: bool) -> Result<u8, Failure> {
     } else {
         crate::out!(
             "{}",
-            table(&["HOST", "CHECK", "HOSTNAME", "AGENT", "NOTE"], &rows)
+            table(
+                &[
+                    "HOST",
+                    "CHECK",
+                    "HOSTNAME",
+                    "AGENT",
+                    "ALLOWED ROOTS",
+                    "NOTE"
+                ],
+                &rows
+            )
         );
     }
     Ok(code)
+}
+
+/// The agent's allowed roots and where they were set (`/srv (from
+/// /etc/deploy-agent/agent.toml)`); `-` from an agent that does not say.
+fn roots_cell(reply: &proto::CheckReply) -> String {
+    if reply.allowed_roots.is_empty() {
+        return "-".into();
+    }
+    let roots = reply.allowed_roots.join(", ");
+    match &reply.roots_from {
+        Some(from) => format!("{roots} (from {from})"),
+        None => roots,
+    }
 }

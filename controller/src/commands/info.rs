@@ -7,7 +7,7 @@ use super::{agent_failure, app_ref, close_all, connect_all, find_keys};
 use crate::cli::Cli;
 use crate::exit::{self, Failure};
 use crate::output::Progress;
-use crate::report::{outcome_name, table};
+use crate::report::{outcome_name, release_state, short_time, table};
 
 pub enum What {
     Status,
@@ -92,19 +92,27 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                             c.name.clone(),
                             rel.id.clone(),
                             rel.version.clone().unwrap_or("-".into()),
-                            serde_json::to_value(rel.status)
-                                .ok()
-                                .and_then(|v| v.as_str().map(str::to_owned))
-                                .unwrap_or_default(),
+                            release_state(rel),
                             if rel.current {
                                 "*".into()
                             } else {
                                 String::new()
                             },
-                            rel.created.clone(),
+                            short_time(&rel.created),
                         ]);
                     }
-                    docs.push(json!({"host": c.name, "releases": r.releases}));
+                    // `status` stays the stored one (`live` for every release that ever
+                    // was); `state` is what the table shows.
+                    let releases: Vec<serde_json::Value> = r
+                        .releases
+                        .iter()
+                        .map(|rel| {
+                            let mut v = json!(rel);
+                            v["state"] = json!(release_state(rel));
+                            v
+                        })
+                        .collect();
+                    docs.push(json!({"host": c.name, "releases": releases}));
                 }
                 Err(e) => {
                     let f = agent_failure(&c.name, e);
@@ -118,7 +126,7 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                     for e in &h.entries {
                         rows.push(vec![
                             c.name.clone(),
-                            e.finished.clone(),
+                            short_time(&e.finished),
                             match &e.instance {
                                 Some(i) => format!("{:?} {i}", e.action).to_lowercase(),
                                 None => format!("{:?}", e.action).to_lowercase(),

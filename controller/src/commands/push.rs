@@ -326,7 +326,13 @@ async fn push_one(
         progress,
     };
     let result = match upload_and_deploy(conn, req, artifact, size, scan, &up).await {
-        Ok(report) => HostResult::from_report(&host, report),
+        Ok(report) => {
+            // TIME in the table is the host's whole push, upload included (the agent's
+            // report counts from the end of the upload; it keeps that in `report`).
+            let mut r = HostResult::from_report(&host, report);
+            r.duration_ms = started.elapsed().as_millis() as u64;
+            r
+        }
         Err(e) => {
             progress.annotate(Some(&host), &e.message);
             HostResult::from_failure(&host, e, started.elapsed())

@@ -248,11 +248,30 @@ fn check() {
                 free_bytes: Some(1 << 30),
                 exists: false,
             }),
+            allowed_roots: Vec::new(),
+            roots_from: None,
         }),
         json!({"type": "check", "params": {
             "agent_version": "0.1.0",
             "protocol": 1,
             "deploy_to": {"path": "/srv/myapp", "allowed": true, "free_bytes": 1073741824u64, "exists": false},
+        }}),
+    );
+    // See: #18 (the agent's allowed roots and where they come from, for `check`)
+    golden(
+        Response::Check(CheckReply {
+            agent_version: "0.1.0".into(),
+            protocol: 1,
+            deploy_to: None,
+            allowed_roots: vec!["/srv".into(), "/opt/apps".into()],
+            roots_from: Some("--allowed-root flags".into()),
+        }),
+        json!({"type": "check", "params": {
+            "agent_version": "0.1.0",
+            "protocol": 1,
+            "deploy_to": null,
+            "allowed_roots": ["/srv", "/opt/apps"],
+            "roots_from": "--allowed-root flags",
         }}),
     );
 }

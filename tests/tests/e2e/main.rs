@@ -18,4 +18,5 @@ mod release;
 mod review_apps;
 mod support;
 mod ux_messages;
+mod ux_more;
 mod vm;

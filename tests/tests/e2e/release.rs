@@ -277,15 +277,15 @@ impl Drop for AppGuard {
 }
 
 /// A [`Site`] plus the app's port; stops the app server on drop (before the site goes).
-struct App {
+pub(crate) struct App {
     // Fields drop in declaration order: the app server first, then sshd/agent/temp dir.
     _guard: AppGuard,
-    site: Site,
-    port: u16,
+    pub(crate) site: Site,
+    pub(crate) port: u16,
 }
 
 impl App {
-    fn new() -> App {
+    pub(crate) fn new() -> App {
         App::with(SshdOptions::default())
     }
 
@@ -331,13 +331,13 @@ request_timeout = "1s"
     }
 
     /// Writes a tarball of `files` into the test dir.
-    fn artifact(&self, name: &str, files: &[File]) -> PathBuf {
+    pub(crate) fn artifact(&self, name: &str, files: &[File]) -> PathBuf {
         self.site
             .env
             .write(&format!("dist/{name}.tar.gz"), tar_gz(files))
     }
 
-    fn push(&self, artifact: &Path, version: &str) -> Output {
+    pub(crate) fn push(&self, artifact: &Path, version: &str) -> Output {
         self.site.run(&[
             "push",
             "test",
@@ -349,7 +349,7 @@ request_timeout = "1s"
     }
 
     /// Pushes `app_files(version)` and expects success; returns the new release id.
-    fn push_ok(&self, version: &str) -> String {
+    pub(crate) fn push_ok(&self, version: &str) -> String {
         let art = self.artifact(version, &app_files(version));
         self.push(&art, version).assert_success();
         let id = current(self.deploy_to()).expect("current after a successful push");
@@ -372,7 +372,7 @@ request_timeout = "1s"
 }
 
 /// The release `current` points at (`releases/<id>` → `<id>`).
-fn current(deploy_to: &Path) -> Option<String> {
+pub(crate) fn current(deploy_to: &Path) -> Option<String> {
     let target = fs::read_link(deploy_to.join("current")).ok()?;
     let s = target.to_str()?.to_owned();
     Some(s.strip_prefix("releases/").unwrap_or(&s).to_owned())
@@ -435,7 +435,7 @@ pub(crate) fn http_get(port: u16, path: &str) -> (u16, String) {
 }
 
 #[track_caller]
-fn assert_serves(port: u16, version: &str) {
+pub(crate) fn assert_serves(port: u16, version: &str) {
     let (code, body) = http_get(port, "/");
     assert_eq!(code, 200, "GET / -> {code}: {body}");
     assert!(
@@ -461,7 +461,7 @@ fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn all_output(out: &Output) -> String {
+pub(crate) fn all_output(out: &Output) -> String {
     format!("{}\n{}", out.stdout, out.stderr)
 }
 
