@@ -405,6 +405,8 @@ fn agent_sigterm_during_upload_ends_with_exit_3() {
     let (out, took) = bg.wait(BOUND, "the agent got SIGTERM mid-upload");
     assert_ended(&out, took, CONNECT);
     assert!(all_output(&out).contains("nothing was changed"), "{out}");
+    // See: #16 (item 14): the agent says why before it goes.
+    assert!(all_output(&out).contains("shutting down"), "{out}");
 }
 
 #[test]
