@@ -209,23 +209,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let l = Layout::new(dir.path());
         for i in 0..5 {
-            append_history(
-                &l,
-                &HistoryEntry {
-                    action: Action::Deploy,
-                    release: format!("2026010100000{i}"),
-                    version: None,
-                    previous: None,
-                    outcome: Outcome::Live,
-                    holder: "t".into(),
-                    started: now_rfc3339(),
-                    finished: now_rfc3339(),
-                    error: None,
-                    origin: None,
-                    instance: None,
-                },
-            )
-            .unwrap();
+            append_history(&l, &entry(&format!("2026010100000{i}"))).unwrap();
         }
         let last2 = read_history(&l, 2);
         assert_eq!(last2.len(), 2);
