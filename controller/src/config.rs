@@ -754,10 +754,12 @@ impl Config {
             },
         };
         let proxy_jump = match &l.proxy_jump {
-            Some(v) => Some(
-                crate::ssh::config::parse_jumps(&r.expand(v)?)
-                    .map_err(|m| v.invalid(format!("{m} (expected \"[user@]host[:port]\", several separated by commas, or \"none\")")))?,
-            ),
+            Some(v) => Some(crate::ssh::config::parse_jumps(&r.expand(v)?).map_err(|m| {
+                v.invalid(format!(
+                    "{m}; expected \"[user@]host[:port]\", several separated by \
+                             commas, or \"none\""
+                ))
+            })?),
             None => None,
         };
         let agent_socket = match &l.agent_socket {
@@ -2924,5 +2926,57 @@ health = { url = "http://127.0.0.1:${DEPLOY_PORT}/up" }
         )
         .unwrap();
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn ssh_config_and_proxy_jump() {
+        let base = "app = \"a\"\ndeploy_to = \"/srv/a\"\n[defaults]\n";
+        let envs = "[environments.x]\nhosts = [\"web\"]\n\
+                    [environments.y]\nhosts = [\"web\"]\nssh_config = false\nproxy_jump = \"none\"\n\
+                    [environments.z]\nhosts = [\"web\"]\nuser = \"d\"\nknown_hosts = \"/kh\"\n";
+        let c = parse(&format!(
+            "{base}ssh_config = \"~/ssh/cfg\"\nproxy_jump = \"j@b1:2200,ssh://b2\"\n{envs}"
+        ))
+        .unwrap();
+        let x = c.environment("x").unwrap();
+        assert_eq!(
+            x.ssh_config,
+            SshConfigSource::Given("/home/ci/ssh/cfg".into())
+        );
+        let hops: Vec<String> = x
+            .proxy_jump
+            .unwrap()
+            .iter()
+            .map(|j| j.to_string())
+            .collect();
+        assert_eq!(hops, ["j@b1:2200", "b2"]);
+        assert!(!x.user_set && !x.known_hosts_set);
+        let y = c.environment("y").unwrap();
+        assert_eq!(
+            (y.ssh_config, y.proxy_jump),
+            (SshConfigSource::Off, Some(vec![]))
+        );
+        let z = c.environment("z").unwrap();
+        assert!(z.user_set && z.known_hosts_set);
+        let d = parse(&format!("{base}{envs}"))
+            .unwrap()
+            .environment("x")
+            .unwrap();
+        assert_eq!(
+            d.ssh_config,
+            SshConfigSource::Default("/home/ci/.ssh/config".into())
+        );
+        assert_eq!(d.proxy_jump, None);
+        let text = format!("{base}proxy_jump = \"b1,,b2\"\n{envs}");
+        let e = parse_err(&text).to_string();
+        assert!(
+            e.starts_with(&format!(
+                "deploy.toml:{}: `defaults.proxy_jump`",
+                line_of(&text, "proxy_jump")
+            )),
+            "{e}"
+        );
+        let e = parse_err(&format!("{base}ssh_config = true\n{envs}")).to_string();
+        assert!(e.contains("expected a path, or false"), "{e}");
     }
 }

@@ -110,7 +110,12 @@ pub fn ssh_target(
     env: &Environment,
     keys: Arc<Vec<KeySource>>,
 ) -> Result<Option<SshTarget>, SshError> {
-    let Host::Ssh { user, host: h, port } = host else {
+    let Host::Ssh {
+        user,
+        host: h,
+        port,
+    } = host
+    else {
         return Ok(None);
     };
     let home = std::env::var_os("HOME").map(PathBuf::from);

@@ -117,7 +117,9 @@ fn parse_jump(s: &str) -> Result<Jump, String> {
     if s.is_empty() {
         return Err("empty jump host".into());
     }
-    if s.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/') {
+    if s.chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '/')
+    {
         return Err(format!("bad jump host `{spec}`"));
     }
     let (user, rest) = match s.rsplit_once('@') {
@@ -129,12 +131,13 @@ fn parse_jump(s: &str) -> Result<Jump, String> {
         let (addr, after) = inner
             .split_once(']')
             .ok_or_else(|| format!("bad jump host `{spec}`: missing `]`"))?;
-        let port = match after {
-            "" => None,
-            _ => Some(after.strip_prefix(':').ok_or_else(|| {
-                format!("bad jump host `{spec}`: expected `:PORT` after `]`")
-            })?),
-        };
+        let port =
+            match after {
+                "" => None,
+                _ => Some(after.strip_prefix(':').ok_or_else(|| {
+                    format!("bad jump host `{spec}`: expected `:PORT` after `]`")
+                })?),
+            };
         (addr, port)
     } else if rest.matches(':').count() > 1 {
         return Err(format!(
@@ -298,7 +301,8 @@ impl SshConfig {
                     hc.known_hosts = Some((d.args.clone(), d.at.clone()))
                 }
                 Keyword::ProxyJump if hc.proxy.is_none() => {
-                    let hops = parse_jumps(arg).map_err(|m| d.at.error(format!("ProxyJump: {m}")))?;
+                    let hops =
+                        parse_jumps(arg).map_err(|m| d.at.error(format!("ProxyJump: {m}")))?;
                     hc.proxy = Some(Proxy::Jump(hops, d.at.clone()));
                 }
                 Keyword::ProxyCommand if hc.proxy.is_none() => {
@@ -418,9 +422,8 @@ fn parse_into(
                 }
                 for pattern in &args {
                     for path in include_paths(pattern, home).map_err(|m| at.error(m))? {
-                        let text = std::fs::read_to_string(&path).map_err(|e| {
-                            at.error(format!("Include {}: {e}", path.display()))
-                        })?;
+                        let text = std::fs::read_to_string(&path)
+                            .map_err(|e| at.error(format!("Include {}: {e}", path.display())))?;
                         parse_into(
                             &text,
                             &path.display().to_string(),
@@ -446,10 +449,7 @@ fn parse_into(
                 match args[0].parse::<u16>() {
                     Ok(p) if p > 0 => {}
                     _ => {
-                        return Err(at.error(format!(
-                            "bad Port `{}` (expected 1-65535)",
-                            args[0]
-                        )));
+                        return Err(at.error(format!("bad Port `{}` (expected 1-65535)", args[0])));
                     }
                 }
                 Keyword::Port
@@ -594,7 +594,9 @@ fn include_paths(pattern: &str, home: Option<&Path>) -> Result<Vec<PathBuf>, Str
     } else if pattern.starts_with('/') {
         PathBuf::from(pattern)
     } else if pattern.starts_with('~') {
-        return Err(format!("Include {pattern}: only `~/` is supported, not `~user/`"));
+        return Err(format!(
+            "Include {pattern}: only `~/` is supported, not `~user/`"
+        ));
     } else {
         let home = home.ok_or("Include: a relative path is under ~/.ssh, which needs HOME")?;
         home.join(".ssh").join(pattern)
@@ -619,7 +621,7 @@ fn include_paths(pattern: &str, home: Option<&Path>) -> Result<Vec<PathBuf>, Str
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .filter(|n| {
                     // As glob(3): a wildcard never matches a leading dot.
-                    !(n.starts_with('.') && !part.starts_with('.'))
+                    (part.starts_with('.') || !n.starts_with('.'))
                         && match_pattern(n.as_bytes(), part.as_bytes())
                 })
                 .collect();
@@ -702,7 +704,10 @@ pub enum Source {
 
 /// The config named by `source`, parsed once per process (every host of a command looks
 /// its settings up in the same parse). `None`: no config.
-pub fn load(source: &Source, home: Option<&Path>) -> Result<Option<Arc<SshConfig>>, SshConfigError> {
+pub fn load(
+    source: &Source,
+    home: Option<&Path>,
+) -> Result<Option<Arc<SshConfig>>, SshConfigError> {
     type Cache = Mutex<HashMap<PathBuf, Result<Arc<SshConfig>, SshConfigError>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let path = match source {
@@ -862,7 +867,11 @@ mod tests {
         let s = look(&cfg, "short");
         assert_eq!(s.hostname.as_deref(), Some("short.internal"));
         assert_eq!(s.user.as_deref(), Some("deploy"));
-        assert_eq!(s.port, Some(3), "Match user saw no user yet when Port 2 was read");
+        assert_eq!(
+            s.port,
+            Some(3),
+            "Match user saw no user yet when Port 2 was read"
+        );
         let q = Query {
             host: "a.internal",
             user: Some("deploy"),
@@ -876,7 +885,10 @@ mod tests {
     fn unknown_keywords_are_skipped_used_ones_checked() {
         let cfg = parse("Host a\n ServerAliveInterval 5\n ForwardAgent yes\n Port 7\n");
         assert_eq!(look(&cfg, "a").port, Some(7));
-        assert_eq!(err("Host a\n Port seven\n"), "cfg:2: bad Port `seven` (expected 1-65535)");
+        assert_eq!(
+            err("Host a\n Port seven\n"),
+            "cfg:2: bad Port `seven` (expected 1-65535)"
+        );
         assert_eq!(err("Host\n"), "cfg:1: Host needs at least one pattern");
         assert_eq!(err("\n\nUser \"deploy\n"), "cfg:3: unterminated \" quote");
         assert!(err("HostName a b\n").starts_with("cfg:1: HostName takes one argument"));
@@ -897,7 +909,10 @@ mod tests {
                 local_user: "me",
             })
             .unwrap_err();
-        assert_eq!(e.to_string(), "cfg:2: HostName: unknown token %x in `%x.example`");
+        assert_eq!(
+            e.to_string(),
+            "cfg:2: HostName: unknown token %x in `%x.example`"
+        );
     }
 
     #[test]
@@ -951,7 +966,13 @@ mod tests {
         let e = SshConfig::parse("Include bad\n", "main", Some(home.path()))
             .unwrap_err()
             .to_string();
-        assert_eq!(e, format!("{}:2: bad Port `x` (expected 1-65535)", ssh.join("bad").display()));
+        assert_eq!(
+            e,
+            format!(
+                "{}:2: bad Port `x` (expected 1-65535)",
+                ssh.join("bad").display()
+            )
+        );
         // A loop ends at the depth limit.
         std::fs::write(ssh.join("loop"), "Include loop\n").unwrap();
         let e = SshConfig::parse("Include loop\n", "main", Some(home.path()))

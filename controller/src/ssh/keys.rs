@@ -147,7 +147,10 @@ pub fn from_identity_files(files: &[PathBuf], auth_sock: Option<PathBuf>) -> Vec
         out.push(KeySource::Agent { path: sock });
     }
     for p in files {
-        match std::fs::read_to_string(p).map_err(|e| e.to_string()).and_then(|t| decode(&t)) {
+        match std::fs::read_to_string(p)
+            .map_err(|e| e.to_string())
+            .and_then(|t| decode(&t))
+        {
             Ok(key) => out.push(KeySource::Key {
                 key: Arc::new(key),
                 origin: p.display().to_string(),

@@ -175,20 +175,20 @@ impl Handler {
     fn verify(&self, key: &PublicKey) -> Result<(), SshError> {
         let t = &self.target;
         let fingerprint = known_hosts::fingerprint(key);
-        let verdict = known_hosts::check_files(&t.known_hosts, &t.host, t.port, key).map_err(
-            |e| SshError::KnownHosts {
-                host: t.display.clone(),
-                detail: e.to_string(),
-            },
-        )?;
+        let verdict =
+            known_hosts::check_files(&t.known_hosts, &t.host, t.port, key).map_err(|e| {
+                SshError::KnownHosts {
+                    host: t.display.clone(),
+                    detail: e.to_string(),
+                }
+            })?;
         match verdict {
             Verdict::Trusted => Ok(()),
             Verdict::Unknown if self.opts.accept_new_host_keys => {
                 let Some(path) = t.known_hosts.first() else {
                     return Err(SshError::KnownHosts {
                         host: t.display.clone(),
-                        detail: "UserKnownHostsFile none: nowhere to record a new host key"
-                            .into(),
+                        detail: "UserKnownHostsFile none: nowhere to record a new host key".into(),
                     });
                 };
                 known_hosts::append(path, &t.host, t.port, key).map_err(|e| {

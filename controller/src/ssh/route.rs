@@ -25,7 +25,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::SshTarget;
-use super::config::{HostConfig, Jump, PathTokens, Proxy, Query, SshConfig, SshConfigError, expand_path};
+use super::config::{
+    HostConfig, Jump, PathTokens, Proxy, Query, SshConfig, SshConfigError, expand_path,
+};
 use super::keys::{self, KeySource};
 
 /// More than this many jump hosts in front of a host is taken for a `ProxyJump` loop.
@@ -230,7 +232,10 @@ mod tests {
         let cfg = SshConfig::parse(CFG, "cfg", None).unwrap();
         let c = ctx(Some(&cfg), None);
         let t = resolve(&c, "web", None, None, "web").unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.user.as_str()), ("10.0.0.5", 2222, "deploy"));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.user.as_str()),
+            ("10.0.0.5", 2222, "deploy")
+        );
         assert_eq!(t.known_hosts, [PathBuf::from("/home/me/.ssh/kh_10.0.0.5")]);
         // bastion's own ProxyJump goes in front of it.
         let hops: Vec<String> = t
@@ -274,9 +279,13 @@ mod tests {
     fn proxy_command_and_loops_are_errors() {
         let cfg = SshConfig::parse("Host a\n ProxyCommand nc %h %p\n", "cfg", None).unwrap();
         let e = resolve(&ctx(Some(&cfg), None), "a", None, None, "a").unwrap_err();
-        assert!(e.to_string().starts_with("cfg:2: ProxyCommand is not supported"), "{e}");
-        let cfg = SshConfig::parse("Host a\n ProxyJump b\nHost b\n ProxyJump a\n", "cfg", None)
-            .unwrap();
+        assert!(
+            e.to_string()
+                .starts_with("cfg:2: ProxyCommand is not supported"),
+            "{e}"
+        );
+        let cfg =
+            SshConfig::parse("Host a\n ProxyJump b\nHost b\n ProxyJump a\n", "cfg", None).unwrap();
         let e = resolve(&ctx(Some(&cfg), None), "a", None, None, "a").unwrap_err();
         assert!(e.to_string().contains("point at each other"), "{e}");
     }

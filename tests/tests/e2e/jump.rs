@@ -64,16 +64,35 @@ fn link(a: Option<&Netns>, b: &Netns, idx: u32) -> (String, String) {
     let net = format!("198.{}.{}.{}", 18 + idx, (pid / 64) % 256, (pid % 64) * 4);
     let base = net.rsplit_once('.').unwrap().0.to_owned();
     let last: u32 = net.rsplit_once('.').unwrap().1.parse().unwrap();
-    let (ip_a, ip_b) = (format!("{base}.{}", last + 1), format!("{base}.{}", last + 2));
+    let (ip_a, ip_b) = (
+        format!("{base}.{}", last + 1),
+        format!("{base}.{}", last + 2),
+    );
     let (va, vb) = (format!("sc{pid}{idx}a"), format!("sc{pid}{idx}b"));
     ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
     ip(&["link", "set", &vb, "netns", &b.name]);
-    ip(&["-n", &b.name, "addr", "add", &format!("{ip_b}/30"), "dev", &vb]);
+    ip(&[
+        "-n",
+        &b.name,
+        "addr",
+        "add",
+        &format!("{ip_b}/30"),
+        "dev",
+        &vb,
+    ]);
     ip(&["-n", &b.name, "link", "set", &vb, "up"]);
     match a {
         Some(a) => {
             ip(&["link", "set", &va, "netns", &a.name]);
-            ip(&["-n", &a.name, "addr", "add", &format!("{ip_a}/30"), "dev", &va]);
+            ip(&[
+                "-n",
+                &a.name,
+                "addr",
+                "add",
+                &format!("{ip_a}/30"),
+                "dev",
+                &va,
+            ]);
             ip(&["-n", &a.name, "link", "set", &va, "up"]);
         }
         None => {
@@ -85,7 +104,10 @@ fn link(a: Option<&Netns>, b: &Netns, idx: u32) -> (String, String) {
 }
 
 fn can_run() -> bool {
-    if !require("nsenter", "enters the test's network namespaces (util-linux)") {
+    if !require(
+        "nsenter",
+        "enters the test's network namespaces (util-linux)",
+    ) {
         return false;
     }
     let ip_ok = Command::new("ip")
@@ -124,7 +146,10 @@ impl Node {
     }
 
     fn known_hosts_line(&self) -> String {
-        format!("[{}]:{} {}", self.addr, self.sshd.port, self.sshd.host_key_pub)
+        format!(
+            "[{}]:{} {}",
+            self.addr, self.sshd.port, self.sshd.host_key_pub
+        )
     }
 
     /// `root@198.18.x.y:2222`
@@ -420,7 +445,10 @@ fn an_unknown_jump_host_key_is_exit_3_naming_the_jump_host() {
 fn an_unparseable_ssh_config_is_exit_2_naming_file_and_line() {
     // No network needed: nothing is contacted.
     let env = TestEnv::new();
-    let cfg = env.write("my_ssh_config", "Host app\n  HostName 10.0.0.1\n  Port ssh-port\n");
+    let cfg = env.write(
+        "my_ssh_config",
+        "Host app\n  HostName 10.0.0.1\n  Port ssh-port\n",
+    );
     let deploy = |extra: &str| {
         env.write(
             "deploy.toml",
@@ -438,15 +466,12 @@ fn an_unparseable_ssh_config_is_exit_2_naming_file_and_line() {
     assert!(out.stderr.contains(&want), "{}", out.stderr);
     // ProxyCommand cannot be honoured: refused, naming its line, rather than ignored.
     std::fs::write(&cfg, "Host *\n  ProxyCommand ssh -W %h:%p bastion\n").unwrap();
-    let out = deployctl(env.root(), &["push", "prod", "--yes"], &[]);
+    let out = deployctl(env.root(), &["status", "prod"], &[]);
     out.assert_exit(2);
     let want = format!("{}:2: ProxyCommand is not supported", cfg.display());
     assert!(out.stderr.contains(&want), "{}", out.stderr);
     // A missing ssh_config file named in deploy.toml is an error too.
-    deploy(&format!(
-        "ssh_config = \"{}\"",
-        env.path("nope").display()
-    ));
+    deploy(&format!("ssh_config = \"{}\"", env.path("nope").display()));
     let out = deployctl(env.root(), &["check", "prod"], &[]);
     out.assert_exit(2);
     assert!(out.stderr.contains("nope"), "{}", out.stderr);
@@ -454,6 +479,6 @@ fn an_unparseable_ssh_config_is_exit_2_naming_file_and_line() {
     deploy("proxy_jump = \"bastion:99999\"");
     let out = deployctl(env.root(), &["check", "prod"], &[]);
     out.assert_exit(2);
-    assert!(out.stderr.contains("deploy.toml:7"), "{}", out.stderr);
+    assert!(out.stderr.contains("deploy.toml:6"), "{}", out.stderr);
     assert!(out.stderr.contains("bad port `99999`"), "{}", out.stderr);
 }
