@@ -61,23 +61,9 @@ pub struct SshTarget {
 }
 
 impl SshTarget {
-    /// A host reached directly, with one known_hosts file.
-    pub fn direct(
-        host: &str,
-        port: u16,
-        user: &str,
-        known_hosts: PathBuf,
-        keys: Arc<Vec<KeySource>>,
-    ) -> SshTarget {
-        SshTarget {
-            host: host.to_owned(),
-            port,
-            user: user.to_owned(),
-            display: format!("{user}@{host}:{port}"),
-            known_hosts: vec![known_hosts],
-            keys,
-            jumps: Vec::new(),
-        }
+    /// `user@host:port` as connected to (the display of a hop names the target too).
+    fn display_name(&self) -> String {
+        format!("{}@{}:{}", self.user, self.host, self.port)
     }
 
     fn known_hosts_shown(&self) -> String {
@@ -437,13 +423,6 @@ pub async fn connect(target: SshTarget, opts: SshOptions) -> Result<Session, Ssh
         jumps: handles,
         streamlocal_refused: Mutex::new(None),
     })
-}
-
-impl SshTarget {
-    /// `user@host:port` as connected to (the display of a hop names the target too).
-    fn display_name(&self) -> String {
-        format!("{}@{}:{}", self.user, self.host, self.port)
-    }
 }
 
 /// A `direct-tcpip` channel from the jump host `from` (session `prev`) to `to`.
