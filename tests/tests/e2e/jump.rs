@@ -173,6 +173,11 @@ impl Net {
     /// host also accepts the target's client key (one `ssh_key` for all hops); without,
     /// each has its own.
     fn start(hops: usize, shared_key: bool) -> Net {
+        Net::start_with(hops, shared_key, &[])
+    }
+
+    /// Like [`Net::start`], with `jump_extra` in every jump host's sshd_config.
+    fn start_with(hops: usize, shared_key: bool, jump_extra: &[&str]) -> Net {
         let env = TestEnv::new();
         let agent = Agent::start(&env.path("agent"));
         let ns1 = Netns::new("1");
@@ -188,14 +193,14 @@ impl Net {
         let last = ns.last().unwrap();
         let target = Node::start(last, "127.0.0.1", false, Vec::new());
         let extra = || {
+            let mut lines: Vec<String> = jump_extra.iter().map(|l| l.to_string()).collect();
             if shared_key {
-                vec![format!(
+                lines.push(format!(
                     "AuthorizedKeysFile {}",
                     target.sshd.dir.join("authorized_keys").display()
-                )]
-            } else {
-                Vec::new()
+                ));
             }
+            lines
         };
         let mut jumps = Vec::new();
         for (i, addr) in jump_addrs.iter().enumerate() {
@@ -439,6 +444,34 @@ fn an_unknown_jump_host_key_is_exit_3_naming_the_jump_host() {
     out.assert_exit(3);
     assert!(out.stderr.contains("HOST KEY CHANGED"), "{}", out.stderr);
     assert!(out.stderr.contains("via jump host"), "{}", out.stderr);
+}
+
+#[test]
+fn a_jump_host_that_forbids_forwarding_is_exit_3_saying_so() {
+    if !can_run() {
+        return;
+    }
+    let net = Net::start_with(1, true, &["AllowTcpForwarding no"]);
+    net.env.write("known_hosts", net.known_hosts(true));
+    let j = &net.jumps[0];
+    net.config(
+        &net.target.spec(),
+        &format!(
+            "proxy_jump = \"{}\"\nssh_key = \"{}\"\nknown_hosts = \"{}\"\nssh_config = false",
+            j.spec(),
+            net.target.sshd.client_key.display(),
+            net.env.path("known_hosts").display(),
+        ),
+    );
+    let out = net.push("v1", &[]);
+    out.assert_exit(3);
+    let want = format!(
+        "the jump host {} could not open a connection to 127.0.0.1:{}",
+        j.spec(),
+        net.target.sshd.port
+    );
+    assert!(out.stderr.contains(&want), "{}", out.stderr);
+    assert_eq!(net.live_version(), None);
 }
 
 #[test]
