@@ -28,8 +28,8 @@
 //! Expansion happens when an environment is resolved: a variable that is unset is an
 //! error (naming the variable, key and line) only for the environments that use it, so a
 //! staging job does not need production's variables. `DEPLOYCTL_*` values are taken
-//! literally. `~` / `~/` at the start of `ssh_key` and `known_hosts` becomes `$HOME`.
-//! Relative paths (`release.artifact`, `compose.files`, `compose.env_file`) are kept as
+//! literally. `~` / `~/` at the start of `ssh_key`, `known_hosts` and `ssh_config`
+//! becomes `$HOME`. Relative paths (`release.artifact`, `compose.files`, `compose.env_file`) are kept as
 //! written, i.e. relative to the directory deployctl runs in.
 //!
 //! # Errors
