@@ -29,8 +29,9 @@
 //! error (naming the variable, key and line) only for the environments that use it, so a
 //! staging job does not need production's variables. `DEPLOYCTL_*` values are taken
 //! literally. `~` / `~/` at the start of `ssh_key`, `known_hosts` and `ssh_config`
-//! becomes `$HOME`. Relative paths (`release.artifact`, `compose.files`, `compose.env_file`) are kept as
-//! written, i.e. relative to the directory deployctl runs in.
+//! becomes `$HOME`. Relative paths (`release.artifact`, `compose.files`,
+//! `compose.env_file`) are kept as written, i.e. relative to the directory deployctl runs
+//! in.
 //!
 //! # Errors
 //!
