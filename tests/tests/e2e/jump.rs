@@ -69,6 +69,8 @@ fn link(a: Option<&Netns>, b: &Netns, idx: u32) -> (String, String) {
         format!("{base}.{}", last + 2),
     );
     let (va, vb) = (format!("sc{pid}{idx}a"), format!("sc{pid}{idx}b"));
+    // A link left by a killed run of a process with the same pid (no Drop ran).
+    let _ = Command::new("ip").args(["link", "del", &va]).output();
     ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
     ip(&["link", "set", &vb, "netns", &b.name]);
     ip(&[
