@@ -127,7 +127,8 @@ fn proxy_hops(hc: &HostConfig) -> Result<Vec<Jump>, SshConfigError> {
             file: at.file.to_string(),
             line: at.line,
             message: "ProxyCommand is not supported by deployctl (it runs no local commands \
-                      to connect): use ProxyJump, or proxy_jump in deploy.toml"
+                      to connect): use ProxyJump, or set proxy_jump in deploy.toml (\"none\" \
+                      to connect directly), or ssh_config = false"
                 .into(),
         }),
     }
