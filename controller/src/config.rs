@@ -28,9 +28,10 @@
 //! Expansion happens when an environment is resolved: a variable that is unset is an
 //! error (naming the variable, key and line) only for the environments that use it, so a
 //! staging job does not need production's variables. `DEPLOYCTL_*` values are taken
-//! literally. `~` / `~/` at the start of `ssh_key` and `known_hosts` becomes `$HOME`.
-//! Relative paths (`release.artifact`, `compose.files`, `compose.env_file`) are kept as
-//! written, i.e. relative to the directory deployctl runs in.
+//! literally. `~` / `~/` at the start of `ssh_key`, `known_hosts` and `ssh_config`
+//! becomes `$HOME`. Relative paths (`release.artifact`, `compose.files`,
+//! `compose.env_file`) are kept as written, i.e. relative to the directory deployctl runs
+//! in.
 //!
 //! # Errors
 //!
@@ -47,6 +48,8 @@ use std::time::Duration;
 
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
+
+pub use crate::ssh::config::{Jump, Source as SshConfigSource};
 
 /// Environment variables that override one key of the selected environment for one run.
 ///
@@ -478,6 +481,19 @@ pub struct Environment {
     pub known_hosts: PathBuf,
     /// Default false.
     pub accept_new_host_keys: bool,
+    /// `ssh_config`: the OpenSSH client config to read for `Host` settings. Default
+    /// `~/.ssh/config` (when it exists); `ssh_config = false`: none.
+    pub ssh_config: SshConfigSource,
+    /// `proxy_jump = "[user@]host[:port][,more hops]"`: jump hosts, first to last
+    /// (`"none"`: an empty list, whatever the ssh config says). Default: none set, the
+    /// ssh config decides.
+    pub proxy_jump: Option<Vec<Jump>>,
+    /// `user` was set (file or `DEPLOYCTL_USER`), not defaulted: it then wins over the ssh
+    /// config's `User`.
+    pub user_set: bool,
+    /// `known_hosts` was set (file or `DEPLOYCTL_KNOWN_HOSTS`), not defaulted: it then wins
+    /// over the ssh config's `UserKnownHostsFile`.
+    pub known_hosts_set: bool,
     /// Agent socket path on the server. Default `/run/deploy-agent/agent.sock`.
     pub agent_socket: String,
     /// Agent binary on the server, for the `deploy-agent bridge` fallback.
@@ -728,6 +744,25 @@ impl Config {
             },
         };
         let accept_new_host_keys = r.boolean(&l.accept_new_host_keys, false);
+        let ssh_config = match &l.ssh_config {
+            Some(v) => match &v.v {
+                None => SshConfigSource::Off,
+                Some(s) => SshConfigSource::Given(r.path(&v.with(s.clone()))?),
+            },
+            None => match self.var("HOME") {
+                Some(home) => SshConfigSource::Default(Path::new(home).join(".ssh/config")),
+                None => SshConfigSource::Off,
+            },
+        };
+        let proxy_jump = match &l.proxy_jump {
+            Some(v) => Some(crate::ssh::config::parse_jumps(&r.expand(v)?).map_err(|m| {
+                v.invalid(format!(
+                    "{m}; expected \"[user@]host[:port]\", several separated by \
+                             commas, or \"none\""
+                ))
+            })?),
+            None => None,
+        };
         let agent_socket = match &l.agent_socket {
             Some(v) => {
                 let s = r.expand(v)?;
@@ -931,6 +966,10 @@ impl Config {
             ssh_key,
             known_hosts,
             accept_new_host_keys,
+            ssh_config,
+            proxy_jump,
+            user_set: l.user.is_some(),
+            known_hosts_set: l.known_hosts.is_some(),
             agent_socket,
             agent_bin,
             connect_timeout,
@@ -1008,6 +1047,9 @@ struct Layer {
     ssh_key: Opt<String>,
     known_hosts: Opt<String>,
     accept_new_host_keys: Opt<bool>,
+    /// A path, or `None` for `ssh_config = false`.
+    ssh_config: Opt<Option<String>>,
+    proxy_jump: Opt<String>,
     agent_socket: Opt<String>,
     agent_bin: Opt<String>,
     connect_timeout: Opt<String>,
@@ -1084,7 +1126,7 @@ macro_rules! merge_fields {
 impl Layer {
     fn merge(mut self, o: Layer) -> Layer {
         merge_fields!(self, o; deploy_to, hosts, user, ssh_key, known_hosts,
-            accept_new_host_keys, agent_socket, agent_bin, connect_timeout, connect_retries,
+            accept_new_host_keys, ssh_config, proxy_jump, agent_socket, agent_bin, connect_timeout, connect_retries,
             strategy, keep_releases, max_parallel, confirm, promote_from, secrets, instances,
             instance_ports, instance_ttl, url_template);
         let (mut r, or) = (self.release, o.release);
@@ -1193,6 +1235,8 @@ const LAYER_KEYS: &[&str] = &[
     "ssh_key",
     "known_hosts",
     "accept_new_host_keys",
+    "ssh_config",
+    "proxy_jump",
     "agent_socket",
     "agent_bin",
     "connect_timeout",
@@ -1483,6 +1527,20 @@ impl Walker<'_> {
                 "ssh_key" => l.ssh_key = Some(self.string(key, v)?),
                 "known_hosts" => l.known_hosts = Some(self.string(key, v)?),
                 "accept_new_host_keys" => l.accept_new_host_keys = Some(self.boolean(key, v)?),
+                "ssh_config" => {
+                    l.ssh_config = Some(match v.get_ref() {
+                        DeValue::Boolean(false) => self.val(key, v, None),
+                        DeValue::String(s) => self.val(key, v, Some(s.to_string())),
+                        _ => {
+                            return Err(self.type_error(
+                                key,
+                                v,
+                                "a path, or false to read no ssh config",
+                            ));
+                        }
+                    })
+                }
+                "proxy_jump" => l.proxy_jump = Some(self.string(key, v)?),
                 "agent_socket" => l.agent_socket = Some(self.string(key, v)?),
                 "agent_bin" => l.agent_bin = Some(self.string(key, v)?),
                 "connect_timeout" => l.connect_timeout = Some(self.duration(key, v)?),
@@ -2869,5 +2927,57 @@ health = { url = "http://127.0.0.1:${DEPLOY_PORT}/up" }
         )
         .unwrap();
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn ssh_config_and_proxy_jump() {
+        let base = "app = \"a\"\ndeploy_to = \"/srv/a\"\n[defaults]\n";
+        let envs = "[environments.x]\nhosts = [\"web\"]\n\
+                    [environments.y]\nhosts = [\"web\"]\nssh_config = false\nproxy_jump = \"none\"\n\
+                    [environments.z]\nhosts = [\"web\"]\nuser = \"d\"\nknown_hosts = \"/kh\"\n";
+        let c = parse(&format!(
+            "{base}ssh_config = \"~/ssh/cfg\"\nproxy_jump = \"j@b1:2200,ssh://b2\"\n{envs}"
+        ))
+        .unwrap();
+        let x = c.environment("x").unwrap();
+        assert_eq!(
+            x.ssh_config,
+            SshConfigSource::Given("/home/ci/ssh/cfg".into())
+        );
+        let hops: Vec<String> = x
+            .proxy_jump
+            .unwrap()
+            .iter()
+            .map(|j| j.to_string())
+            .collect();
+        assert_eq!(hops, ["j@b1:2200", "b2"]);
+        assert!(!x.user_set && !x.known_hosts_set);
+        let y = c.environment("y").unwrap();
+        assert_eq!(
+            (y.ssh_config, y.proxy_jump),
+            (SshConfigSource::Off, Some(vec![]))
+        );
+        let z = c.environment("z").unwrap();
+        assert!(z.user_set && z.known_hosts_set);
+        let d = parse(&format!("{base}{envs}"))
+            .unwrap()
+            .environment("x")
+            .unwrap();
+        assert_eq!(
+            d.ssh_config,
+            SshConfigSource::Default("/home/ci/.ssh/config".into())
+        );
+        assert_eq!(d.proxy_jump, None);
+        let text = format!("{base}proxy_jump = \"b1,,b2\"\n{envs}");
+        let e = parse_err(&text).to_string();
+        assert!(
+            e.starts_with(&format!(
+                "deploy.toml:{}: `defaults.proxy_jump`",
+                line_of(&text, "proxy_jump")
+            )),
+            "{e}"
+        );
+        let e = parse_err(&format!("{base}ssh_config = true\n{envs}")).to_string();
+        assert!(e.contains("expected a path, or false"), "{e}");
     }
 }

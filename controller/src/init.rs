@@ -13,6 +13,7 @@ deploy_to = "/srv/APP"              # per-app root on each server (inside the ag
 user = "deploy"                     # the SSH user (in the agent's socket group)
 # ssh_key = "~/.ssh/id_ed25519"     # or DEPLOYCTL_SSH_KEY (the key text, from a CI secret), or ssh-agent
 known_hosts = "~/.ssh/known_hosts"  # host keys are always verified; see --accept-new-host-keys
+# proxy_jump = "bastion.example.com" # jump host(s); ~/.ssh/config's Host/ProxyJump/... apply too
 keep_releases = 5
 strategy = "release"                # "release" (a tarball) or "compose"
 

@@ -93,16 +93,57 @@ pub fn reply_budget(env: &Environment) -> Duration {
         .saturating_add(Duration::from_secs(120))
 }
 
-pub fn ssh_options(env: &Environment, keys: Arc<Vec<KeySource>>) -> SshOptions {
+pub fn ssh_options(env: &Environment) -> SshOptions {
     SshOptions {
-        known_hosts: env.known_hosts.clone(),
         accept_new_host_keys: env.accept_new_host_keys,
-        keys,
         connect_timeout: env.connect_timeout,
         connect_retries: env.connect_retries,
         agent_socket: env.agent_socket.clone(),
         agent_bin: env.agent_bin.clone(),
     }
+}
+
+/// How to reach `host` over SSH: deploy.toml combined with the ssh config (see
+/// [`ssh::route`]). `None` for `local`. An error is a usage error (a bad ssh config).
+pub fn ssh_target(
+    host: &Host,
+    env: &Environment,
+    keys: Arc<Vec<KeySource>>,
+) -> Result<Option<SshTarget>, SshError> {
+    let Host::Ssh {
+        user,
+        host: h,
+        port,
+    } = host
+    else {
+        return Ok(None);
+    };
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let config = ssh::config::load(&env.ssh_config, home.as_deref())?;
+    let local_user = std::env::var("USER").unwrap_or_default();
+    let ctx = ssh::route::Context {
+        config: config.as_deref(),
+        user: &env.user,
+        user_set: env.user_set,
+        known_hosts: &env.known_hosts,
+        known_hosts_set: env.known_hosts_set,
+        keys,
+        keys_set: env.ssh_key.is_some()
+            || std::env::var("DEPLOYCTL_SSH_KEY").is_ok_and(|k| !k.trim().is_empty()),
+        proxy_jump: env.proxy_jump.as_deref(),
+        home: home.as_deref(),
+        local_user: &local_user,
+        auth_sock: std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from),
+    };
+    // The host list cannot tell `web:22` from `web`: both leave the port to the config.
+    let port = (*port != Host::DEFAULT_PORT).then_some(*port);
+    Ok(Some(ssh::route::resolve(
+        &ctx,
+        h,
+        user.as_deref(),
+        port,
+        &host.to_string(),
+    )?))
 }
 
 /// Connects to one host and completes the agent handshake.
@@ -142,14 +183,9 @@ pub async fn connect(
                 ssh: None,
             })
         }
-        Host::Ssh { host: h, port, .. } => {
-            let target = SshTarget {
-                host: h.clone(),
-                port: *port,
-                user: host.user_or(&env.user).to_owned(),
-                display: name.clone(),
-            };
-            let session = ssh::connect(target, ssh_options(env, keys)).await?;
+        Host::Ssh { .. } => {
+            let target = ssh_target(host, env, keys)?.expect("an SSH host");
+            let session = ssh::connect(target, ssh_options(env)).await?;
             let io = session.open_agent().await?;
             match AgentClient::handshake(io, &name).await {
                 Ok(mut client) => {

@@ -436,6 +436,13 @@ pub struct SshdOptions {
     /// `unshare -m` wrapper that gives this "host" its own view of the filesystem. It
     /// must end by exec'ing its arguments, so the PID we hold is sshd's.
     pub wrap: Vec<String>,
+    /// The IPv4 address sshd listens on (default `127.0.0.1`), e.g. a veth address in a
+    /// network namespace the test made.
+    pub listen: Option<String>,
+    /// Readiness is normally sshd's "listening" log line plus its banner read from here;
+    /// `false` skips the banner, for an sshd whose address this process cannot reach
+    /// (inside another network namespace).
+    pub reachable: bool,
 }
 
 impl Default for SshdOptions {
@@ -444,6 +451,8 @@ impl Default for SshdOptions {
             allow_streamlocal: true,
             extra_config: Vec::new(),
             wrap: Vec::new(),
+            listen: None,
+            reachable: true,
         }
     }
 }
@@ -504,6 +513,7 @@ impl Sshd {
         for attempt in 1..=ATTEMPTS {
             let port = free_port();
             write_sshd_config(&config, &dir, &host_key, &authorized_keys, port, &opts);
+            let listen = opts.listen.as_deref().unwrap_or("127.0.0.1");
             if attempt == 1 {
                 check_sshd_config(&sshd_bin, &config);
             }
@@ -527,7 +537,7 @@ impl Sshd {
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", sshd_bin.display()));
-            match wait_sshd_ready(&mut child, port, &log_file) {
+            match wait_sshd_ready(&mut child, listen, port, &log_file, opts.reachable) {
                 Ok(()) => {
                     return Sshd {
                         port,
@@ -703,7 +713,10 @@ fn write_sshd_config(
     };
     line(format!("Port {port}"));
     line("AddressFamily inet".into());
-    line("ListenAddress 127.0.0.1".into());
+    line(format!(
+        "ListenAddress {}",
+        opts.listen.as_deref().unwrap_or("127.0.0.1")
+    ));
     line(format!("HostKey {}", host_key.display()));
     line(format!("PidFile {}", dir.join("sshd.pid").display()));
     line("UsePAM no".into());
@@ -753,9 +766,15 @@ fn check_sshd_config(sshd_bin: &Path, config: &Path) {
 /// Waits until OUR sshd logged that it listens on `port` and the port serves an SSH banner.
 /// (Checking the log and that the child is alive avoids mistaking another server that grabbed
 /// the port for ours.)
-fn wait_sshd_ready(child: &mut Child, port: u16, log_file: &Path) -> Result<(), String> {
+fn wait_sshd_ready(
+    child: &mut Child,
+    listen: &str,
+    port: u16,
+    log_file: &Path,
+    reachable: bool,
+) -> Result<(), String> {
     let deadline = Instant::now() + READY_TIMEOUT;
-    let listening = format!("Server listening on 127.0.0.1 port {port}");
+    let listening = format!("Server listening on {listen} port {port}");
     let mut last_err = String::from("not listening yet");
     loop {
         if let Ok(Some(status)) = child.try_wait() {
@@ -765,7 +784,10 @@ fn wait_sshd_ready(child: &mut Child, port: u16, log_file: &Path) -> Result<(), 
             return Err(format!("not ready after {READY_TIMEOUT:?}: {last_err}"));
         }
         if read_lossy(log_file).contains(&listening) {
-            match read_banner(port) {
+            if !reachable {
+                return Ok(());
+            }
+            match read_banner(listen, port) {
                 Ok(banner) if banner.starts_with("SSH-2.0") => {
                     if let Ok(Some(status)) = child.try_wait() {
                         return Err(format!("sshd exited early with {status}"));
@@ -780,8 +802,11 @@ fn wait_sshd_ready(child: &mut Child, port: u16, log_file: &Path) -> Result<(), 
     }
 }
 
-fn read_banner(port: u16) -> io::Result<String> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+fn read_banner(listen: &str, port: u16) -> io::Result<String> {
+    let ip: Ipv4Addr = listen
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{listen}: {e}")))?;
+    let addr = SocketAddr::from((ip, port));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut buf = Vec::new();

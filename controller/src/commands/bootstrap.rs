@@ -31,7 +31,7 @@ use crate::config::{Environment, Host};
 use crate::exit::{self, Failure};
 use crate::output::Progress;
 use crate::report::table;
-use crate::ssh::{self, SshTarget, keys::KeySource, shell_quote};
+use crate::ssh::{self, keys::KeySource, shell_quote};
 use crate::transport;
 
 /// The unit we install, with its paths adjusted by [`render_unit`].
@@ -549,16 +549,12 @@ async fn look(
     plan: &Plan,
 ) -> Result<(Remote, State), HostError> {
     let name = host.to_string();
-    let Host::Ssh { host: h, port, .. } = host else {
-        return Err(HostError::new(exit::USAGE, "bootstrap needs SSH"));
+    let target = match transport::ssh_target(host, env, keys) {
+        Ok(Some(t)) => t,
+        Ok(None) => return Err(HostError::new(exit::USAGE, "bootstrap needs SSH")),
+        Err(e) => return Err(HostError::new(exit::USAGE, e.to_string())),
     };
-    let target = SshTarget {
-        host: h.clone(),
-        port: *port,
-        user: host.user_or(&env.user).to_owned(),
-        display: name.clone(),
-    };
-    let session = ssh::connect(target, transport::ssh_options(env, keys))
+    let session = ssh::connect(target, transport::ssh_options(env))
         .await
         .map_err(|e| HostError::new(exit::CONNECT, e.to_string()))?;
     let mut remote = Remote {

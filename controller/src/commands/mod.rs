@@ -160,14 +160,21 @@ pub fn find_keys(env: &Environment) -> Result<Arc<Vec<KeySource>>, Failure> {
     let env_key = std::env::var("DEPLOYCTL_SSH_KEY").ok();
     let auth_sock = std::env::var_os("SSH_AUTH_SOCK").map(Into::into);
     let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
-    keys::discover(
+    let keys = keys::discover(
         env_key.as_deref(),
         env.ssh_key.as_deref(),
         auth_sock,
         home.as_deref(),
     )
     .map(Arc::new)
-    .map_err(|e| Failure::usage(e.to_string()))
+    .map_err(|e| Failure::usage(e.to_string()))?;
+    // A bad ssh config (or a ProxyCommand) is a usage error, found before anything
+    // connects.
+    for host in &env.hosts {
+        transport::ssh_target(host, env, keys.clone())
+            .map_err(|e| Failure::usage(format!("{host}: {e}")))?;
+    }
+    Ok(keys)
 }
 
 pub fn app_ref(env: &Environment) -> AppRef {
@@ -328,8 +335,11 @@ pub async fn connect_all(
     Ok(ok.into_iter().map(|(_, c)| c).collect())
 }
 
-fn connect_exit_code(_e: &ConnectError) -> u8 {
-    exit::CONNECT
+fn connect_exit_code(e: &ConnectError) -> u8 {
+    match e {
+        ConnectError::Ssh(crate::ssh::SshError::Config(_)) => exit::USAGE,
+        _ => exit::CONNECT,
+    }
 }
 
 /// Takes the app lock on every host, in a fixed order (by host name) so two rollouts

@@ -136,6 +136,31 @@ pub fn discover(
     Ok(out)
 }
 
+/// The keys for a host whose ssh config names `IdentityFile`s (and no `ssh_key` or
+/// `DEPLOYCTL_SSH_KEY` overrides them): ssh-agent first, then those files, as OpenSSH
+/// tries them; the default `~/.ssh/id_*` files are not tried then. A file that is
+/// missing or cannot be used (e.g. passphrase-protected: load it into ssh-agent) is
+/// skipped, as OpenSSH skips it.
+pub fn from_identity_files(files: &[PathBuf], auth_sock: Option<PathBuf>) -> Vec<KeySource> {
+    let mut out = Vec::new();
+    if let Some(sock) = auth_sock {
+        out.push(KeySource::Agent { path: sock });
+    }
+    for p in files {
+        match std::fs::read_to_string(p)
+            .map_err(|e| e.to_string())
+            .and_then(|t| decode(&t))
+        {
+            Ok(key) => out.push(KeySource::Key {
+                key: Arc::new(key),
+                origin: p.display().to_string(),
+            }),
+            Err(e) => tracing::debug!("IdentityFile {} skipped: {e}", p.display()),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

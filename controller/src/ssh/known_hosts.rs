@@ -417,7 +417,7 @@ fn hashed_host_matches(field: &[u8], lookup: &[u8]) -> Option<bool> {
 /// OpenSSH's `match_pattern_list(lookup, patterns, dolower = 1) == 1`:
 /// comma-separated patterns, `!` negates, a matching negated pattern vetoes
 /// the whole list. Patterns are lowercased; `lookup` is already lowercase.
-fn match_pattern_list(lookup: &[u8], patterns: &[u8]) -> bool {
+pub(crate) fn match_pattern_list(lookup: &[u8], patterns: &[u8]) -> bool {
     // OpenSSH copies each subpattern into a 1024-byte buffer and fails the
     // whole list when one does not fit.
     const MAX_SUBPATTERN: usize = 1023;
@@ -447,7 +447,7 @@ fn match_pattern_list(lookup: &[u8], patterns: &[u8]) -> bool {
 /// OpenSSH's `match_pattern`: `*` matches any run of bytes (including none),
 /// `?` exactly one byte, everything else itself. Iterative with single-star
 /// backtracking, so it is O(len(s) * len(p)) even for hostile patterns.
-fn match_pattern(s: &[u8], p: &[u8]) -> bool {
+pub(crate) fn match_pattern(s: &[u8], p: &[u8]) -> bool {
     let (mut si, mut pi) = (0usize, 0usize);
     let mut star: Option<(usize, usize)> = None; // (pattern index of '*', s index)
     while si < s.len() {

@@ -3,11 +3,19 @@
 //! `direct-streamlocal@openssh.com` channel to the agent's socket, or, when the server
 //! forbids that, an exec channel running `deploy-agent bridge`.
 //!
+//! With jump hosts (`ProxyJump`, `proxy_jump`), the first hop is reached over TCP and each
+//! next one over a `direct-tcpip` channel of the previous hop's session, SSH running over
+//! that channel; every hop's host key is verified and its session kept alive the same way.
+//!
 //! - [`known_hosts`]: OpenSSH-compatible host-key matching.
 //! - [`keys`]: where client keys come from.
+//! - [`config`]: the OpenSSH client config (`~/.ssh/config`).
+//! - [`route`]: deploy.toml and the client config combined into an [`SshTarget`].
 
+pub mod config;
 pub mod keys;
 pub mod known_hosts;
+pub mod route;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -34,21 +42,41 @@ pub const INACTIVITY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Opening a channel, a diagnostic command, and the polite disconnect are bounded by this.
 pub const CHANNEL_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Everything needed to reach one SSH host.
+/// Everything needed to reach one SSH host (built by [`route::resolve`]).
 #[derive(Debug, Clone)]
 pub struct SshTarget {
+    /// The name or address to connect to (after the ssh config's `HostName`); also the
+    /// name looked up in known_hosts.
     pub host: String,
     pub port: u16,
     pub user: String,
-    /// The name to show: `deploy@web-1:2222`.
+    /// The name to show: `deploy@web-1:2222`, or `web-1 via jump host bastion` for a hop.
     pub display: String,
+    /// Host keys are checked against all of these; a key accepted as new is added to the
+    /// first.
+    pub known_hosts: Vec<PathBuf>,
+    pub keys: Arc<Vec<KeySource>>,
+    /// The jump hosts in front of this host, first to last (their own `jumps` are empty).
+    pub jumps: Vec<SshTarget>,
+}
+
+impl SshTarget {
+    /// `user@host:port` as connected to (the display of a hop names the target too).
+    fn display_name(&self) -> String {
+        format!("{}@{}:{}", self.user, self.host, self.port)
+    }
+
+    fn known_hosts_shown(&self) -> String {
+        match self.known_hosts.first() {
+            Some(p) => p.display().to_string(),
+            None => "known_hosts (UserKnownHostsFile none)".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct SshOptions {
-    pub known_hosts: PathBuf,
     pub accept_new_host_keys: bool,
-    pub keys: Arc<Vec<KeySource>>,
     pub connect_timeout: Duration,
     pub connect_retries: u32,
     pub agent_socket: String,
@@ -59,7 +87,8 @@ pub struct SshOptions {
 pub enum SshError {
     #[error(
         "{host}: host key is not known ({fingerprint}); add it to {known_hosts} \
-         (ssh-keyscan -p {port} {name} >> {known_hosts}) or run once with --accept-new-host-keys"
+         (ssh-keyscan -p {port} {name} >> {known_hosts}{where_}) or run once with \
+         --accept-new-host-keys"
     )]
     UnknownHostKey {
         host: String,
@@ -67,6 +96,8 @@ pub enum SshError {
         port: u16,
         fingerprint: String,
         known_hosts: String,
+        /// Empty, or where to run ssh-keyscan when this machine cannot reach the host.
+        where_: String,
     },
     #[error(
         "{host}: HOST KEY CHANGED: the server offered {fingerprint}, which does not match \
@@ -107,6 +138,9 @@ pub enum SshError {
     },
     #[error("{host}: {detail}")]
     Agent { host: String, detail: String },
+    /// The ssh config cannot be used: a usage error, not a connection failure.
+    #[error("{0}")]
+    Config(#[from] config::SshConfigError),
 }
 
 /// What our host-key check decided; russh only sees accept or reject.
@@ -119,21 +153,30 @@ struct Handler {
     target: SshTarget,
     opts: SshOptions,
     decision: Arc<Mutex<Decision>>,
+    /// Empty, or `, run on the jump host X` for a host behind jump hosts.
+    via: String,
 }
 
 impl Handler {
     fn verify(&self, key: &PublicKey) -> Result<(), SshError> {
         let t = &self.target;
         let fingerprint = known_hosts::fingerprint(key);
-        let path = &self.opts.known_hosts;
         let verdict =
-            known_hosts::check(path, &t.host, t.port, key).map_err(|e| SshError::KnownHosts {
-                host: t.display.clone(),
-                detail: e.to_string(),
+            known_hosts::check_files(&t.known_hosts, &t.host, t.port, key).map_err(|e| {
+                SshError::KnownHosts {
+                    host: t.display.clone(),
+                    detail: e.to_string(),
+                }
             })?;
         match verdict {
             Verdict::Trusted => Ok(()),
             Verdict::Unknown if self.opts.accept_new_host_keys => {
+                let Some(path) = t.known_hosts.first() else {
+                    return Err(SshError::KnownHosts {
+                        host: t.display.clone(),
+                        detail: "UserKnownHostsFile none: nowhere to record a new host key".into(),
+                    });
+                };
                 known_hosts::append(path, &t.host, t.port, key).map_err(|e| {
                     SshError::KnownHosts {
                         host: t.display.clone(),
@@ -152,7 +195,8 @@ impl Handler {
                 name: t.host.clone(),
                 port: t.port,
                 fingerprint,
-                known_hosts: path.display().to_string(),
+                known_hosts: t.known_hosts_shown(),
+                where_: self.via.clone(),
             }),
             Verdict::Changed { path, line } => Err(SshError::ChangedHostKey {
                 host: t.display.clone(),
@@ -199,7 +243,7 @@ impl client::Handler for Handler {
     }
 }
 
-fn ssh_config(target: &SshTarget, opts: &SshOptions) -> client::Config {
+fn ssh_config(target: &SshTarget) -> client::Config {
     use russh::cipher;
     let mut preferred = russh::Preferred::default();
     // AES-GCM is faster than chacha20-poly1305 where the CPU has AES instructions.
@@ -214,12 +258,9 @@ fn ssh_config(target: &SshTarget, opts: &SshOptions) -> client::Config {
     }
     // Ask first for the key types known_hosts already records for this host, as
     // OpenSSH does, so a host known by its ECDSA key is not "changed" by ed25519.
-    let known = known_hosts::known_host_key_algorithms(
-        std::slice::from_ref(&opts.known_hosts),
-        &target.host,
-        target.port,
-    )
-    .unwrap_or_default();
+    let known =
+        known_hosts::known_host_key_algorithms(&target.known_hosts, &target.host, target.port)
+            .unwrap_or_default();
     if !known.is_empty() {
         let mut keys: Vec<russh::keys::Algorithm> = Vec::new();
         for a in known {
@@ -333,23 +374,117 @@ pub struct Session {
     handle: client::Handle<Handler>,
     target: SshTarget,
     opts: SshOptions,
+    /// The jump hosts' sessions, first to last: each carries the next one's connection,
+    /// so they live as long as this one.
+    jumps: Vec<client::Handle<Handler>>,
     /// Why the direct-streamlocal channel to the agent's socket was refused, when it was
     /// (then the bridge was tried): the first half of an "agent not reachable" message.
     streamlocal_refused: Mutex<Option<String>>,
 }
 
+/// Connects to `target`, through its jump hosts when it has some: TCP to the first hop,
+/// then for each next hop a `direct-tcpip` channel from the previous one, with SSH over
+/// it. Each hop's host key is verified and its login authenticated like a target's.
 pub async fn connect(target: SshTarget, opts: SshOptions) -> Result<Session, SshError> {
-    let tcp = tcp_connect(&target, &opts).await?;
+    let mut hops = target.jumps.clone();
+    let mut last = target.clone();
+    last.jumps.clear();
+    hops.push(last);
+    let mut handles: Vec<client::Handle<Handler>> = Vec::new();
+    for (i, hop) in hops.iter().enumerate() {
+        let via = match i {
+            0 => String::new(),
+            _ => format!(", run on the jump host {}", hops[i - 1].display_name()),
+        };
+        let handle = match handles.last() {
+            None => match tcp_connect(hop, &opts).await {
+                Ok(tcp) => handshake(tcp, hop, &opts, via).await,
+                Err(e) => Err(e),
+            },
+            Some(prev) => match open_tcpip(prev, hop, &hops[i - 1], &opts).await {
+                Ok(channel) => handshake(channel.into_stream(), hop, &opts, via).await,
+                Err(e) => Err(e),
+            },
+        };
+        let handle = match handle {
+            Ok(h) => h,
+            Err(e) => {
+                close_all(handles).await;
+                return Err(e);
+            }
+        };
+        handles.push(handle);
+    }
+    let handle = handles.pop().expect("at least the target");
+    Ok(Session {
+        handle,
+        target,
+        opts,
+        jumps: handles,
+        streamlocal_refused: Mutex::new(None),
+    })
+}
+
+/// A `direct-tcpip` channel from the jump host `from` (session `prev`) to `to`.
+async fn open_tcpip(
+    prev: &client::Handle<Handler>,
+    to: &SshTarget,
+    from: &SshTarget,
+    opts: &SshOptions,
+) -> Result<russh::Channel<client::Msg>, SshError> {
+    let fail = |detail: String| SshError::Connect {
+        host: to.display.clone(),
+        attempts: 1,
+        detail: format!(
+            "the jump host {} could not open a connection to {}:{}: {detail}",
+            from.display_name(),
+            to.host,
+            to.port
+        ),
+    };
+    let open = prev.channel_open_direct_tcpip(to.host.clone(), u32::from(to.port), "127.0.0.1", 0);
+    match tokio::time::timeout(opts.connect_timeout.max(Duration::from_secs(1)), open).await {
+        Ok(Ok(ch)) => Ok(ch),
+        Ok(Err(e)) => Err(fail(e.to_string())),
+        Err(_) => Err(fail(format!(
+            "timed out after {}s",
+            opts.connect_timeout.as_secs_f32()
+        ))),
+    }
+}
+
+async fn close_all(handles: Vec<client::Handle<Handler>>) {
+    for h in handles.into_iter().rev() {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(3),
+            h.disconnect(russh::Disconnect::ByApplication, "", "en"),
+        )
+        .await;
+    }
+}
+
+/// The SSH handshake over `stream`, the host key check, and authentication, bounded in
+/// time.
+async fn handshake<S>(
+    stream: S,
+    target: &SshTarget,
+    opts: &SshOptions,
+    via: String,
+) -> Result<client::Handle<Handler>, SshError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let decision = Arc::new(Mutex::new(Decision::default()));
     let handler = Handler {
         target: target.clone(),
         opts: opts.clone(),
         decision: decision.clone(),
+        via,
     };
-    let config = Arc::new(ssh_config(&target, &opts));
+    let config = Arc::new(ssh_config(target));
     let handshake = tokio::time::timeout(
         opts.connect_timeout.max(Duration::from_secs(5)) * 2,
-        client::connect_stream(config, tcp, handler),
+        client::connect_stream(config, stream, handler),
     )
     .await;
     let mut handle = match handshake {
@@ -375,13 +510,8 @@ pub async fn connect(target: SshTarget, opts: SshOptions) -> Result<Session, Ssh
             });
         }
     };
-    authenticate(&mut handle, &target, &opts).await?;
-    Ok(Session {
-        handle,
-        target,
-        opts,
-        streamlocal_refused: Mutex::new(None),
-    })
+    authenticate(&mut handle, target).await?;
+    Ok(handle)
 }
 
 /// For an RSA key, the best signature hash the server accepts (rsa-sha2-512/256).
@@ -403,10 +533,9 @@ async fn rsa_hash(
 async fn authenticate(
     handle: &mut client::Handle<Handler>,
     target: &SshTarget,
-    opts: &SshOptions,
 ) -> Result<(), SshError> {
     let mut tried = Vec::new();
-    for source in opts.keys.iter() {
+    for source in target.keys.iter() {
         match source {
             KeySource::Key { key, origin } => {
                 let hash = rsa_hash(handle, key.algorithm()).await;
@@ -635,14 +764,12 @@ impl Session {
         }
     }
 
-    /// Says goodbye to the server, or gives up after a few seconds (a dead session).
+    /// Says goodbye to the server, then to each jump host from the last, or gives up
+    /// after a few seconds each (a dead session).
     pub async fn close(self) {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(3),
-            self.handle
-                .disconnect(russh::Disconnect::ByApplication, "", "en"),
-        )
-        .await;
+        let mut all = self.jumps;
+        all.push(self.handle);
+        close_all(all).await;
     }
 }
 
