@@ -31,9 +31,9 @@ use std::time::{Duration, Instant};
 
 /// How many failures a report keeps word for word.
 pub const SAMPLES: usize = 20;
-/// Worker threads: enough for the requests in flight at 150/s, even when many take up to
-/// the request timeout.
-const WORKERS: usize = 64;
+/// Worker threads: enough to keep 150/s going even while every request takes over a
+/// second (a proxy that holds connections until they time out).
+const WORKERS: usize = 256;
 
 /// What to send, how fast, and for how long at most.
 #[derive(Debug, Clone)]
@@ -288,11 +288,10 @@ fn request(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, Fa
             .ok_or(Failure::Timeout)
     };
     s.set_write_timeout(Some(left(deadline)?)).map_err(io)?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: deployctl-e2e-load\r\n\r\n"
-    )
-    .map_err(io)?;
+    // One write: a request split over several segments is not what a browser sends.
+    let req =
+        format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: deployctl-e2e-load\r\n\r\n");
+    s.write_all(req.as_bytes()).map_err(io)?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -341,8 +340,14 @@ mod tests {
         let h = thread::spawn(move || {
             for s in l.incoming().take(conns) {
                 let mut s = s.unwrap();
+                let mut req = Vec::new();
                 let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf);
+                while !req.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
                 let _ = write!(s, "HTTP/1.0 {status} X\r\n\r\nhello\n");
             }
         });

@@ -319,12 +319,18 @@ http {{
             .stderr(Stdio::piped());
         let out = run_command(cmd, Duration::from_secs(30));
         if out.code != 0 {
-            panic!("nginx -s reload failed:\n{out}\n--- error.log ---\n{}", self.log());
+            panic!(
+                "nginx -s reload failed:\n{out}\n--- error.log ---\n{}",
+                self.log()
+            );
         }
         let deadline = Instant::now() + RELOAD_TIMEOUT;
         loop {
             let log = read_lossy(&self.error_log);
-            if let Some((_, after)) = log.match_indices("reconfiguring").nth(before).map(|(i, _)| log.split_at(i))
+            if let Some((_, after)) = log
+                .match_indices("reconfiguring")
+                .nth(before)
+                .map(|(i, _)| log.split_at(i))
                 && after.contains("start worker process")
             {
                 return;
@@ -376,7 +382,7 @@ pub fn http_get(port: u16, path: &str, timeout: Duration) -> (u16, String) {
         let mut s = TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), timeout)?;
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n")?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes())?;
         let mut buf = Vec::new();
         s.take(1 << 20).read_to_end(&mut buf)?;
         let text = String::from_utf8_lossy(&buf).into_owned();
@@ -434,7 +440,10 @@ mod tests {
 
     #[test]
     fn shell_quote_leaves_plain_words_and_quotes_the_rest() {
-        assert_eq!(shell_quote("/tmp/e2e-nginx-x/nginx.conf"), "/tmp/e2e-nginx-x/nginx.conf");
+        assert_eq!(
+            shell_quote("/tmp/e2e-nginx-x/nginx.conf"),
+            "/tmp/e2e-nginx-x/nginx.conf"
+        );
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote(""), "''");

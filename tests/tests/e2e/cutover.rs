@@ -112,10 +112,10 @@ request_timeout = "1s"
 
     /// `deployctl push test` of the sample app labelled `version`.
     pub(crate) fn push(&self, version: &str) -> Output {
-        let art = self
-            .site
-            .env
-            .write(&format!("dist/{version}.tar.gz"), tar_gz(&app_files(version)));
+        let art = self.site.env.write(
+            &format!("dist/{version}.tar.gz"),
+            tar_gz(&app_files(version)),
+        );
         self.site.run(&[
             "push",
             "test",
@@ -182,6 +182,100 @@ fn plain_restart_through_nginx_fails_requests_the_baseline() {
     );
     assert!(report.ok > 0, "{report}");
     rig.assert_proxy_serves(&format!("v{}", BASELINE_DEPLOYS + 1));
+}
+
+/// The rig can see zero: nginx moved from one server to another by its `switch` command
+/// (rewrite `upstream.conf`, `nginx -s reload`) under the same load fails no request, while
+/// both servers run. So a zero from the cutover tests means the cutover, not a blind rig.
+#[test]
+fn the_rig_s_switch_command_moves_nginx_under_load_without_a_failed_request() {
+    if !nginx::available() {
+        return;
+    }
+    let env = deployctl_e2e::TestEnv::new();
+    let a = StaticServer::start(&env, "a");
+    let b = StaticServer::start(&env, "b");
+    let proxy = Nginx::start(a.port);
+    assert_eq!(proxy.get("/"), (200, "a\n".to_owned()));
+
+    let load = start_load(proxy.port);
+    let out = deployctl_e2e::run(
+        std::path::Path::new("/bin/sh"),
+        env.root(),
+        &["-c", &proxy.switch_command()],
+        &[("DEPLOY_PORT", &b.port.to_string())],
+    );
+    out.assert_success();
+    assert_eq!(proxy.upstream_port(), Some(b.port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.get("/") != (200, "b\n".to_owned()) {
+        assert!(
+            Instant::now() < deadline,
+            "nginx still does not serve b 10 s after the switch:\n{}",
+            proxy.log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    // A second of traffic on the new server, then stop.
+    let sent = load.sent();
+    while load.sent() < sent + 150 {
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(20),
+            "the load stalled"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let report = load.stop();
+    println!("switch under load: {report}\nserved: {:?}", report.served);
+    assert_eq!(
+        report.failed,
+        0,
+        "{report}\n--- nginx error.log ---\n{}",
+        proxy.log()
+    );
+    assert!(
+        report.served.get("a").is_some_and(|&n| n > 0)
+            && report.served.get("b").is_some_and(|&n| n > 0),
+        "both servers served: {:?}",
+        report.served
+    );
+}
+
+/// `busybox httpd` serving `index.html` = `name`, killed by PID on drop.
+struct StaticServer {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl StaticServer {
+    fn start(env: &deployctl_e2e::TestEnv, name: &str) -> StaticServer {
+        let dir = env.mkdir(&format!("www-{name}"));
+        std::fs::write(dir.join("index.html"), format!("{name}\n")).unwrap();
+        let port = free_port();
+        let child = Command::new("busybox")
+            .args(["httpd", "-f", "-p", &format!("127.0.0.1:{port}"), "-h"])
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("run busybox httpd");
+        let server = StaticServer { port, child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while nginx::http_get(port, "/", Duration::from_secs(1)).0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "busybox httpd on {port} did not answer"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+}
+
+impl Drop for StaticServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn print_baseline(what: &str, report: &LoadReport) {
@@ -458,7 +552,10 @@ fn compose_force_recreate_through_an_nginx_service_fails_requests_the_baseline(c
         rig.push_ok(&format!("v{}", i + 2));
     }
     let report = load.stop();
-    print_baseline(&format!("compose {}, up --force-recreate", c.command), &report);
+    print_baseline(
+        &format!("compose {}, up --force-recreate", c.command),
+        &report,
+    );
 
     assert!(
         report.failed > 0,

@@ -890,7 +890,10 @@ fn the_sample_slot_unit_passes_systemd_analyze_verify() {
         assert!(text.contains(needle), "{} lacks {needle}", rel(&path));
     }
     let text = text
-        .replace("ExecStart=/srv/myapp/current/bin/server", "ExecStart=/bin/true")
+        .replace(
+            "ExecStart=/srv/myapp/current/bin/server",
+            "ExecStart=/bin/true",
+        )
         .replace("WorkingDirectory=/srv/myapp/current", "WorkingDirectory=/");
     let env = TestEnv::new();
     let unit = env.write("myapp@4001.service", text);
