@@ -11,6 +11,24 @@
 //! The app boots like a real one: the sample app's `bin/restart` with
 //! `APP_BOOT_SECONDS=0.3` (release strategy), and a web image whose command sleeps 0.3 s
 //! before `httpd` listens (compose). No other sleeps are added.
+//!
+//! For `[cutover]` the sample app runs one server per slot, each with its own pid file,
+//! and nginx's own switch command moves the proxy (pass this as `tail` to
+//! [`ReleaseRig::configure_restart`], with the health URL on `${DEPLOY_PORT}`):
+//!
+//! ```text
+//! [defaults.cutover]
+//! ports = [P1, P2]
+//! start = "APP_PORT=${DEPLOY_PORT} APP_PIDFILE=log/app-${DEPLOY_PORT}.pid APP_BOOT_SECONDS=0.3 APP_SERVER='busybox httpd -f' bin/restart"
+//! stop = "APP_PIDFILE=log/app-${DEPLOY_PORT}.pid bin/stop"
+//! switch = '''<rig.nginx.switch_command()>'''   # a TOML literal string: it holds " and \
+//! drain = "1s"
+//! ```
+//!
+//! [`ComposeRig::configure`] takes `zero_downtime = ["web"]` as its `compose_extra`; `web`
+//! already has a Docker healthcheck and publishes no port. Note that `proxy` is a service
+//! of the project too: recreating it (as `up --force-recreate` does today) is a gap of its
+//! own, and most of the compose baseline's failures are connect errors from it.
 
 use std::io::Write;
 use std::path::PathBuf;
