@@ -57,7 +57,7 @@ pub fn nginx_binary() -> Option<PathBuf> {
 #[must_use = "return from the test when this is false"]
 pub fn available() -> bool {
     let why = "the cutover tests put a real nginx in front of the app \
-               (apt-get install nginx; scripts/test installs it)";
+               (apt-get install nginx)";
     let Some(nginx) = nginx_binary() else {
         return missing("nginx (/usr/sbin/nginx)", why);
     };
@@ -276,8 +276,9 @@ http {{
     }
 
     /// The shell command that makes this nginx re-read its config (and `upstream.conf`):
-    /// `/usr/sbin/nginx -p PREFIX/ -c CONF -e ERRLOG -s reload`. nginx checks the new config
-    /// first and keeps the old one when it is bad; old workers finish their requests.
+    /// `/usr/sbin/nginx -p PREFIX/ -c CONF -e ERRLOG -s reload`. It parses the config first
+    /// and exits 1 without signalling when it is invalid; on a reload the old workers
+    /// finish the requests they hold.
     pub fn reload_command(&self) -> String {
         let mut words = vec![self.binary.display().to_string()];
         words.extend(self.control_args());
