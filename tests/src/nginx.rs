@@ -36,7 +36,7 @@ use crate::{
 
 /// Where Debian's package puts the binary (not on a non-root user's PATH).
 const NGINX_PATHS: [&str; 3] = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"];
-/// How long a reload may take until a new worker runs the new config.
+/// How long a reload may take until only workers with the new config run.
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// The image build on a cold cache (about a minute), with room for a loaded box.
 const IMAGE_BUILD_TIMEOUT: Duration = Duration::from_secs(900);
@@ -301,17 +301,20 @@ http {{
         )
     }
 
-    /// Points nginx at `127.0.0.1:port` and waits (10 s) until a worker started after the
-    /// reload runs: from then on, new connections go to `port`.
+    /// Points nginx at `127.0.0.1:port` and waits (10 s) until the reload took effect (see
+    /// [`Nginx::reload`]): from then on, every new connection goes to `port`.
     pub fn set_upstream(&self, port: u16) {
         self.write_upstream(port);
         self.reload();
     }
 
-    /// Runs [`Nginx::reload_command`] and waits (10 s) until a worker started by that
-    /// reload runs.
+    /// Runs [`Nginx::reload_command`] and waits (10 s) until it took effect: a new worker
+    /// runs and every worker from before the reload has exited. (Until the old workers
+    /// close their listening sockets, they too accept new connections, with the old
+    /// config; with short requests they exit within milliseconds.)
     pub fn reload(&self) {
-        let before = read_lossy(&self.error_log).matches("reconfiguring").count();
+        let master = self.pid();
+        let old_workers = descendants(master);
         let mut cmd = Command::new(&self.binary);
         cmd.args(self.control_args())
             .args(["-s", "reload"])
@@ -327,22 +330,20 @@ http {{
         }
         let deadline = Instant::now() + RELOAD_TIMEOUT;
         loop {
-            let log = read_lossy(&self.error_log);
-            if let Some((_, after)) = log
-                .match_indices("reconfiguring")
-                .nth(before)
-                .map(|(i, _)| log.split_at(i))
-                && after.contains("start worker process")
-            {
+            let workers = descendants(master);
+            let old_left = workers.iter().any(|w| old_workers.contains(w));
+            let new_runs = workers.iter().any(|w| !old_workers.contains(w));
+            if new_runs && !old_left {
                 return;
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "nginx did not start a worker with the new config within {RELOAD_TIMEOUT:?}\n\
-                     --- error.log ---\n{log}"
+                    "nginx's reload did not take effect within {RELOAD_TIMEOUT:?} (workers before \
+                     {old_workers:?}, now {workers:?})\n--- error.log ---\n{}",
+                    self.log()
                 );
             }
-            thread::sleep(Duration::from_millis(20));
+            thread::sleep(Duration::from_millis(10));
         }
     }
 

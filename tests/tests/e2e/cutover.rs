@@ -54,10 +54,16 @@ pub(crate) const BOOT_SECONDS: &str = "0.3";
 /// Deploys per baseline run.
 const BASELINE_DEPLOYS: usize = 3;
 
-/// Starts the load at 150 requests/s on `port` and waits (30 s) until the first second
-/// of it went through, so every deploy after this happens under load.
-pub(crate) fn start_load(port: u16) -> Load {
-    let load = Load::start(port, LoadConfig::default());
+/// Starts the load at 150 requests/s of `GET path` on `port` and waits (30 s) until the
+/// first second of it went through, so every deploy after this happens under load.
+pub(crate) fn start_load(port: u16, path: &str) -> Load {
+    let load = Load::start(
+        port,
+        LoadConfig {
+            path: path.to_owned(),
+            ..LoadConfig::default()
+        },
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while load.sent() < 150 {
         assert!(
@@ -178,7 +184,8 @@ fn plain_restart_through_nginx_fails_requests_the_baseline() {
     rig.configure_restart("");
     rig.push_ok("v1");
 
-    let load = start_load(rig.nginx.port);
+    // The status page's one line names the version: the report counts answers per version.
+    let load = start_load(rig.nginx.port, "/api/v1/status/");
     for i in 0..BASELINE_DEPLOYS {
         rig.push_ok(&format!("v{}", i + 2));
     }
@@ -216,7 +223,7 @@ fn the_rig_s_switch_command_moves_nginx_under_load_without_a_failed_request() {
     let proxy = Nginx::start(a.port);
     assert_eq!(proxy.get("/"), (200, "a\n".to_owned()));
 
-    let load = start_load(proxy.port);
+    let load = start_load(proxy.port, "/");
     let out = deployctl_e2e::run(
         std::path::Path::new("/bin/sh"),
         env.root(),
@@ -234,7 +241,8 @@ fn the_rig_s_switch_command_moves_nginx_under_load_without_a_failed_request() {
         );
         thread::sleep(Duration::from_millis(20));
     }
-    // A second of traffic on the new server, then stop.
+    // A second of traffic on the new server; then back with the harness's own call,
+    // which returns once a worker with the new config runs.
     let sent = load.sent();
     while load.sent() < sent + 150 {
         assert!(
@@ -243,6 +251,8 @@ fn the_rig_s_switch_command_moves_nginx_under_load_without_a_failed_request() {
         );
         thread::sleep(Duration::from_millis(20));
     }
+    proxy.set_upstream(a.port);
+    assert_eq!(proxy.get("/"), (200, "a\n".to_owned()));
     let report = load.stop();
     println!("switch under load: {report}\nserved: {:?}", report.served);
     assert_eq!(
@@ -299,9 +309,10 @@ impl Drop for StaticServer {
 fn print_baseline(what: &str, report: &LoadReport) {
     println!(
         "baseline ({what}): {} failed requests over {BASELINE_DEPLOYS} deploys \
-         (about {} per deploy) at 150 requests/s through nginx\n{report}",
+         (about {} per deploy) at 150 requests/s through nginx\n{report}\nanswers: {:?}",
         report.failed,
-        report.failed / BASELINE_DEPLOYS as u64
+        report.failed / BASELINE_DEPLOYS as u64,
+        report.served
     );
 }
 
@@ -565,7 +576,7 @@ fn compose_force_recreate_through_an_nginx_service_fails_requests_the_baseline(c
         "web and proxy run"
     );
 
-    let load = start_load(rig.port);
+    let load = start_load(rig.port, "/");
     for i in 0..BASELINE_DEPLOYS {
         rig.push_ok(&format!("v{}", i + 2));
     }
