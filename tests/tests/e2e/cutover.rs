@@ -28,7 +28,7 @@
 //! [`ComposeRig::configure`] takes `zero_downtime = ["web"]` as its `compose_extra`; `web`
 //! already has a Docker healthcheck and publishes no port. Note that `proxy` is a service
 //! of the project too: recreating it (as `up --force-recreate` does today) is a gap of its
-//! own, and most of the compose baseline's failures are connect errors from it.
+//! own: the compose baseline's connect errors come from it (its 502/504s from `web`).
 //!
 //! Measured by hand once on this rig (Compose v2, 150 requests/s through the proxy): `up
 //! -d --no-deps --no-recreate --scale web=2 web`, wait until the new container is healthy,
