@@ -869,6 +869,48 @@ fn unit_passes_systemd_analyze_verify_alone_and_with_each_drop_in() {
     }
 }
 
+/// The cutover recipe's slot unit (docs/cutover.md) is a valid template: an instance of
+/// it passes `systemd-analyze verify`, with `ExecStart` pointed at a binary that exists
+/// (verify checks that) and the working dir at one that exists.
+#[test]
+fn the_sample_slot_unit_passes_systemd_analyze_verify() {
+    if !require(
+        "systemd-analyze",
+        "runs `systemd-analyze verify` on examples/cutover/myapp@.service (apt-get install systemd)",
+    ) {
+        return;
+    }
+    let path = repo().join("examples/cutover/myapp@.service");
+    let text = read(&path);
+    for needle in [
+        "ExecStart=/srv/myapp/current/bin/server",
+        "WorkingDirectory=/srv/myapp/current",
+        "127.0.0.1:%i",
+    ] {
+        assert!(text.contains(needle), "{} lacks {needle}", rel(&path));
+    }
+    let text = text
+        .replace(
+            "ExecStart=/srv/myapp/current/bin/server",
+            "ExecStart=/bin/true",
+        )
+        .replace("WorkingDirectory=/srv/myapp/current", "WorkingDirectory=/");
+    let env = TestEnv::new();
+    let unit = env.write("myapp@4001.service", text);
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .expect("run systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("myapp@"),
+        "systemd-analyze verify {}: {}\n{stderr}",
+        rel(&path),
+        out.status
+    );
+}
+
 #[test]
 fn unit_keeps_a_low_exposure_in_systemd_analyze_security() {
     if !require(

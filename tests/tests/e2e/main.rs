@@ -6,6 +6,7 @@ mod bootstrap;
 mod check;
 mod cli_ux;
 mod compose;
+mod cutover;
 mod delta;
 mod docs;
 mod fleet;
