@@ -3,11 +3,13 @@
 use proto::{History, Releases, Status};
 use serde_json::json;
 
-use super::{agent_failure, app_ref, close_all, connect_all, find_keys};
+use super::{close_all, connect_all, find_keys};
 use crate::cli::Cli;
+use crate::client::agent_failure;
 use crate::exit::{self, Failure};
 use crate::output::Progress;
 use crate::report::{outcome_name, release_state, short_time, table};
+use crate::spec::{app_ref, health_spec};
 
 pub enum What {
     Status,
@@ -30,7 +32,7 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                 .client
                 .call(Status {
                     app,
-                    health: super::health_spec(&env),
+                    health: health_spec(&env),
                 })
                 .await
             {

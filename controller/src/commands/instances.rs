@@ -4,11 +4,13 @@
 use proto::Instances;
 use serde_json::json;
 
-use super::{agent_failure, app_ref, close_all, connect_all, find_keys};
+use super::{close_all, connect_all, find_keys};
 use crate::cli::Cli;
+use crate::client::agent_failure;
 use crate::exit::{self, Failure};
 use crate::output::Progress;
 use crate::report::{outcome_name, table};
+use crate::spec::app_ref;
 
 /// `url_template` with `${DEPLOY_INSTANCE}` and `${DEPLOY_PORT}` filled in; `None` without
 /// a template, or when the template needs a port the instance does not have.
