@@ -845,132 +845,12 @@ impl Config {
             }
         })?;
 
-        let rl = &l.release;
-        let release = ReleaseConfig {
-            artifact: r.opt_string(&rl.artifact)?.map(PathBuf::from),
-            shared: r.list(&rl.shared, check_relative)?.unwrap_or_default(),
-            migrate: r.opt_string(&rl.migrate)?,
-            restart: r.opt_string(&rl.restart)?,
-            stop: r.opt_string(&rl.stop)?,
-            timeout: r.duration(&rl.timeout, Duration::from_secs(300), false)?,
-            max_unpacked_bytes: match &rl.max_unpacked_size {
-                None => DEFAULT_MAX_UNPACKED_BYTES,
-                Some(v) => {
-                    let size = match &v.v {
-                        Scalar::Int(n) => u64::try_from(*n).map_err(|_| "negative".to_string()),
-                        Scalar::Str(s) => parse_size(&r.expand(&v.with(s.clone()))?),
-                    };
-                    match size {
-                        Ok(0) => return Err(v.invalid("must be more than 0")),
-                        Ok(n) => n,
-                        Err(m) => return Err(v.invalid(m)),
-                    }
-                }
-            },
-        };
-
-        let hl = &l.health;
-        let health_url = r.opt_string(&hl.url)?;
-        if let (Some(url), Some(v)) = (&health_url, &hl.url) {
-            check_url(url).map_err(|m| v.invalid(m))?;
-        }
-        let health = HealthConfig {
-            url: health_url.clone().unwrap_or_default(),
-            expect_status: r.status(&hl.expect_status)?,
-            retries: r.uint(&hl.retries, 12, 1)?,
-            interval: r.duration(&hl.interval, Duration::from_secs(5), true)?,
-            request_timeout: r.duration(&hl.request_timeout, Duration::from_secs(3), false)?,
-        };
-        let health = health_url.map(|_| health);
-
-        let ro = &l.rollout;
-        let rollout = RolloutConfig {
-            batch: match &ro.batch {
-                None => Batch::Percent(100),
-                Some(v) => {
-                    let batch = match &v.v {
-                        Scalar::Int(n) => parse_batch(&n.to_string()),
-                        Scalar::Str(s) => parse_batch(&r.expand(&v.with(s.clone()))?),
-                    };
-                    batch.map_err(|m| v.invalid(m))?
-                }
-            },
-            canary: r.boolean(&ro.canary, false),
-            on_failure: match &ro.on_failure {
-                None => OnFailure::RollbackAll,
-                Some(v) => match r.expand(v)?.as_str() {
-                    "rollback-all" => OnFailure::RollbackAll,
-                    "stop" => OnFailure::Stop,
-                    other => {
-                        return Err(v.invalid(format!(
-                            "unknown on_failure `{other}` (expected \"rollback-all\" or \"stop\")"
-                        )));
-                    }
-                },
-            },
-        };
-
-        let vl = &l.verify;
-        let urls = r.list(&vl.urls, check_url)?.unwrap_or_default();
-        let verify = VerifyConfig {
-            retries: r.uint(&vl.retries, 9, 1)?,
-            interval: r.duration(&vl.interval, Duration::from_secs(5), true)?,
-            expect_status: r.status(&vl.expect_status)?,
-            request_timeout: r.duration(&vl.request_timeout, Duration::from_secs(10), false)?,
-            urls,
-        };
-        let verify = (!verify.urls.is_empty()).then_some(verify);
-
-        let cl = &l.compose;
-        let files = match r.list(&cl.files, |f| {
-            if f.is_empty() {
-                Err("empty file name".to_string())
-            } else {
-                Ok(())
-            }
-        })? {
-            None => vec![PathBuf::from("docker-compose.yml")],
-            Some(files) if files.is_empty() => {
-                let v = cl.files.as_ref().expect("list came from a value");
-                return Err(v.invalid("needs at least one compose file"));
-            }
-            Some(files) => files.into_iter().map(PathBuf::from).collect(),
-        };
-        let project = match &cl.project {
-            None => self.app.clone(),
-            Some(v) => {
-                let p = r.expand(v)?;
-                check_name(&p).map_err(|m| v.invalid(m))?;
-                p
-            }
-        };
-        let compose = ComposeConfig {
-            files,
-            env_file: r.opt_string(&cl.env_file)?.map(PathBuf::from),
-            project,
-            pull: r.boolean(&cl.pull, true),
-            compose_command: r.opt_string(&cl.compose_command)?,
-        };
-
-        let instances = match &l.instances {
-            Some(v) if v.v => {
-                let ports_val = l.instance_ports.as_ref().ok_or_else(|| {
-                    v.invalid("`instances = true` needs `instance_ports`, e.g. \"4100-4199\"")
-                })?;
-                let ports =
-                    parse_port_range(&r.expand(ports_val)?).map_err(|m| ports_val.invalid(m))?;
-                let ttl = match &l.instance_ttl {
-                    None => None,
-                    Some(_) => Some(r.duration(&l.instance_ttl, Duration::ZERO, false)?),
-                };
-                Some(InstancesConfig {
-                    ports,
-                    ttl,
-                    url_template: r.opt_string(&l.url_template)?,
-                })
-            }
-            _ => None,
-        };
+        let release = l.release.resolve(&r)?;
+        let health = l.health.resolve(&r)?;
+        let rollout = l.rollout.resolve(&r)?;
+        let verify = l.verify.resolve(&r)?;
+        let compose = l.compose.resolve(&r, &self.app)?;
+        let instances = l.instances(&r)?;
 
         Ok(Environment {
             name: name.to_string(),
@@ -998,6 +878,156 @@ impl Config {
             instance: None,
             promote_from,
             secrets: secrets.unwrap_or_default(),
+        })
+    }
+}
+
+// Each table's defaults and checks, resolved from the merged layer.
+
+impl ReleaseLayer {
+    fn resolve(&self, r: &Resolver<'_>) -> Result<ReleaseConfig, ConfigError> {
+        Ok(ReleaseConfig {
+            artifact: r.opt_string(&self.artifact)?.map(PathBuf::from),
+            shared: r.list(&self.shared, check_relative)?.unwrap_or_default(),
+            migrate: r.opt_string(&self.migrate)?,
+            restart: r.opt_string(&self.restart)?,
+            stop: r.opt_string(&self.stop)?,
+            timeout: r.duration(&self.timeout, Duration::from_secs(300), false)?,
+            max_unpacked_bytes: match &self.max_unpacked_size {
+                None => DEFAULT_MAX_UNPACKED_BYTES,
+                Some(v) => {
+                    let size = match &v.v {
+                        Scalar::Int(n) => u64::try_from(*n).map_err(|_| "negative".to_string()),
+                        Scalar::Str(s) => parse_size(&r.expand(&v.with(s.clone()))?),
+                    };
+                    match size {
+                        Ok(0) => return Err(v.invalid("must be more than 0")),
+                        Ok(n) => n,
+                        Err(m) => return Err(v.invalid(m)),
+                    }
+                }
+            },
+        })
+    }
+}
+
+impl HealthLayer {
+    fn resolve(&self, r: &Resolver<'_>) -> Result<Option<HealthConfig>, ConfigError> {
+        let health_url = r.opt_string(&self.url)?;
+        if let (Some(url), Some(v)) = (&health_url, &self.url) {
+            check_url(url).map_err(|m| v.invalid(m))?;
+        }
+        let health = HealthConfig {
+            url: health_url.clone().unwrap_or_default(),
+            expect_status: r.status(&self.expect_status)?,
+            retries: r.uint(&self.retries, 12, 1)?,
+            interval: r.duration(&self.interval, Duration::from_secs(5), true)?,
+            request_timeout: r.duration(&self.request_timeout, Duration::from_secs(3), false)?,
+        };
+        Ok(health_url.map(|_| health))
+    }
+}
+
+impl RolloutLayer {
+    fn resolve(&self, r: &Resolver<'_>) -> Result<RolloutConfig, ConfigError> {
+        Ok(RolloutConfig {
+            batch: match &self.batch {
+                None => Batch::Percent(100),
+                Some(v) => {
+                    let batch = match &v.v {
+                        Scalar::Int(n) => parse_batch(&n.to_string()),
+                        Scalar::Str(s) => parse_batch(&r.expand(&v.with(s.clone()))?),
+                    };
+                    batch.map_err(|m| v.invalid(m))?
+                }
+            },
+            canary: r.boolean(&self.canary, false),
+            on_failure: match &self.on_failure {
+                None => OnFailure::RollbackAll,
+                Some(v) => match r.expand(v)?.as_str() {
+                    "rollback-all" => OnFailure::RollbackAll,
+                    "stop" => OnFailure::Stop,
+                    other => {
+                        return Err(v.invalid(format!(
+                            "unknown on_failure `{other}` (expected \"rollback-all\" or \"stop\")"
+                        )));
+                    }
+                },
+            },
+        })
+    }
+}
+
+impl VerifyLayer {
+    fn resolve(&self, r: &Resolver<'_>) -> Result<Option<VerifyConfig>, ConfigError> {
+        let urls = r.list(&self.urls, check_url)?.unwrap_or_default();
+        let verify = VerifyConfig {
+            retries: r.uint(&self.retries, 9, 1)?,
+            interval: r.duration(&self.interval, Duration::from_secs(5), true)?,
+            expect_status: r.status(&self.expect_status)?,
+            request_timeout: r.duration(&self.request_timeout, Duration::from_secs(10), false)?,
+            urls,
+        };
+        Ok((!verify.urls.is_empty()).then_some(verify))
+    }
+}
+
+impl ComposeLayer {
+    /// `app` is the project's default name.
+    fn resolve(&self, r: &Resolver<'_>, app: &str) -> Result<ComposeConfig, ConfigError> {
+        let files = match r.list(&self.files, |f| {
+            if f.is_empty() {
+                Err("empty file name".to_string())
+            } else {
+                Ok(())
+            }
+        })? {
+            None => vec![PathBuf::from("docker-compose.yml")],
+            Some(files) if files.is_empty() => {
+                let v = self.files.as_ref().expect("list came from a value");
+                return Err(v.invalid("needs at least one compose file"));
+            }
+            Some(files) => files.into_iter().map(PathBuf::from).collect(),
+        };
+        let project = match &self.project {
+            None => app.to_string(),
+            Some(v) => {
+                let p = r.expand(v)?;
+                check_name(&p).map_err(|m| v.invalid(m))?;
+                p
+            }
+        };
+        Ok(ComposeConfig {
+            files,
+            env_file: r.opt_string(&self.env_file)?.map(PathBuf::from),
+            project,
+            pull: r.boolean(&self.pull, true),
+            compose_command: r.opt_string(&self.compose_command)?,
+        })
+    }
+}
+
+impl Layer {
+    /// Review apps: `instances`, `instance_ports`, `instance_ttl`, `url_template`.
+    fn instances(&self, r: &Resolver<'_>) -> Result<Option<InstancesConfig>, ConfigError> {
+        Ok(match &self.instances {
+            Some(v) if v.v => {
+                let ports_val = self.instance_ports.as_ref().ok_or_else(|| {
+                    v.invalid("`instances = true` needs `instance_ports`, e.g. \"4100-4199\"")
+                })?;
+                let ports =
+                    parse_port_range(&r.expand(ports_val)?).map_err(|m| ports_val.invalid(m))?;
+                let ttl = match &self.instance_ttl {
+                    None => None,
+                    Some(_) => Some(r.duration(&self.instance_ttl, Duration::ZERO, false)?),
+                };
+                Some(InstancesConfig {
+                    ports,
+                    ttl,
+                    url_template: r.opt_string(&self.url_template)?,
+                })
+            }
+            _ => None,
         })
     }
 }
@@ -1407,7 +1437,7 @@ impl Source {
             let key = rest.split('`').next().unwrap_or_default().to_string();
             let known: Vec<&str> = names.by_ref().collect();
             let table = self.tables.get(&span.start).cloned().unwrap_or_default();
-            let hint = if table.is_empty() && layer_keys().iter().any(|k| *k == key) {
+            let hint = if table.is_empty() && layer_keys().contains(&key) {
                 " (put it under [defaults] or [environments.NAME])".to_string()
             } else {
                 match suggest(&key, &known) {
