@@ -53,7 +53,8 @@ impl HostResult {
         }
     }
 
-    pub fn skipped(host: &str) -> Self {
+    /// A host the agent never reported on: nothing known yet but its name.
+    fn unreported(host: &str) -> Self {
         Self {
             host: host.to_owned(),
             outcome: None,
@@ -65,8 +66,15 @@ impl HostResult {
             duration_ms: 0,
             report: None,
             batch: None,
-            skipped: true,
+            skipped: false,
             fleet_rollback: None,
+        }
+    }
+
+    pub fn skipped(host: &str) -> Self {
+        Self {
+            skipped: true,
+            ..Self::unreported(host)
         }
     }
 
@@ -79,18 +87,10 @@ impl HostResult {
 
     pub fn from_failure(host: &str, f: Failure, took: Duration) -> Self {
         Self {
-            host: host.to_owned(),
-            outcome: None,
-            release: None,
-            previous: None,
-            current: None,
             error: Some(crate::output::without_host(host, &f.message).to_owned()),
             exit_code: f.code,
             duration_ms: took.as_millis() as u64,
-            report: None,
-            batch: None,
-            skipped: false,
-            fleet_rollback: None,
+            ..Self::unreported(host)
         }
     }
 }
