@@ -214,6 +214,22 @@ pub async fn lock_all(
     Ok(())
 }
 
+/// A host whose agent call failed, in a per-host listing (`status`, `releases`,
+/// `history`, `instances`): an error row, an error entry for `--json`, and the worst exit
+/// code so far.
+pub fn host_error(
+    host: &str,
+    e: crate::client::ClientError,
+    code: &mut u8,
+    rows: &mut Vec<Vec<String>>,
+    docs: &mut Vec<serde_json::Value>,
+) {
+    let f = agent_failure(host, e);
+    *code = (*code).max(f.code);
+    rows.push(vec![host.to_owned(), format!("error: {}", f.message)]);
+    docs.push(serde_json::json!({"host": host, "error": f.message}));
+}
+
 pub async fn close_all(conns: Vec<HostConn>) {
     for c in conns {
         c.close().await;
