@@ -226,10 +226,7 @@ impl ConfigError {
             ConfigError::Syntax { at, .. }
             | ConfigError::UnknownKey { at, .. }
             | ConfigError::Invalid { at, .. }
-            | ConfigError::UnsetVar { at, .. } => match at {
-                Location::Line { line, .. } => Some(*line),
-                _ => None,
-            },
+            | ConfigError::UnsetVar { at, .. } => at.line(),
             _ => None,
         }
     }
@@ -603,20 +600,17 @@ impl Config {
 
         let source = Rc::new(source);
         let raw: RawFile = source.read(doc)?;
-        let mut refused: Vec<(&Location, ConfigError)> = Vec::new();
+        // `[defaults]` is a layer like any environment, but these keys belong to one.
         let d = &raw.defaults;
-        if let Some(v) = &d.deploy_to {
-            let m = "not allowed in [defaults]: set it at the top level or per environment";
-            refused.push((&v.at, v.invalid(m)));
-        }
-        let m = "not allowed in [defaults]: set it per environment";
-        if let Some(v) = &d.hosts {
-            refused.push((&v.at, v.invalid(m)));
-        }
-        if let Some(v) = &d.promote_from {
-            refused.push((&v.at, v.invalid(m)));
-        }
-        if let Some((_, e)) = refused.into_iter().min_by_key(|(at, _)| at.line()) {
+        let per_env = "not allowed in [defaults]: set it per environment";
+        let refused = [
+            d.deploy_to.as_ref().map(|v| {
+                v.invalid("not allowed in [defaults]: set it at the top level or per environment")
+            }),
+            d.hosts.as_ref().map(|v| v.invalid(per_env)),
+            d.promote_from.as_ref().map(|v| v.invalid(per_env)),
+        ];
+        if let Some(e) = refused.into_iter().flatten().min_by_key(ConfigError::line) {
             return Err(e);
         }
         let mut environments = BTreeMap::new();
@@ -2662,6 +2656,40 @@ health = { url = "http://127.0.0.1:${DEPLOY_PORT}/up" }
             );
             assert!(msg.contains(want), "{msg}");
         }
+    }
+
+    // Overrides are read by serde as the type their key takes: a list, a duration, a
+    // boolean, an integer or a size, each from the variable's text.
+    #[test]
+    fn overrides_take_the_type_of_their_key() {
+        let config = Config::parse(
+            MINI,
+            "deploy.toml",
+            &env_of(&[
+                ("HOME", "/h"),
+                ("DEPLOYCTL_COMPOSE_FILES", "a.yml, b.yml"),
+                ("DEPLOYCTL_RELEASE_TIMEOUT", "90s"),
+                ("DEPLOYCTL_COMPOSE_PULL", "no"),
+                ("DEPLOYCTL_HEALTH_URL", "http://127.0.0.1:5000/up"),
+                ("DEPLOYCTL_HEALTH_RETRIES", "4"),
+                ("DEPLOYCTL_MAX_UNPACKED_SIZE", "2GiB"),
+                (
+                    "DEPLOYCTL_VERIFY_URLS",
+                    "https://a.example/,https://b.example/",
+                ),
+            ]),
+        )
+        .unwrap();
+        let env = config.environment("staging").unwrap();
+        assert_eq!(
+            env.compose.files,
+            [PathBuf::from("a.yml"), PathBuf::from("b.yml")]
+        );
+        assert_eq!(env.release.timeout, Duration::from_secs(90));
+        assert!(!env.compose.pull);
+        assert_eq!(env.health.as_ref().map(|h| h.retries), Some(4));
+        assert_eq!(env.release.max_unpacked_bytes, 2 << 30);
+        assert_eq!(env.verify.map(|v| v.urls.len()), Some(2));
     }
 
     #[test]
