@@ -4,29 +4,31 @@
 //!
 //! - [`server`]: the Unix socket, accept loop, graceful shutdown, and the stdio `bridge`.
 //! - [`session`]: one controller session; the one dispatch point for requests.
-//! - [`lock`]: one deploy per app, freed when its holder goes away.
-//! - [`release`]: release dirs ([`release::layout`]), safe unpack, `current` switch, prune.
+//! - [`instances`]: review apps: listing, destroy and expiry.
 //! - [`deploy`]: the lifecycle after upload: shared links, migrate, switch, restart,
-//!   health, confirm or roll back.
-//! - [`journal`]: the state machine on disk, and the history log.
-//! - [`recover`]: finishing or undoing a deploy the agent did not finish.
+//!   health, confirm or roll back; its journal on disk and recovery at start.
+//! - [`ports`]: review-app names, ports and `DEPLOY_INSTANCE`/`DEPLOY_PORT`.
+//! - [`history`]: the history log.
+//! - [`release`]: release dirs ([`release::layout`]), safe unpack, `current` switch, prune.
+//! - [`fetch`]: sending a release back to the controller.
 //! - [`compose`]: the compose strategy's argvs (v1 and v2), detection order, and what a
 //!   release records about its compose project.
 //! - [`exec`]: running the app's commands; [`health`]: polling its health URL.
+//! - [`context`]: what every part shares: config, locks, tasks, sessions, shutdown.
+//! - [`lock`]: one deploy per app, freed when its holder goes away.
 //! - [`config`]: `/etc/deploy-agent/agent.toml` and its flags.
-//! - [`instances`]: review apps: `instances/<name>/` layouts, their ports, destroy and
-//!   expiry.
 
 pub mod compose;
 pub mod config;
+pub mod context;
 pub mod deploy;
 pub mod exec;
 pub mod fetch;
 pub mod health;
+pub mod history;
 pub mod instances;
-pub mod journal;
 pub mod lock;
-pub mod recover;
+pub mod ports;
 pub mod release;
 pub mod server;
 pub mod session;

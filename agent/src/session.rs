@@ -16,12 +16,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::config::SessionLimits;
+use crate::context::{SessionSlot, Shared, SlotState};
+use crate::deploy::journal::{Journal, Phase};
 use crate::deploy::{Events, Run};
-use crate::journal::{self, Journal, Phase};
+use crate::history;
 use crate::lock::LockGuard;
 use crate::release::layout::{Layout, valid_release_id};
 use crate::release::unpack;
-use crate::server::{SessionSlot, Shared, SlotState};
 
 type Reply = Result<Response, ProtoError>;
 /// A run ready to start, and the receiving end of its progress.
@@ -363,7 +364,7 @@ impl Session {
                     .map(|l| Response::Releases(ReleasesReply { releases: l.list() })),
                 Request::History(h) => self.layout(&h.app).map(|l| {
                     let (entries, skipped_lines) =
-                        journal::read_history_counted(&l, h.limit as usize);
+                        history::read_history_counted(&l, h.limit as usize);
                     Response::History(HistoryReply {
                         entries,
                         skipped_lines,
@@ -421,7 +422,7 @@ impl Session {
             )
             .with("deploy_to", &app.deploy_to));
         };
-        crate::instances::layout_of(&real, app.instance.as_deref())
+        crate::ports::layout_of(&real, app.instance.as_deref())
     }
 
     fn check(&self, deploy_to: Option<&str>) -> Response {
@@ -471,7 +472,7 @@ impl Session {
         let info = LockInfo {
             holder: l.holder,
             version: l.version,
-            since: journal::now_rfc3339(),
+            since: history::now_rfc3339(),
         };
         let guard = self
             .shared
@@ -503,7 +504,7 @@ impl Session {
         let info = LockInfo {
             holder: holder.to_owned(),
             version,
-            since: journal::now_rfc3339(),
+            since: history::now_rfc3339(),
         };
         self.shared
             .locks
@@ -716,7 +717,7 @@ impl Session {
             id: p.release.clone(),
             version: p.version.clone(),
             sha256: Some(sha256),
-            created: journal::now_rfc3339(),
+            created: history::now_rfc3339(),
             status: ReleaseStatus::Prepared,
             current: false,
             content: Some(content),
@@ -782,7 +783,7 @@ impl Session {
             version: p.version.clone(),
             previous: rollback_target(&layout),
             holder: p.holder.clone(),
-            started: journal::now_rfc3339(),
+            started: history::now_rfc3339(),
             skip_migrations: p.skip_migrations,
             spec: p.spec.clone(),
             phase: Phase::Uploading,
@@ -846,7 +847,7 @@ impl Session {
             version: target.version.clone(),
             previous: rollback_target(&layout).or(current),
             holder: r.holder,
-            started: journal::now_rfc3339(),
+            started: history::now_rfc3339(),
             skip_migrations: true,
             spec: r.spec,
             phase: Phase::Switching,
@@ -930,7 +931,7 @@ impl Session {
             // health check of whatever still runs happens to answer.
             spec if missing.is_some() => Some(proto::HealthReport {
                 url: spec
-                    .map(|spec| crate::instances::expand(&s.app, &spec.url))
+                    .map(|spec| crate::ports::expand(&s.app, &spec.url))
                     .unwrap_or_default(),
                 healthy: false,
                 attempts: 0,
@@ -940,13 +941,13 @@ impl Session {
             }),
             Some(mut spec) if current.is_some() => {
                 spec.retries = 1;
-                spec.url = crate::instances::expand(&s.app, &spec.url);
+                spec.url = crate::ports::expand(&s.app, &spec.url);
                 Some(crate::health::wait_healthy(&spec, |_, _| {}).await)
             }
             _ => None,
         };
-        let mut last = journal::read_history(&layout, 1).pop();
-        if let Some(problem) = crate::recover::unreadable_journal(&layout) {
+        let mut last = history::read_history(&layout, 1).pop();
+        if let Some(problem) = crate::deploy::recover::unreadable_journal(&layout) {
             // A journal recovery could not read: the deploy it describes is unfinished.
             last = Some(proto::HistoryEntry {
                 action: Action::Deploy,

@@ -13,6 +13,7 @@ mod github;
 mod hardening_agent;
 mod hardening_controller;
 mod hardening_input;
+mod layers;
 mod promote;
 mod release;
 mod review_apps;

@@ -17,11 +17,13 @@ use std::time::{Duration, Instant};
 use proto::{Action, DeployReport, Event, HistoryEntry, Outcome, ReleaseStatus, Stage, StepReport};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::journal::{Journal, Phase};
 use crate::compose::{self, Compose, Project};
 use crate::exec;
 use crate::health;
-use crate::journal::{self, Journal, Phase};
+use crate::history;
 use crate::lock::LockGuard;
+use crate::ports;
 use crate::release::layout::Layout;
 use crate::release::{prune, switch};
 
@@ -118,7 +120,7 @@ impl Run {
         );
         env.insert("DEPLOY_TO".into(), self.layout.root.display().to_string());
         // A review-app instance: DEPLOY_INSTANCE and DEPLOY_PORT.
-        env.extend(crate::instances::vars(&j.app).into_iter().flatten());
+        env.extend(ports::vars(&j.app).into_iter().flatten());
         env
     }
 
@@ -234,7 +236,7 @@ impl Run {
     fn compose_spec(&self, release: &str) -> Option<proto::ComposeSpec> {
         let now = self.journal.spec.compose.clone()?;
         let mut spec = compose::recorded(&self.layout.release(release)).unwrap_or(now.clone());
-        spec.project = crate::instances::compose_project(&self.journal.app, &now.project);
+        spec.project = ports::compose_project(&self.journal.app, &now.project);
         spec.command = now.command;
         spec.pull = now.pull;
         Some(spec)
@@ -303,7 +305,7 @@ impl Run {
         let Some(mut spec) = self.journal.spec.compose.clone() else {
             return Ok(());
         };
-        spec.project = crate::instances::compose_project(&self.journal.app, &spec.project);
+        spec.project = ports::compose_project(&self.journal.app, &spec.project);
         let t = Instant::now();
         let dir = self.layout.release(&release);
         let app = &self.journal.app;
@@ -315,7 +317,7 @@ impl Run {
                 }
             }
             if let Some(f) = &spec.env_file {
-                crate::instances::append_env_file(&dir.join(f), app)
+                ports::append_env_file(&dir.join(f), app)
                     .map_err(|e| format!("cannot add DEPLOY_PORT to {f}: {e}"))?;
             }
             compose::record(&dir, &spec)
@@ -516,7 +518,7 @@ impl Run {
         let Some(mut spec) = self.journal.spec.health.clone() else {
             return Ok(());
         };
-        spec.url = crate::instances::expand(&self.journal.app, &spec.url);
+        spec.url = ports::expand(&self.journal.app, &spec.url);
         let t = Instant::now();
         self.events.send(
             Stage::Health,
@@ -570,7 +572,7 @@ impl Run {
             return self.fail_before_switch(e).await;
         }
         // A review-app instance gets (or keeps) its port before any command runs.
-        if let Err(e) = crate::instances::register(&self.journal.app, &self.journal.spec) {
+        if let Err(e) = ports::register(&self.journal.app, &self.journal.spec) {
             return self.fail_before_switch(e).await;
         }
         if let Err(e) = self.link_shared() {
@@ -936,8 +938,8 @@ impl Run {
         }
         let j = &self.journal;
         let current = self.layout.current_release();
-        crate::instances::touch(&j.app);
-        let recorded = journal::append_history(
+        ports::touch(&j.app);
+        let recorded = history::append_history(
             &self.layout,
             &HistoryEntry {
                 action: j.action,
@@ -947,7 +949,7 @@ impl Run {
                 outcome,
                 holder: j.holder.clone(),
                 started: j.started.clone(),
-                finished: journal::now_rfc3339(),
+                finished: history::now_rfc3339(),
                 error: error.clone(),
                 origin: j.origin.clone(),
                 instance: j.app.instance.clone(),

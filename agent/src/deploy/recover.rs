@@ -24,11 +24,12 @@ use std::time::Duration;
 
 use proto::{Action, HistoryEntry, LockInfo, Outcome, ReleaseStatus};
 
-use crate::deploy::{Events, Run};
-use crate::journal::{self, Journal, Phase};
+use super::journal::{self, Journal, Phase};
+use super::{Events, Run};
+use crate::context::Shared;
+use crate::history;
 use crate::lock::LockGuard;
 use crate::release::layout::Layout;
-use crate::server::Shared;
 
 /// How deep under an allowed root a `deploy_to` may be and still be recovered.
 const MAX_DEPTH: usize = 4;
@@ -71,7 +72,7 @@ pub async fn lock_unfinished(shared: &Shared) -> Vec<Job> {
         let info = LockInfo {
             holder: "deploy-agent (recovering after restart)".into(),
             version: journal.as_ref().and_then(|j| j.version.clone()),
-            since: journal::now_rfc3339(),
+            since: history::now_rfc3339(),
         };
         match shared
             .locks
@@ -149,7 +150,7 @@ pub async fn finish(_shared: &Shared, job: Job) -> Outcome {
 /// Recovery when the journal cannot be read: decide from what is on disk (see the module
 /// docs). The lock is held throughout and freed on return.
 fn without_journal(layout: &Layout, lock: Arc<LockGuard>) -> Outcome {
-    let started = journal::now_rfc3339();
+    let started = history::now_rfc3339();
     for id in layout.partial_ids() {
         let _ = std::fs::remove_dir_all(layout.partial(&id));
     }
@@ -235,7 +236,7 @@ fn without_journal(layout: &Layout, lock: Arc<LockGuard>) -> Outcome {
     };
     tracing::warn!(root = %layout.root.display(), "{error}");
     let holder = lock.info.holder.clone();
-    let _ = journal::append_history(
+    let _ = history::append_history(
         layout,
         &HistoryEntry {
             action: Action::Deploy,
@@ -245,7 +246,7 @@ fn without_journal(layout: &Layout, lock: Arc<LockGuard>) -> Outcome {
             outcome,
             holder,
             started,
-            finished: journal::now_rfc3339(),
+            finished: history::now_rfc3339(),
             error: Some(error),
             origin: None,
             instance: None,
