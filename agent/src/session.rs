@@ -867,12 +867,7 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let task = self.shared.tasks.spawn(async move {
-            match run.journal.phase {
-                Phase::Switching => run.activate().await,
-                _ => run.deploy().await,
-            }
-        });
+        let task = self.shared.tasks.spawn(run.start());
         tokio::pin!(task);
         loop {
             tokio::select! {

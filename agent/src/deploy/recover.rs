@@ -1,5 +1,6 @@
 //! Recovery at start: a deploy the agent did not finish (it was killed, the machine
-//! rebooted) is finished or undone before the app takes new work.
+//! rebooted) is finished or undone before the app takes new work. What it does for each
+//! phase is the table [`super::machine::RECOVERY`]:
 //!
 //! | phase when the agent died | what recovery does |
 //! | --- | --- |
@@ -24,7 +25,8 @@ use std::time::Duration;
 
 use proto::{Action, HistoryEntry, LockInfo, Outcome, ReleaseStatus};
 
-use super::journal::{self, Journal, Phase};
+use super::journal::{self, Journal};
+use super::machine::{self, Recovery};
 use super::{Events, Run};
 use crate::context::Shared;
 use crate::history;
@@ -96,7 +98,7 @@ pub async fn finish(_shared: &Shared, job: Job) -> Outcome {
         journal,
         lock,
     } = job;
-    let Some(mut journal) = journal else {
+    let Some(journal) = journal else {
         return without_journal(&layout, lock);
     };
     tracing::info!(
@@ -107,39 +109,19 @@ pub async fn finish(_shared: &Shared, job: Job) -> Outcome {
         journal.action
     );
     let note = "the agent restarted mid-deploy";
-    let report = match journal.phase {
-        Phase::Uploading => {
-            let _ = std::fs::remove_dir_all(layout.partial(&journal.release));
-            journal.error = Some(format!("{note}: upload discarded"));
-            let run = Run::new(layout, journal, Events::none(), lock);
-            run.abandon(None).await
-        }
-        Phase::Prepared | Phase::Migrating => {
-            let run = Run::new(layout, journal, Events::none(), lock);
-            run.abandon(Some(format!("{note} before the switch"))).await
-        }
-        Phase::Switching => {
-            let moved = layout.current_release().as_deref() == Some(journal.release.as_str());
-            let run = Run::new(layout, journal, Events::none(), lock);
-            if moved {
-                run.restart_and_check(Phase::Restarting).await
-            } else {
-                run.abandon(Some(format!("{note} before the switch"))).await
-            }
-        }
-        Phase::Restarting | Phase::Checking => {
-            let phase = journal.phase;
-            Run::new(layout, journal, Events::none(), lock)
-                .restart_and_check(phase)
-                .await
-        }
-        Phase::RollingBack => {
-            let why = journal
-                .error
-                .clone()
-                .unwrap_or_else(|| format!("{note} while rolling back"));
-            Run::new(layout, journal, Events::none(), lock)
-                .roll_back(why)
+    let moved = layout.current_release().as_deref() == Some(journal.release.as_str());
+    let then = machine::recovery(journal.phase, moved);
+    if then == Recovery::DiscardUpload {
+        let _ = std::fs::remove_dir_all(layout.partial(&journal.release));
+    }
+    let why = journal.error.clone();
+    let run = Run::new(layout, journal, Events::none(), lock);
+    let report = match then {
+        Recovery::DiscardUpload => run.abandon(Some(format!("{note}: upload discarded"))).await,
+        Recovery::EndBeforeSwitch => run.abandon(Some(format!("{note} before the switch"))).await,
+        Recovery::Resume(step) => run.drive(step).await,
+        Recovery::FinishRollBack => {
+            run.roll_back(why.unwrap_or_else(|| format!("{note} while rolling back")))
                 .await
         }
     };

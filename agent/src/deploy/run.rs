@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use proto::{Action, DeployReport, Event, HistoryEntry, Outcome, ReleaseStatus, Stage, StepReport};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::error::StepError;
 use super::journal::{Journal, Phase};
+use super::machine::{self, Next, Step};
 use crate::compose::{self, Compose, Project};
 use crate::exec;
 use crate::health;
@@ -124,13 +126,18 @@ impl Run {
         env
     }
 
-    fn persist(&mut self, phase: Phase) -> Result<(), String> {
+    fn persist(&mut self, phase: Phase) -> Result<(), StepError> {
         self.journal
             .set(&self.layout, phase)
-            .map_err(|e| format!("cannot write the journal: {e}"))
+            .map_err(StepError::Journal)
     }
 
-    async fn command(&mut self, stage: Stage, command: &str, release: &str) -> Result<(), String> {
+    async fn command(
+        &mut self,
+        stage: Stage,
+        command: &str,
+        release: &str,
+    ) -> Result<(), StepError> {
         self.events.send(stage, format!("running `{command}`"));
         let env = self.env(release);
         let dir = self.layout.release(release);
@@ -163,7 +170,7 @@ impl Run {
             Err((step, e)) => {
                 self.events.send(stage, e.to_string());
                 self.steps.push(step);
-                Err(e.to_string())
+                Err(StepError::Command(e))
             }
         }
     }
@@ -210,7 +217,7 @@ impl Run {
         name: &str,
         argv: &[String],
         release: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), StepError> {
         let shown = compose::display(argv);
         self.events.send(stage, format!("running `{shown}`"));
         match self.exec_argv(stage, name, argv, release, None).await {
@@ -223,10 +230,13 @@ impl Run {
                 Ok(())
             }
             Err((step, e)) => {
-                let msg = with_output(&e.to_string(), &step.output);
-                self.events.send(stage, msg.clone());
+                let err = StepError::Tool {
+                    source: e,
+                    output: step.output.clone(),
+                };
+                self.events.send(stage, err.to_string());
                 self.steps.push(step);
-                Err(msg)
+                Err(err)
             }
         }
     }
@@ -243,7 +253,7 @@ impl Run {
     }
 
     /// The configured compose command, or the first of v2 and v1 that answers.
-    async fn compose_bin(&mut self, release: &str) -> Result<Compose, String> {
+    async fn compose_bin(&mut self, release: &str) -> Result<Compose, StepError> {
         if let Some(c) = &self.compose {
             return Ok(c.clone());
         }
@@ -254,7 +264,7 @@ impl Run {
             .as_ref()
             .and_then(|c| c.command.clone());
         let candidates = match &configured {
-            Some(cmd) => vec![Compose::from_command(cmd)?],
+            Some(cmd) => vec![Compose::from_command(cmd).map_err(StepError::Refused)?],
             None => Compose::candidates().to_vec(),
         };
         let mut tried = Vec::new();
@@ -285,7 +295,7 @@ impl Run {
         if let Some(step) = last {
             self.steps.push(step);
         }
-        Err(match configured {
+        Err(StepError::Refused(match configured {
             Some(cmd) => format!(
                 "compose_command `{cmd}` does not work on this host: {}",
                 tried.join("; ")
@@ -295,12 +305,12 @@ impl Run {
                  ({}); install one, or set compose_command",
                 tried.join("; ")
             ),
-        })
+        }))
     }
 
     /// Everything that can fail before a compose release changes anything: the files,
     /// Docker, compose itself, `config -q`, and `pull` when asked.
-    async fn compose_prepare(&mut self) -> Result<(), String> {
+    async fn compose_prepare(&mut self) -> Result<(), StepError> {
         let release = self.journal.release.clone();
         let Some(mut spec) = self.journal.spec.compose.clone() else {
             return Ok(());
@@ -325,7 +335,7 @@ impl Run {
         });
         if let Err(e) = files {
             self.step(Stage::Validate, t, Err(e.clone()));
-            return Err(e);
+            return Err(StepError::Refused(e));
         }
 
         self.events
@@ -340,34 +350,29 @@ impl Run {
             )
             .await
         {
-            let msg = match e {
-                exec::ExecError::Spawn { .. } => format!(
+            let err = match e {
+                exec::ExecError::Spawn { .. } => StepError::Command(e).context(
                     "Docker is not installed on this host (no `docker` command on the \
-                     agent's PATH): {e}"
+                     agent's PATH)",
                 ),
-                _ => with_output(
-                    &format!("Docker is not running or not reachable on this host: {e}"),
-                    &step.output,
-                ),
+                _ => StepError::Tool {
+                    source: e,
+                    output: step.output.clone(),
+                }
+                .context("Docker is not running or not reachable on this host"),
             };
             self.steps.push(step);
-            return Err(msg);
+            return Err(err);
         }
         let bin = self.compose_bin(&release).await?;
         let p = Project::of(&spec);
-        if let Err(e) = self
-            .argv_command(Stage::Validate, "compose-config", &bin.config(p), &release)
+        self.argv_command(Stage::Validate, "compose-config", &bin.config(p), &release)
             .await
-        {
-            return Err(format!("the compose files do not validate: {e}"));
-        }
+            .map_err(|e| e.context("the compose files do not validate"))?;
         if spec.pull {
-            if let Err(e) = self
-                .argv_command(Stage::Pull, "compose-pull", &bin.pull(p), &release)
+            self.argv_command(Stage::Pull, "compose-pull", &bin.pull(p), &release)
                 .await
-            {
-                return Err(format!("pull failed, nothing was recreated: {e}"));
-            }
+                .map_err(|e| e.context("pull failed, nothing was recreated"))?;
         } else {
             self.events.send(Stage::Pull, "skipped (pull = false)");
         }
@@ -375,7 +380,7 @@ impl Run {
     }
 
     /// Restarts `release`: compose `up` with its files, or the `restart` command.
-    async fn restart(&mut self, release: &str) -> Result<(), String> {
+    async fn restart(&mut self, release: &str) -> Result<(), StepError> {
         if let Some(spec) = self.compose_spec(release) {
             let bin = self.compose_bin(release).await?;
             let argv = bin.up(Project::of(&spec));
@@ -514,7 +519,7 @@ impl Run {
         });
     }
 
-    async fn check_health(&mut self) -> Result<(), String> {
+    async fn check_health(&mut self) -> Result<(), StepError> {
         let Some(mut spec) = self.journal.spec.health.clone() else {
             return Ok(());
         };
@@ -544,11 +549,11 @@ impl Run {
         };
         self.health = Some(report);
         self.step(Stage::Health, t, result.clone());
-        result.map(|_| ())
+        result.map(|_| ()).map_err(StepError::Health)
     }
 
     /// Links `<deploy_to>/shared/<path>` into the release.
-    pub fn link_shared(&mut self) -> Result<(), String> {
+    pub fn link_shared(&mut self) -> Result<(), StepError> {
         let t = Instant::now();
         let release = self.journal.release.clone();
         let shared = self.journal.spec.shared.clone();
@@ -558,94 +563,110 @@ impl Run {
                 Stage::LinkShared,
                 t,
                 result
-                    .clone()
-                    .map(|_| format!("linked {}", shared.join(", "))),
+                    .as_ref()
+                    .map(|_| format!("linked {}", shared.join(", ")))
+                    .map_err(ToString::to_string),
             );
         }
         result
     }
 
-    /// The whole deploy of a prepared release (`releases/<id>` exists).
-    pub async fn deploy(mut self) -> DeployReport {
-        let release = self.journal.release.clone();
-        if let Err(e) = self.persist(Phase::Prepared) {
-            return self.fail_before_switch(e).await;
-        }
-        // A review-app instance gets (or keeps) its port before any command runs.
-        if let Err(e) = ports::register(&self.journal.app, &self.journal.spec) {
-            return self.fail_before_switch(e).await;
-        }
-        if let Err(e) = self.link_shared() {
-            return self.fail_before_switch(e).await;
-        }
-        if let Err(e) = self.compose_prepare().await {
-            return self.fail_before_switch(e).await;
-        }
-        let migrate = self.journal.spec.migrate.clone();
-        match migrate {
-            Some(cmd) if !self.journal.skip_migrations => {
-                if let Err(e) = self.persist(Phase::Migrating) {
-                    return self.fail_before_switch(e).await;
-                }
-                if let Err(e) = self.command(Stage::Migrate, &cmd, &release).await {
-                    return self
-                        .fail_before_switch(format!("migration failed: {e}"))
-                        .await;
-                }
-            }
-            Some(_) => self
-                .events
-                .send(Stage::Migrate, "skipped (--skip-migrations)"),
-            None => {}
-        }
-        self.activate().await
+    /// Runs the deploy from where its journal's phase starts: a push from `Prepared`, a
+    /// rollback from `Switching`.
+    pub async fn start(self) -> DeployReport {
+        let step = Step::start(self.journal.phase);
+        self.drive(step).await
     }
 
-    /// Switch, restart, check health; roll back on failure; confirm on success.
-    pub async fn activate(mut self) -> DeployReport {
-        let release = self.journal.release.clone();
-        if let Err(e) = self.persist(Phase::Switching) {
-            return self.fail_before_switch(e).await;
+    /// The one driver loop: writes the step's phase to the journal, acts, and goes where
+    /// [`machine::next`] says, until the deploy is live, failed or rolled back.
+    pub async fn drive(mut self, mut step: Step) -> DeployReport {
+        loop {
+            let result = match step.phase() {
+                Some(phase) => self.persist(phase),
+                None => Ok(()),
+            };
+            let result = match result {
+                Ok(()) => self.act(step).await,
+                Err(e) => Err(e),
+            };
+            let error = result.err().map(|e| e.to_string());
+            match machine::next(step, error.is_none()) {
+                Next::Do(s) => step = s,
+                Next::Live => return self.finish(Outcome::Live, None),
+                Next::Fail => return self.fail_before_switch(error.unwrap_or_default()).await,
+                Next::RollBack => return self.roll_back(error.unwrap_or_default()).await,
+            }
         }
+    }
+
+    /// One step's effects. A failed restart or check collects what the services say.
+    async fn act(&mut self, step: Step) -> Result<(), StepError> {
+        let release = self.journal.release.clone();
+        match step {
+            Step::Prepare => self.prepare().await,
+            Step::Migrate => self.migrate(&release).await,
+            Step::Switch => self.switch(&release),
+            Step::Restart => {
+                let result = self.restart(&release).await;
+                if result.is_err() {
+                    self.diagnose(&release, Stage::Restart).await;
+                }
+                result.map_err(|e| e.context("restart failed"))
+            }
+            Step::Check => {
+                let result = self.check_health().await;
+                if result.is_err() {
+                    self.diagnose(&release, Stage::Health).await;
+                }
+                result
+            }
+            Step::Confirm => self.confirm(),
+        }
+    }
+
+    /// A review-app instance gets (or keeps) its port before any command runs; then the
+    /// shared links and, for compose, everything that can fail before anything changes.
+    async fn prepare(&mut self) -> Result<(), StepError> {
+        ports::register(&self.journal.app, &self.journal.spec).map_err(StepError::Refused)?;
+        self.link_shared()?;
+        self.compose_prepare().await
+    }
+
+    async fn migrate(&mut self, release: &str) -> Result<(), StepError> {
+        match self.journal.spec.migrate.clone() {
+            Some(cmd) if !self.journal.skip_migrations => self
+                .command(Stage::Migrate, &cmd, release)
+                .await
+                .map_err(|e| e.context("migration failed")),
+            Some(_) => {
+                self.events
+                    .send(Stage::Migrate, "skipped (--skip-migrations)");
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn switch(&mut self, release: &str) -> Result<(), StepError> {
         let t = Instant::now();
         self.events
             .send(Stage::Switch, format!("current -> releases/{release}"));
-        if let Err(e) = switch::switch(&self.layout, &release) {
+        if let Err(e) = switch::switch(&self.layout, release) {
             let msg = format!("could not switch current: {e}");
             self.step(Stage::Switch, t, Err(msg.clone()));
-            return self.fail_before_switch(msg).await;
+            return Err(StepError::Io(msg));
         }
         self.step(
             Stage::Switch,
             t,
             Ok(format!("current -> releases/{release}")),
         );
-        self.restart_and_check(Phase::Restarting).await
+        Ok(())
     }
 
-    /// From `Restarting` (run restart, then check) or `Checking` (check only).
-    pub async fn restart_and_check(mut self, from: Phase) -> DeployReport {
-        let release = self.journal.release.clone();
-        if from == Phase::Restarting {
-            if let Err(e) = self.persist(Phase::Restarting) {
-                return self.roll_back(e).await;
-            }
-            if let Err(e) = self.restart(&release).await {
-                self.diagnose(&release, Stage::Restart).await;
-                return self.roll_back(format!("restart failed: {e}")).await;
-            }
-        }
-        if let Err(e) = self.persist(Phase::Checking) {
-            return self.roll_back(e).await;
-        }
-        if let Err(e) = self.check_health().await {
-            self.diagnose(&release, Stage::Health).await;
-            return self.roll_back(e).await;
-        }
-        self.confirm().await
-    }
-
-    async fn confirm(mut self) -> DeployReport {
+    /// Marks the release live, prunes, and records the URL it passed.
+    fn confirm(&mut self) -> Result<(), StepError> {
         let release = self.journal.release.clone();
         // `current` may only rest on a release whose metadata says so: if the disk is
         // full (or anything else stops the write), the deploy fails and goes back.
@@ -657,7 +678,7 @@ impl Run {
                 crate::release::layout::describe_io(&self.layout.root, &e)
             );
             self.step(Stage::Health, t, Err(msg.clone()));
-            return self.roll_back(msg).await;
+            return Err(StepError::Io(msg));
         }
         if self.journal.action == Action::Deploy {
             let t = Instant::now();
@@ -688,7 +709,7 @@ impl Run {
         self.record_check(&release);
         self.events
             .send(Stage::Health, format!("release {release} is live"));
-        self.finish(Outcome::Live, None)
+        Ok(())
     }
 
     /// Ends a run that never switched `current` (used by recovery).
@@ -917,7 +938,7 @@ impl Run {
     }
 
     /// For a compose release: stops and removes its containers (volumes are kept).
-    async fn compose_down(&mut self, release: &str) -> Result<(), String> {
+    async fn compose_down(&mut self, release: &str) -> Result<(), StepError> {
         let Some(spec) = self.compose_spec(release) else {
             return Ok(());
         };
@@ -1006,7 +1027,7 @@ const LOGS_TAIL_BYTES: u64 = 16 * 1024;
 /// `error`, plus the last lines a failed command printed (compose's own message), on
 /// one line: this is the summary that history, status and annotations show; the whole
 /// output stays in the step's report.
-fn with_output(error: &str, output: &str) -> String {
+pub(super) fn with_output(error: &str, output: &str) -> String {
     let lines: Vec<&str> = output
         .lines()
         .map(str::trim)
@@ -1037,20 +1058,20 @@ fn stage_name(stage: Stage) -> &'static str {
 /// Links each `shared` path into the release. A path the release ships itself is
 /// replaced by the link. A shared path that does not exist yet is created: a file when
 /// its name has a dot (`.env`, `config/database.yml`), a directory otherwise (`log`).
-pub fn link_shared(layout: &Layout, release: &str, paths: &[String]) -> Result<(), String> {
+pub fn link_shared(layout: &Layout, release: &str, paths: &[String]) -> Result<(), StepError> {
     let dir = layout.release(release);
     for p in paths {
         let rel = Path::new(p);
         if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-            return Err(format!(
+            return Err(StepError::Refused(format!(
                 "shared path {p:?} must be relative, without `..` or `.`"
-            ));
+            )));
         }
         let source = layout.shared().join(rel);
         if std::fs::symlink_metadata(&source).is_err() {
             if let Some(parent) = source.parent() {
                 std::fs::create_dir_all(parent)
-                    .map_err(|e| format!("create {}: {e}", parent.display()))?;
+                    .map_err(|e| StepError::Io(format!("create {}: {e}", parent.display())))?;
             }
             let is_file = rel
                 .file_name()
@@ -1065,7 +1086,7 @@ pub fn link_shared(layout: &Layout, release: &str, paths: &[String]) -> Result<(
             } else {
                 std::fs::create_dir_all(&source)
             };
-            made.map_err(|e| format!("create {}: {e}", source.display()))?;
+            made.map_err(|e| StepError::Io(format!("create {}: {e}", source.display())))?;
         }
         let dest = dir.join(rel);
         if let Some(parent) = dest.parent() {
@@ -1074,21 +1095,26 @@ pub fn link_shared(layout: &Layout, release: &str, paths: &[String]) -> Result<(
                 .map(|m| m.file_type().is_symlink())
                 .unwrap_or(false)
             {
-                return Err(format!(
+                return Err(StepError::Refused(format!(
                     "shared path {p:?}: a parent in the release is a symlink"
-                ));
+                )));
             }
             std::fs::create_dir_all(parent)
-                .map_err(|e| format!("create {}: {e}", parent.display()))?;
+                .map_err(|e| StepError::Io(format!("create {}: {e}", parent.display())))?;
         }
         match std::fs::symlink_metadata(&dest) {
             Ok(m) if m.is_dir() => std::fs::remove_dir_all(&dest),
             Ok(_) => std::fs::remove_file(&dest),
             Err(_) => Ok(()),
         }
-        .map_err(|e| format!("replace {}: {e}", dest.display()))?;
-        std::os::unix::fs::symlink(&source, &dest)
-            .map_err(|e| format!("link {} -> {}: {e}", dest.display(), source.display()))?;
+        .map_err(|e| StepError::Io(format!("replace {}: {e}", dest.display())))?;
+        std::os::unix::fs::symlink(&source, &dest).map_err(|e| {
+            StepError::Io(format!(
+                "link {} -> {}: {e}",
+                dest.display(),
+                source.display()
+            ))
+        })?;
     }
     Ok(())
 }
