@@ -29,12 +29,13 @@ use proto::{
     ProtoError, ReleaseSpec, Stage, StepReport,
 };
 
-use crate::compose::{self, Compose, Project};
+use crate::command_env::command_env;
+use crate::compose::{self, Project};
 use crate::context::Shared;
 use crate::exec;
 use crate::history;
 use crate::lock::{LockGuard, Locks};
-use crate::ports::{self, Entry, compose_project, layout_of, port_free, update, vars};
+use crate::ports::{self, Entry, compose_project, layout_of, port_free, update};
 use crate::release::layout::{INSTANCES_DIR as DIR, Layout, app_dirs};
 
 /// Prefix of an instance dir being removed; never a valid name (it starts with `.`).
@@ -217,21 +218,11 @@ pub async fn destroy(
     })
 }
 
-/// The app's environment for a command run for instance `app` in `release`.
-fn command_env(app: &AppRef, layout: &Layout, release: &str) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::new();
-    env.insert("DEPLOY_APP".into(), app.name.clone());
-    env.insert("DEPLOY_RELEASE".into(), release.to_owned());
-    env.insert(
-        "DEPLOY_RELEASE_DIR".into(),
-        layout.release(release).display().to_string(),
-    );
+/// The app's environment for a command run for instance `app` in `release`: no
+/// deploy is in flight, so there is no previous release.
+fn current_env(app: &AppRef, layout: &Layout, release: &str) -> BTreeMap<String, String> {
     let version = layout.read_meta(release).and_then(|m| m.version);
-    env.insert("DEPLOY_VERSION".into(), version.unwrap_or_default());
-    env.insert("DEPLOY_PREVIOUS_RELEASE".into(), String::new());
-    env.insert("DEPLOY_TO".into(), layout.root.display().to_string());
-    env.extend(vars(app).into_iter().flatten());
-    env
+    command_env(app, layout, release, version, None)
 }
 
 type StopError = (String, Vec<StepReport>);
@@ -265,7 +256,7 @@ async fn stop(
         if let Err(e) = compose::check_spec(&recorded) {
             return Err((e, steps));
         }
-        let env = command_env(app, layout, &release);
+        let env = current_env(app, layout, &release);
         let run = |name: &'static str, argv: Vec<String>, timeout| {
             let env = env.clone();
             let dir = layout.release(&release);
@@ -285,26 +276,11 @@ async fn stop(
                 .await
             }
         };
-        let candidates = match &recorded.command {
-            Some(cmd) => vec![Compose::from_command(cmd).map_err(|e| (e, Vec::new()))?],
-            None => Compose::candidates().to_vec(),
-        };
-        let mut bin = None;
-        for c in candidates {
-            if run("compose-version", c.version(), Duration::from_secs(60))
-                .await
-                .is_ok()
-            {
-                bin = Some(c);
-                break;
-            }
-        }
-        let Some(bin) = bin else {
-            return Err((
-                "no working `docker compose` or `docker-compose` on this host".into(),
-                steps,
-            ));
-        };
+        let bin = compose::detect(recorded.command.as_deref(), |argv| {
+            run("compose-version", argv, compose::PROBE_TIMEOUT)
+        })
+        .await
+        .map_err(|(why, _)| (why, Vec::new()))?;
         match run(
             "compose-down",
             bin.down_volumes(Project::of(&recorded)),
@@ -324,7 +300,7 @@ async fn stop(
     let (Some(cmd), Some(release)) = (&spec.stop, current) else {
         return Ok(steps);
     };
-    let env = command_env(app, layout, release);
+    let env = current_env(app, layout, release);
     let result = exec::run(exec::Command {
         stage: Stage::Rollback,
         command: cmd,

@@ -9,6 +9,7 @@
 //!   health, confirm or roll back; its journal on disk and recovery at start.
 //! - [`ports`]: review-app names, ports and `DEPLOY_INSTANCE`/`DEPLOY_PORT`.
 //! - [`history`]: the history log.
+//! - [`command_env`]: the `DEPLOY_*` environment of every command run for an app.
 //! - [`release`]: release dirs ([`release::layout`]), safe unpack, `current` switch, prune.
 //! - [`fetch`]: sending a release back to the controller.
 //! - [`compose`]: the compose strategy's argvs (v1 and v2), detection order, and what a
@@ -18,6 +19,7 @@
 //! - [`lock`]: one deploy per app, freed when its holder goes away.
 //! - [`config`]: `/etc/deploy-agent/agent.toml` and its flags.
 
+pub mod command_env;
 pub mod compose;
 pub mod config;
 pub mod context;

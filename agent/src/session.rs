@@ -21,7 +21,7 @@ use crate::deploy::journal::{Journal, Phase};
 use crate::deploy::{Events, Run};
 use crate::history;
 use crate::lock::LockGuard;
-use crate::release::layout::{Layout, valid_release_id};
+use crate::release::layout::{Layout, release_id_problem};
 use crate::release::unpack;
 
 type Reply = Result<Response, ProtoError>;
@@ -530,9 +530,12 @@ impl Session {
         };
         let (layout, lock, mut journal) = prepared;
         let partial = layout.partial(&p.release);
-        let cleanup = |layout: &Layout| {
-            let _ = std::fs::remove_dir_all(layout.partial(&p.release));
-            let _ = Journal::clear(layout);
+        // Every way out of here but a finished release removes the partial dir and the
+        // journal, before the lock (declared earlier) is freed.
+        let mut upload = UploadGuard {
+            layout: layout.clone(),
+            release: p.release.clone(),
+            keep: false,
         };
         // Unpack on a blocking thread while the frames arrive.
         let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
@@ -569,7 +572,6 @@ impl Session {
                     None => {
                         drop(tx.take());
                         let _ = worker.await;
-                        cleanup(&layout);
                         tracing::info!(
                             app = %p.app.name,
                             "upload stalled for {stall:?}; discarded, lock freed"
@@ -580,7 +582,6 @@ impl Session {
                 _ = self.shared.shutdown_signal() => {
                     drop(tx.take());
                     let _ = worker.await;
-                    cleanup(&layout);
                     tracing::info!(
                         app = %p.app.name,
                         release = %p.release,
@@ -619,7 +620,6 @@ impl Session {
                     _ => {
                         drop(tx.take());
                         let _ = worker.await;
-                        cleanup(&layout);
                         return Ok(Err(bad("expected data or upload_end during an upload")));
                     }
                 },
@@ -627,7 +627,6 @@ impl Session {
                     // The controller went away mid-upload: leave nothing behind.
                     drop(tx.take());
                     let _ = worker.await;
-                    cleanup(&layout);
                     return Err(e.into());
                 }
             }
@@ -636,7 +635,6 @@ impl Session {
         let (result, (sha256, size)) = match worker.await {
             Ok(r) => r,
             Err(e) => {
-                cleanup(&layout);
                 return Ok(Err(ProtoError::new(
                     ErrorCode::Internal,
                     format!("unpack task: {e}"),
@@ -646,7 +644,6 @@ impl Session {
         let unpacked = match result {
             Ok(u) => u,
             Err(e) => {
-                cleanup(&layout);
                 let mut err = if e.is_refusal() {
                     ProtoError::new(
                         ErrorCode::BadArtifact,
@@ -665,7 +662,6 @@ impl Session {
             }
         };
         if sha256 != end.sha256 || size != end.size {
-            cleanup(&layout);
             return Ok(Err(ProtoError::new(
                 ErrorCode::ChecksumMismatch,
                 format!(
@@ -690,7 +686,6 @@ impl Session {
                 match built {
                     Ok(offer) => (offer.entries, offer.artifact_sha256),
                     Err(e) => {
-                        cleanup(&layout);
                         return Ok(Err(ProtoError::new(
                             ErrorCode::BadArtifact,
                             format!("delta upload refused: {e}; nothing was changed"),
@@ -704,7 +699,6 @@ impl Session {
         if let Some(expected) = &p.expect_content
             && *expected != content
         {
-            cleanup(&layout);
             return Ok(Err(ProtoError::new(
                 ErrorCode::BadArtifact,
                 format!(
@@ -727,10 +721,10 @@ impl Session {
             .and_then(|_| std::fs::rename(&partial, layout.release(&p.release)))
             .and_then(|_| journal.set(&layout, Phase::Prepared));
         if let Err(e) = finalize {
-            cleanup(&layout);
             let _ = std::fs::remove_dir_all(layout.release(&p.release));
             return Ok(Err(io_err("cannot finish the release dir", e)));
         }
+        upload.keep = true;
         let (etx, erx) = mpsc::unbounded_channel();
         Ok(Ok((Run::new(layout, journal, Events::new(etx), lock), erx)))
     }
@@ -743,11 +737,8 @@ impl Session {
         if let Some(v) = &p.version {
             proto::label::validate_label(v).map_err(bad)?;
         }
-        if !valid_release_id(&p.release) {
-            return Err(bad(format!(
-                "release id {:?} is not YYYYMMDDHHMMSS",
-                p.release
-            )));
+        if let Some(problem) = release_id_problem(&p.release) {
+            return Err(bad(problem));
         }
         let lock = self
             .lock_for(&p.app, &layout, &p.holder, p.version.clone())
@@ -964,6 +955,24 @@ impl Session {
             lock: self.shared.locks.holder(&layout.root),
             health,
         }))
+    }
+}
+
+/// An upload in progress: dropped without [`UploadGuard::keep`] set, it removes the
+/// partial release dir and the journal, so no exit path of a push can forget them.
+struct UploadGuard {
+    layout: Layout,
+    release: String,
+    /// Set once the upload is a release: then nothing is removed.
+    keep: bool,
+}
+
+impl Drop for UploadGuard {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(self.layout.partial(&self.release));
+            let _ = Journal::clear(&self.layout);
+        }
     }
 }
 

@@ -16,7 +16,7 @@ pub enum StepError {
     Command(#[from] ExecError),
     /// An agent command (compose, docker) failed; `output` is the end of what it printed
     /// (compose's own message), shown on the same line.
-    #[error("{}", super::run::with_output(&.source.to_string(), .output))]
+    #[error("{}", crate::exec::with_output(&.source.to_string(), .output))]
     Tool { source: ExecError, output: String },
     /// The health check did not pass; the message says what it answered.
     #[error("{0}")]

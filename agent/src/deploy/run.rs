@@ -20,7 +20,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::error::StepError;
 use super::journal::{Journal, Phase};
 use super::machine::{self, Next, Step};
-use crate::compose::{self, Compose, Project};
+use crate::command_env::command_env;
+use crate::compose::{self, Compose, PROBE_TIMEOUT, Project};
 use crate::exec;
 use crate::health;
 use crate::history;
@@ -102,28 +103,19 @@ impl Run {
 
     fn env(&self, release: &str) -> BTreeMap<String, String> {
         let j = &self.journal;
-        let mut env = BTreeMap::new();
-        env.insert("DEPLOY_APP".into(), j.app.name.clone());
-        env.insert("DEPLOY_RELEASE".into(), release.to_owned());
-        env.insert(
-            "DEPLOY_RELEASE_DIR".into(),
-            self.layout.release(release).display().to_string(),
-        );
         // The version of the release this command runs for (on a rollback, the old one).
         let version = if release == j.release {
             j.version.clone()
         } else {
             self.layout.read_meta(release).and_then(|m| m.version)
         };
-        env.insert("DEPLOY_VERSION".into(), version.unwrap_or_default());
-        env.insert(
-            "DEPLOY_PREVIOUS_RELEASE".into(),
-            j.previous.clone().unwrap_or_default(),
-        );
-        env.insert("DEPLOY_TO".into(), self.layout.root.display().to_string());
-        // A review-app instance: DEPLOY_INSTANCE and DEPLOY_PORT.
-        env.extend(ports::vars(&j.app).into_iter().flatten());
-        env
+        command_env(
+            &j.app,
+            &self.layout,
+            release,
+            version,
+            j.previous.as_deref(),
+        )
     }
 
     fn persist(&mut self, phase: Phase) -> Result<(), StepError> {
@@ -263,49 +255,32 @@ impl Run {
             .compose
             .as_ref()
             .and_then(|c| c.command.clone());
-        let candidates = match &configured {
-            Some(cmd) => vec![Compose::from_command(cmd).map_err(StepError::Refused)?],
-            None => Compose::candidates().to_vec(),
-        };
-        let mut tried = Vec::new();
-        let mut last = None;
-        for c in candidates {
-            match self
-                .exec_argv(
-                    Stage::Validate,
-                    "compose-version",
-                    &c.version(),
-                    release,
-                    Some(PROBE_TIMEOUT),
-                )
-                .await
-            {
-                Ok(_) => {
-                    self.events
-                        .send(Stage::Validate, format!("using `{}`", c.name()));
-                    self.compose = Some(c.clone());
-                    return Ok(c);
+        let this = &*self;
+        let found = compose::detect(configured.as_deref(), |argv| async move {
+            this.exec_argv(
+                Stage::Validate,
+                "compose-version",
+                &argv,
+                release,
+                Some(PROBE_TIMEOUT),
+            )
+            .await
+        })
+        .await;
+        match found {
+            Ok(c) => {
+                self.events
+                    .send(Stage::Validate, format!("using `{}`", c.name()));
+                self.compose = Some(c.clone());
+                Ok(c)
+            }
+            Err((why, last)) => {
+                if let Some(step) = last {
+                    self.steps.push(step);
                 }
-                Err((step, e)) => {
-                    tried.push(with_output(&e.to_string(), &step.output));
-                    last = Some(step);
-                }
+                Err(StepError::Refused(why))
             }
         }
-        if let Some(step) = last {
-            self.steps.push(step);
-        }
-        Err(StepError::Refused(match configured {
-            Some(cmd) => format!(
-                "compose_command `{cmd}` does not work on this host: {}",
-                tried.join("; ")
-            ),
-            None => format!(
-                "neither `docker compose` (v2) nor `docker-compose` (v1) works on this host \
-                 ({}); install one, or set compose_command",
-                tried.join("; ")
-            ),
-        }))
     }
 
     /// Everything that can fail before a compose release changes anything: the files,
@@ -1019,32 +994,8 @@ fn read_check(layout: &Layout, release: &str) -> Option<String> {
     v["url"].as_str().map(str::to_owned)
 }
 
-/// Limit for commands that only look (`docker info`, `version`, `ps`, `logs`).
-const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The compose logs of a failure report: 50 lines of a few services.
 const LOGS_TAIL_BYTES: u64 = 16 * 1024;
-
-/// `error`, plus the last lines a failed command printed (compose's own message), on
-/// one line: this is the summary that history, status and annotations show; the whole
-/// output stays in the step's report.
-pub(super) fn with_output(error: &str, output: &str) -> String {
-    let lines: Vec<&str> = output
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    if lines.is_empty() {
-        return error.to_owned();
-    }
-    let mut tail = lines[lines.len().saturating_sub(4)..].join(" | ");
-    if tail.len() > 600 {
-        let cut = (tail.len() - 600..tail.len())
-            .find(|i| tail.is_char_boundary(*i))
-            .unwrap_or(0);
-        tail.replace_range(..cut, "...");
-    }
-    format!("{error}: {tail}")
-}
 
 fn stage_name(stage: Stage) -> &'static str {
     match stage {
@@ -1122,20 +1073,6 @@ pub fn link_shared(layout: &Layout, release: &str, paths: &[String]) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_failure_summary_is_one_line_with_the_end_of_the_output() {
-        assert_eq!(with_output("`x` failed", "\n  \n"), "`x` failed");
-        let out = "Pulling web ...\n\nERROR: for web  boom\n  in \"./a.yml\", line 3\n";
-        assert_eq!(
-            with_output("pull failed", out),
-            "pull failed: Pulling web ... | ERROR: for web  boom | in \"./a.yml\", line 3"
-        );
-        let long = format!("{}\n", "é".repeat(1000));
-        let s = with_output("e", &long);
-        assert!(s.len() < 700 && s.starts_with("e: ...é"), "{s}");
-        assert!(!s.contains('\n'));
-    }
 
     #[test]
     fn shared_paths_are_linked_and_created() {

@@ -26,6 +26,11 @@ pub struct Layout {
 /// `<deploy_to>/instances`: review-app instances, each a whole layout of its own.
 pub const INSTANCES_DIR: &str = "instances";
 
+/// Why `id` is not a release id, in the words every request uses.
+pub fn release_id_problem(id: &str) -> Option<String> {
+    (!valid_release_id(id)).then(|| format!("release id {id:?} is not YYYYMMDDHHMMSS"))
+}
+
 pub fn valid_release_id(id: &str) -> bool {
     id.len() == 14 && id.bytes().all(|b| b.is_ascii_digit())
 }
