@@ -1,6 +1,9 @@
-//! The release lifecycle after the upload: link shared paths, migrate, switch, restart,
-//! check health, and confirm or roll back. Runs in its own task, owned by the agent: a
-//! controller that goes away changes nothing about how it ends.
+//! The deploy's executor: the effects of each step (link shared paths, migrate, switch,
+//! restart, check health, confirm) and of the ends (failed before the switch, rolled
+//! back, live), and the one driver loop ([`Run::drive`]) that writes the phase to the
+//! journal before a step acts and asks [`super::machine`] where to go next. Runs in its
+//! own task, owned by the agent: a controller that goes away changes nothing about how
+//! it ends.
 //!
 //! A compose release (`spec.compose`) goes the same way. Before the switch: Docker must
 //! answer, the files must parse (`config -q`) and, with `pull`, the images must pull;
