@@ -1076,6 +1076,106 @@ pub fn link_shared(layout: &Layout, release: &str, paths: &[String]) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lock::Locks;
+    use proto::{AppRef, ReleaseInfo, ReleaseSpec};
+
+    /// A prepared release `id` in a fresh app dir, and its run, with these commands.
+    async fn prepared_run(dir: &Path, id: &str, migrate: &str, restart: &str) -> (Layout, Run) {
+        let layout = Layout::new(dir);
+        layout.ensure().unwrap();
+        std::fs::create_dir_all(layout.release(id)).unwrap();
+        let info = ReleaseInfo {
+            id: id.into(),
+            version: None,
+            sha256: None,
+            created: history::now_rfc3339(),
+            status: ReleaseStatus::Prepared,
+            current: false,
+            content: None,
+        };
+        Layout::write_meta_in(&layout.release(id), &info).unwrap();
+        let journal = Journal {
+            action: Action::Deploy,
+            app: AppRef {
+                name: "app".into(),
+                deploy_to: dir.display().to_string(),
+                instance: None,
+            },
+            release: id.into(),
+            version: None,
+            previous: None,
+            holder: "t".into(),
+            started: history::now_rfc3339(),
+            skip_migrations: false,
+            spec: ReleaseSpec {
+                shared: vec![],
+                migrate: Some(migrate.into()),
+                restart: Some(restart.into()),
+                stop: None,
+                command_timeout_ms: 10_000,
+                keep_releases: 3,
+                health: None,
+                max_unpacked_bytes: 1 << 20,
+                compose: None,
+                instance: None,
+                redact: Vec::new(),
+            },
+            phase: Phase::Prepared,
+            error: None,
+            origin: None,
+        };
+        let info = proto::LockInfo {
+            holder: "t".into(),
+            version: None,
+            since: "now".into(),
+        };
+        let lock = Arc::new(Locks::default())
+            .acquire(dir, layout.lock_file(), info, Duration::ZERO)
+            .await
+            .unwrap();
+        let run = Run::new(layout.clone(), journal, Events::none(), Arc::new(lock));
+        (layout, run)
+    }
+
+    /// A command that succeeds only if the journal already says `phase`.
+    fn in_phase(phase: &str) -> String {
+        format!("grep -q '\"phase\": \"{phase}\"' \"$DEPLOY_TO/.deploy/journal.json\"")
+    }
+
+    #[tokio::test]
+    async fn the_driver_writes_each_phase_before_its_step_acts() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = "20260101000000";
+        let (layout, run) = prepared_run(
+            dir.path(),
+            id,
+            &in_phase("migrating"),
+            &in_phase("restarting"),
+        )
+        .await;
+        let report = run.start().await;
+        assert_eq!(report.outcome, Outcome::Live, "{:?}", report.error);
+        assert_eq!(layout.current_release().as_deref(), Some(id));
+        assert!(
+            !layout.journal().exists(),
+            "the journal goes when the run ends"
+        );
+        assert_eq!(history::read_history(&layout, 0).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_restart_rolls_back_with_a_typed_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, run) = prepared_run(dir.path(), "20260101000000", "true", "exit 3").await;
+        let report = run.start().await;
+        // No previous release: rolling back removes `current`.
+        assert_eq!(report.outcome, Outcome::RolledBack);
+        assert_eq!(
+            report.error.as_deref(),
+            Some("restart failed: `exit 3` exited with status 3")
+        );
+        assert!(layout.current_release().is_none());
+    }
 
     #[test]
     fn shared_paths_are_linked_and_created() {
