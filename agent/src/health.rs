@@ -2,17 +2,18 @@
 //! `interval` apart, each request bounded by `request_timeout`.
 //!
 //! The agent fetches the URL on the server itself, so it is nearly always a plain
-//! `http://127.0.0.1:PORT/...`; a small HTTP/1.1 client covers that without pulling a
-//! TLS stack into the agent. An `https://` URL is refused with a clear message.
+//! `http://127.0.0.1:PORT/...`; an `https://` URL is refused with a clear message. The
+//! requests go through the agent's one HTTP client, [`http_client`] (reqwest, the
+//! workspace's HTTP stack): it decodes chunked and Content-Length bodies alike. Only the
+//! first [`SNIPPET`] bytes of a body are read, so an endless body costs no memory.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use proto::{HealthReport, HealthSpec};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-const MAX_RESPONSE: usize = 64 * 1024;
-const SNIPPET: usize = 512;
+/// The most of a body kept (and read) for the report.
+pub const SNIPPET: usize = 512;
 
 /// One answer, or why there was none.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +27,17 @@ pub struct Target {
     pub host: String,
     pub port: u16,
     pub path: String,
+}
+
+impl Target {
+    /// `host:port`, with an IPv6 host in brackets.
+    fn addr(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
 }
 
 pub fn parse_url(url: &str) -> Result<Target, String> {
@@ -69,6 +81,27 @@ pub fn parse_url(url: &str) -> Result<Target, String> {
     })
 }
 
+/// The agent's one HTTP client (health checks, and anything else the agent fetches),
+/// built on first use so an agent that never fetches a URL never pays for it (the TLS
+/// roots). No proxy (the URL is on this server; a `HTTP_PROXY` in the agent's
+/// environment must not reroute it), no redirects (a 301 is an answer to report, as
+/// before), no idle connections kept (a restarted app must not be asked on a dead one).
+pub fn http_client() -> Result<&'static reqwest::Client, String> {
+    static CLIENT: OnceLock<Result<reqwest::Client, String>> = OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .user_agent(concat!("deploy-agent/", env!("CARGO_PKG_VERSION")))
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .pool_max_idle_per_host(0)
+                .build()
+                .map_err(|e| format!("cannot set up the HTTP client: {}", chain(&e)))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
 /// One GET, bounded by `timeout` from connect to the last byte read.
 pub async fn probe(target: &Target, timeout: Duration) -> Probe {
     match tokio::time::timeout(timeout, get(target)).await {
@@ -79,69 +112,72 @@ pub async fn probe(target: &Target, timeout: Duration) -> Probe {
 }
 
 async fn get(t: &Target) -> Result<Probe, String> {
-    let addr = if t.host.contains(':') {
-        format!("[{}]:{}", t.host, t.port)
-    } else {
-        format!("{}:{}", t.host, t.port)
-    };
-    let mut stream = TcpStream::connect(&addr)
+    let addr = t.addr();
+    let url = reqwest::Url::parse(&format!("http://{addr}{}", t.path))
+        .map_err(|e| format!("http://{addr}{}: {e}", t.path))?;
+    let mut resp = http_client()?
+        .get(url)
+        .header(reqwest::header::ACCEPT, "*/*")
+        .send()
         .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    let host_header = if t.port == 80 {
-        t.host.clone()
-    } else {
-        addr.clone()
-    };
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: deploy-agent/{}\r\nAccept: */*\r\nConnection: close\r\n\r\n",
-        t.path,
-        env!("CARGO_PKG_VERSION")
-    );
-    stream
-        .write_all(req.as_bytes())
-        .await
-        .map_err(|e| format!("send: {e}"))?;
-    let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 8192];
-    loop {
-        match stream.read(&mut chunk).await {
-            Ok(0) => break,
-            Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
-                if buf.len() >= MAX_RESPONSE {
-                    break;
-                }
+        .map_err(|e| {
+            if e.is_connect() {
+                format!("connect {addr}: {}", root_cause(&e))
+            } else {
+                format!("no HTTP answer from {addr}: {}", chain(&e))
             }
-            Err(e) if buf.is_empty() => return Err(format!("read: {e}")),
-            Err(_) => break,
+        })?;
+    let code = resp.status().as_u16();
+    // Read only as much as the snippet keeps; a broken body after the status line
+    // still leaves an answer (the status) and what came of the body.
+    let mut body = Vec::new();
+    while body.len() < SNIPPET {
+        match resp.chunk().await {
+            Ok(Some(c)) => body.extend_from_slice(&c[..c.len().min(SNIPPET - body.len())]),
+            Ok(None) | Err(_) => break,
         }
     }
-    parse_response(&buf)
-}
-
-fn parse_response(buf: &[u8]) -> Result<Probe, String> {
-    let text = String::from_utf8_lossy(buf);
-    let status_line = text.lines().next().unwrap_or_default();
-    let mut parts = status_line.split_whitespace();
-    let version = parts.next().unwrap_or_default();
-    if !version.starts_with("HTTP/") {
-        return Err(format!(
-            "not an HTTP response: {:?}",
-            truncate(status_line, 80)
-        ));
-    }
-    let code = parts
-        .next()
-        .and_then(|c| c.parse::<u16>().ok())
-        .ok_or_else(|| format!("bad status line: {:?}", truncate(status_line, 80)))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or_default();
     Ok(Probe::Status {
         code,
-        body: truncate(body, SNIPPET).to_owned(),
+        body: snippet(&body),
     })
+}
+
+/// The body's first bytes as text; a character cut at the end is dropped, not replaced.
+fn snippet(bytes: &[u8]) -> String {
+    let text = match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_owned(),
+        Err(e) if e.error_len().is_none() => {
+            String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned()
+        }
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    };
+    truncate(&text, SNIPPET).to_owned()
+}
+
+/// The error's causes below reqwest's own line ("error sending request for url ..."),
+/// which would repeat the URL the report already names.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = Vec::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        parts.push(c.to_string());
+        cur = c.source();
+    }
+    if parts.is_empty() {
+        e.to_string()
+    } else {
+        parts.join(": ")
+    }
+}
+
+/// The innermost cause: for a failed connect, the OS's reason ("Connection refused").
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(c) = cur.source() {
+        cur = c;
+    }
+    cur.to_string()
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -260,19 +296,80 @@ mod tests {
         assert!(parse_url("http://x:notaport/").is_err());
     }
 
-    #[test]
-    fn responses() {
-        assert_eq!(
-            parse_response(b"HTTP/1.1 503 Service Unavailable\r\nX: y\r\n\r\ndown").unwrap(),
-            Probe::Status {
-                code: 503,
-                body: "down".into()
+    /// A local HTTP server that reads one request per connection and writes `answer`
+    /// in the given pieces, `count` times.
+    async fn serve_raw(pieces: Vec<Vec<u8>>, count: usize) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            for _ in 0..count {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut b = [0u8; 1024];
+                let _ = s.read(&mut b).await;
+                for p in &pieces {
+                    if s.write_all(p).await.is_err() {
+                        break;
+                    }
+                    let _ = s.flush().await;
+                    tokio::task::yield_now().await;
+                }
             }
-        );
-        assert!(parse_response(b"SSH-2.0-OpenSSH\r\n").is_err());
+        });
+        port
+    }
+
+    // See: #15
+    #[tokio::test]
+    async fn a_chunked_body_is_decoded_in_the_report() {
+        let port = serve_raw(
+            vec![
+                b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+                b"5\r\ndatab\r\n".to_vec(),
+                b"c\r\nase is down\n\r\n".to_vec(),
+                b"0\r\n\r\n".to_vec(),
+            ],
+            1,
+        )
+        .await;
+        let r = wait_healthy(&spec(port, 1), |_, _| {}).await;
+        assert!(!r.healthy);
+        assert_eq!(r.last_status, Some(503));
+        assert_eq!(r.body_snippet.as_deref(), Some("database is down\n"));
+        assert_eq!(answer(&r), "status 503, body \"database is down\"");
+    }
+
+    #[tokio::test]
+    async fn an_endless_body_is_cut_at_the_snippet() {
+        let mut pieces = vec![b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec()];
+        // 16 MiB announced in 1 MiB chunks: the probe must stop reading long before.
+        let chunk = [b"100000\r\n".as_slice(), &[b'x'; 1 << 20], b"\r\n"].concat();
+        pieces.extend(std::iter::repeat_n(chunk, 16));
+        let port = serve_raw(pieces, 1).await;
+        let r = wait_healthy(&spec(port, 1), |_, _| {}).await;
+        assert!(r.healthy, "{r:?}");
+        assert_eq!(r.body_snippet.unwrap(), "x".repeat(SNIPPET));
+    }
+
+    #[tokio::test]
+    async fn a_non_http_answer_is_an_error() {
+        let port = serve_raw(vec![b"SSH-2.0-OpenSSH_9.2\r\n".to_vec()], 1).await;
+        let r = wait_healthy(&spec(port, 1), |_, _| {}).await;
+        assert!(!r.healthy);
+        assert_eq!(r.last_status, None);
+        let e = r.last_error.unwrap();
+        assert!(e.contains("no HTTP answer"), "{e}");
+    }
+
+    #[test]
+    fn a_cut_character_is_dropped() {
+        assert_eq!(snippet("h\u{e9}".as_bytes()), "h\u{e9}");
+        assert_eq!(snippet(&"h\u{e9}".as_bytes()[..2]), "h");
+        assert_eq!(snippet(b"\xff!"), "\u{fffd}!");
     }
 
     async fn serve(status: &'static str, count: usize) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         tokio::spawn(async move {
