@@ -241,6 +241,21 @@ impl AgentConfig {
     }
 }
 
+/// The gid of `socket_group`: a number is taken as is, a name is looked up through NSS
+/// (`getgrnam`), so groups from LDAP or sssd count as well as those in /etc/group.
+pub fn group_id(name: &str) -> Result<u32, ConfigError> {
+    if let Ok(n) = name.parse() {
+        return Ok(n);
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(ConfigError::Invalid(format!("no group named {name:?}"))),
+        Err(e) => Err(ConfigError::Invalid(format!(
+            "cannot look up group {name:?}: {e}"
+        ))),
+    }
+}
+
 /// Canonicalizes the longest existing prefix of `path` and appends the rest.
 fn resolve_existing_prefix(path: &Path) -> PathBuf {
     let mut existing = path.to_path_buf();
@@ -278,6 +293,20 @@ mod tests {
             allowed_roots: vec![root.to_path_buf()],
         })
         .unwrap()
+    }
+
+    #[test]
+    fn groups_are_looked_up_by_name_or_number() {
+        // gid 0 has a name on every system; getgrgid gives it, getgrnam must map it back.
+        let root = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(0))
+            .unwrap()
+            .unwrap();
+        assert_eq!(group_id(&root.name).unwrap(), 0);
+        assert_eq!(group_id("4242").unwrap(), 4242);
+        let e = group_id("no-such-group-agent-unit")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no-such-group-agent-unit"), "{e}");
     }
 
     #[test]

@@ -335,17 +335,10 @@ pub fn expiry_interval() -> Duration {
 
 fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    let ms = match unit.trim() {
-        "ms" => 1,
-        "" | "s" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => return None,
-    };
-    Some(Duration::from_millis(n.checked_mul(ms)?))
+    match s.parse::<u64>() {
+        Ok(secs) => Some(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(s).ok(),
+    }
 }
 
 /// Every `deploy_to` under `roots` that has instances (a registry or an `instances/`
@@ -477,18 +470,7 @@ fn report_expiry_failure(app: &AppRef, holder: &str, error: &str) {
 }
 
 fn humanize(d: Duration) -> String {
-    let ms = d.as_millis() as u64;
-    for (unit, n) in [
-        ("d", 86_400_000),
-        ("h", 3_600_000),
-        ("m", 60_000),
-        ("s", 1000),
-    ] {
-        if ms >= n && ms.is_multiple_of(n) {
-            return format!("{}{unit}", ms / n);
-        }
-    }
-    format!("{ms}ms")
+    humantime::format_duration(d).to_string()
 }
 
 #[cfg(test)]
@@ -515,8 +497,8 @@ mod tests {
         assert_eq!(parse_duration("3"), Some(Duration::from_secs(3)));
         assert_eq!(parse_duration("1m"), Some(Duration::from_secs(60)));
         assert_eq!(parse_duration("soon"), None);
-        assert_eq!(humanize(Duration::from_secs(7 * 86400)), "7d");
-        assert_eq!(humanize(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(humanize(Duration::from_secs(7 * 86400)), "7days");
+        assert_eq!(humanize(Duration::from_millis(1500)), "1s 500ms");
     }
 
     #[tokio::test]

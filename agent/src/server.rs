@@ -62,9 +62,9 @@ pub fn bind(config: &AgentConfig) -> anyhow::Result<UnixListener> {
     let path = &config.socket;
     // Resolve the group first: an unknown group must not leave a socket file behind.
     let gid = match &config.socket_group {
-        Some(group) => Some(group_id(group).with_context(|| {
+        Some(group) => Some(crate::config::group_id(group).with_context(|| {
             format!(
-                "unknown socket_group {group:?} (not a group name in /etc/group nor a number); \
+                "unknown socket_group {group:?} (no such group in `getent group`, nor a number); \
                  create it (groupadd {group}) or fix socket_group in agent.toml"
             )
         })?),
@@ -111,24 +111,6 @@ pub fn bind(config: &AgentConfig) -> anyhow::Result<UnixListener> {
         return Err(e);
     }
     Ok(listener)
-}
-
-/// Looks a group up in /etc/group (a numeric gid is taken as is).
-fn group_id(name: &str) -> anyhow::Result<u32> {
-    if let Ok(n) = name.parse() {
-        return Ok(n);
-    }
-    let text = std::fs::read_to_string("/etc/group")?;
-    text.lines()
-        .filter_map(|l| {
-            let mut f = l.split(':');
-            let n = f.next()?;
-            let _ = f.next();
-            let gid = f.next()?.parse().ok()?;
-            (n == name).then_some(gid)
-        })
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("no such group in /etc/group"))
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
