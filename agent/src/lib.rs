@@ -14,6 +14,7 @@
 //!   release records about its compose project.
 //! - [`exec`]: running the app's commands; [`health`]: polling its health URL.
 //! - [`config`]: `/etc/deploy-agent/agent.toml` and its flags.
+//! - [`plan`]: read-only answers for `deployctl push --plan` (the delta a push would need).
 //! - [`instances`]: review apps: `instances/<name>/` layouts, their ports, destroy and
 //!   expiry.
 
@@ -26,6 +27,7 @@ pub mod health;
 pub mod instances;
 pub mod journal;
 pub mod lock;
+pub mod plan;
 pub mod recover;
 pub mod release;
 pub mod server;
