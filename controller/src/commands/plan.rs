@@ -171,7 +171,7 @@ impl Plan {
         }
         crate::out!("{head}");
         if let Some(a) = &self.artifact {
-            crate::out!("  artifact: {} ({})", a.path, size(a.size));
+            crate::out!("  artifact: {}, {}", a.path, size(a.size));
         }
         match self.max_parallel {
             Some(p) => {
@@ -245,9 +245,9 @@ impl Plan {
 
 fn size(bytes: u64) -> String {
     if bytes < 1024 {
-        format!("{bytes} B")
+        format!("{bytes} bytes")
     } else {
-        format!("{} ({bytes} bytes)", mib(bytes))
+        format!("{bytes} bytes = {}", mib(bytes))
     }
 }
 
