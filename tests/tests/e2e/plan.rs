@@ -437,3 +437,34 @@ url = "http://127.0.0.1:${APP_PORT}/health?token=${API_TOKEN}"
     man.assert_exit(0);
     assert!(man.stdout.contains("secrets"), "{man}");
 }
+
+#[test]
+fn a_plan_fails_like_the_push_on_an_unknown_host_key_or_a_bad_artifact() {
+    let s = site();
+    let v1 = artifact(&s.env, "v1", 4, 1_001);
+    let not_gzip = s.env.write("notes.txt", "not an artifact\n");
+    let out = push(&s, &not_gzip, "v1", &["--plan", "--json"]);
+    out.assert_exit(2);
+    let doc = out.json();
+    assert_eq!(doc["exit_code"], 2, "{doc}");
+    assert!(
+        doc["error"].as_str().unwrap().contains("notes.txt"),
+        "{doc}"
+    );
+    let real = push(&s, &not_gzip, "v1", &[]);
+    real.assert_exit(2);
+
+    // A host whose key is not known: exit 3, as for every command.
+    s.env.write("known_hosts", "");
+    let before = snapshot(&s.agent.root);
+    let out = push(&s, &v1, "v1", &["--plan", "--json"]);
+    out.assert_exit(3);
+    let doc = out.json();
+    assert_eq!(doc["hosts"][0]["exit_code"], 3, "{doc}");
+    assert!(doc["hosts"][0]["error"].is_string(), "{doc}");
+    assert_eq!(snapshot(&s.agent.root), before);
+    assert!(
+        s.env.read("known_hosts").is_empty(),
+        "a plan records no host key"
+    );
+}
