@@ -127,9 +127,10 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         Command::Rollback {
             env,
             to,
+            lock_wait,
             plan: true,
             ..
-        } => plan::rollback(cli, &env.env, to.clone(), env.json).await,
+        } => plan::rollback(cli, &env.env, to.clone(), *lock_wait, env.json).await,
         Command::Rollback {
             env,
             to,

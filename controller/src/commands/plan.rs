@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use proto::{LockInfo, ReleaseInfo, ReleaseStatus};
 use serde::Serialize;
@@ -387,11 +388,23 @@ async fn survey(env: &Environment, plan: &mut Plan) -> Vec<Seen> {
 }
 
 /// The lock check of the real command (`lock_all`, in host-name order): who holds it.
-fn check_locks(env: &Environment, seen: &[Seen], plan: &mut Plan) {
+/// With `--lock-wait` the real command would wait for it rather than fail.
+fn check_locks(env: &Environment, seen: &[Seen], wait: Option<Duration>, plan: &mut Plan) {
     let mut order: Vec<&Seen> = seen.iter().collect();
     order.sort_by(|a, b| a.conn.name.cmp(&b.conn.name));
     for s in order {
         if let Some(h) = &s.lock {
+            if let Some(w) = wait {
+                plan.notes.push(format!(
+                    "{}: the lock is held by {} since {}; the real command would wait up to \
+                     {} for it (--lock-wait)",
+                    s.conn.name,
+                    h.holder,
+                    h.since,
+                    humantime::format_duration(w)
+                ));
+                continue;
+            }
             plan.fail(Failure::new(
                 exit::LOCKED,
                 format!("{}: {}", s.conn.name, locked_message(env, h)),
@@ -460,7 +473,7 @@ async fn plan_deploy(env: &Environment, args: &PushArgs, artifact: &Path, plan: 
         plan.fail(Failure::usage(e));
     }
     let mut seen = survey(env, plan).await;
-    check_locks(env, &seen, plan);
+    check_locks(env, &seen, args.lock_wait, plan);
     let mut conns: Vec<HostConn> = Vec::new();
     let mut info = Vec::new();
     for s in seen.drain(..) {
@@ -504,7 +517,7 @@ async fn plan_deploy(env: &Environment, args: &PushArgs, artifact: &Path, plan: 
             lock: lock.clone(),
             ..HostPlan::default()
         };
-        if let Some(l) = &lock {
+        if let Some(l) = lock.as_ref().filter(|_| args.lock_wait.is_none()) {
             row.exit_code = exit::LOCKED;
             row.error = Some(locked_message(env, l));
         }
@@ -767,6 +780,7 @@ pub async fn rollback(
     cli: &Cli,
     env_name: &str,
     to: Option<String>,
+    lock_wait: Option<Duration>,
     json: bool,
 ) -> Result<u8, Failure> {
     let env = load_env(cli, env_name)?;
@@ -782,7 +796,7 @@ pub async fn rollback(
             .push("confirm = true: the real rollback asks first (or needs --yes)".into());
     }
     let seen = survey(&env, &mut plan).await;
-    check_locks(&env, &seen, &mut plan);
+    check_locks(&env, &seen, lock_wait, &mut plan);
     // With --to, the real rollback first checks every host has it.
     if let Some(to) = &to {
         let missing: Vec<&str> = seen
@@ -823,6 +837,7 @@ pub async fn rollback(
             }
         }
         if row.error.is_none()
+            && lock_wait.is_none()
             && let Some(l) = &s.lock
         {
             row.exit_code = exit::LOCKED;

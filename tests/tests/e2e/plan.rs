@@ -210,7 +210,7 @@ fn push_plan_changes_nothing_and_counts_only_the_delta() {
 #[test]
 fn a_plan_reports_the_held_lock_with_exit_4() {
     let s = Site::ssh(SshdOptions::default());
-    s.write_config("", "[defaults.release]\nmigrate = \"sleep 6\"\n");
+    s.write_config("", "[defaults.release]\nmigrate = \"sleep 10\"\n");
     let v1 = artifact(&s.env, "v1", 4, 1_001);
     let mut holder = Command::new(bin("deployctl"))
         .current_dir(s.env.root())
@@ -251,6 +251,10 @@ fn a_plan_reports_the_held_lock_with_exit_4() {
     let out = s.run(&["rollback", "test", "--plan"]);
     out.assert_exit(4);
     assert!(out.stdout.contains("lock: held by"), "{out}");
+    // With --lock-wait the real push would wait: the plan says so and goes ahead.
+    let out = push(&s, &v1, "v1", &["--plan", "--lock-wait", "2m"]);
+    out.assert_exit(0);
+    assert!(out.stdout.contains("would wait up to 2m"), "{out}");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(st) = holder.try_wait().unwrap() {
