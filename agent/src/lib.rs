@@ -23,6 +23,8 @@
 //!      `DEPLOY_INSTANCE`/`DEPLOY_PORT`;
 //!    - [`history`]: the history log, and the agent's clock format;
 //!    - [`fetch`]: sending a release back to the controller.
+//!    - [`plan`]: read-only answers for `deployctl push --plan` (the delta a push would
+//!      need), changing nothing on disk.
 //! 6. Low-level pieces with no knowledge of a deploy:
 //!    - [`release`]: release dirs and paths ([`release::layout`], also the one walker of
 //!      app dirs), safe unpack, delta uploads, the `current` switch, prune;
@@ -44,6 +46,7 @@ pub mod health;
 pub mod history;
 pub mod instances;
 pub mod lock;
+pub mod plan;
 pub mod ports;
 pub mod release;
 pub mod server;

@@ -349,6 +349,13 @@ impl Session {
                 }
                 Request::UploadEnd(_) => Err(bad("upload_end without push")),
                 Request::DeltaOffer(_) => Err(bad("delta_offer outside an upload")),
+                Request::DeltaPlan(p) => match self.layout(&p.app) {
+                    Ok(l) => crate::plan::delta_need(l, p.offer)
+                        .await
+                        .map(|files| Response::DeltaNeed(proto::DeltaNeed { files }))
+                        .map_err(|e| ProtoError::new(ErrorCode::Internal, e)),
+                    Err(e) => Err(e),
+                },
                 Request::Rollback(r) => {
                     let app = r.app.clone();
                     let run = self.rollback(r).await;

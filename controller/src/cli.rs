@@ -12,6 +12,8 @@ Examples:
   deployctl push production --yes
   BACKEND_IMAGE=ghcr.io/org/backend:$GITHUB_SHA deployctl push edge --version \"$GITHUB_SHA\"
   deployctl rollback production --to 20261122214450
+  deployctl push production --plan
+  deployctl config production
   deployctl status production --json
   deployctl push review --instance pr-42
   deployctl destroy review --instance pr-42
@@ -62,7 +64,7 @@ pub struct EnvArgs {
 pub enum Command {
     /// Deploy a release to every host of an environment
     #[command(
-        after_help = "Examples:\n  deployctl push staging\n  deployctl push production --artifact dist/app.tar.gz --version v1.4.2 --yes"
+        after_help = "Examples:\n  deployctl push staging\n  deployctl push production --artifact dist/app.tar.gz --version v1.4.2 --yes\n  deployctl push production --artifact dist/app.tar.gz --plan"
     )]
     Push {
         #[command(flatten)]
@@ -99,10 +101,15 @@ pub enum Command {
         /// Upload the whole artifact even to hosts that have earlier releases (no delta)
         #[arg(long)]
         no_delta: bool,
+        /// Show what would happen (per host: current -> new release, bytes to send, migrations,
+        /// lock, disk, batches) and change nothing: exit 0, or the code the real command would
+        /// fail with
+        #[arg(long)]
+        plan: bool,
     },
     /// Deploy to TO exactly the release that is live on FROM (same content, byte for byte)
     #[command(
-        after_help = "Examples:\n  deployctl promote staging production --yes\n  deployctl promote staging production --version v1.4.2 --yes"
+        after_help = "Examples:\n  deployctl promote staging production --yes\n  deployctl promote staging production --version v1.4.2 --yes\n  deployctl promote staging production --plan --json"
     )]
     Promote {
         /// Where the release is live now, e.g. staging
@@ -122,10 +129,15 @@ pub enum Command {
         json: bool,
         #[arg(long, value_parser = parse_duration)]
         lock_wait: Option<std::time::Duration>,
+        /// Show what would happen (per host: current -> new release, bytes to send, migrations,
+        /// lock, disk, batches) and change nothing: exit 0, or the code the real command would
+        /// fail with
+        #[arg(long)]
+        plan: bool,
     },
     /// Switch back to an earlier release (the previous one by default)
     #[command(
-        after_help = "Examples:\n  deployctl rollback production\n  deployctl rollback production --to 20261122214450\n  deployctl rollback production --to v1.4.1"
+        after_help = "Examples:\n  deployctl rollback production\n  deployctl rollback production --to 20261122214450\n  deployctl rollback production --to v1.4.1\n  deployctl rollback production --to v1.4.1 --plan"
     )]
     Rollback {
         #[command(flatten)]
@@ -137,6 +149,11 @@ pub enum Command {
         yes: bool,
         #[arg(long, value_parser = parse_duration)]
         lock_wait: Option<std::time::Duration>,
+        /// Show what would happen (per host: current -> new release, bytes to send, migrations,
+        /// lock, disk, batches) and change nothing: exit 0, or the code the real command would
+        /// fail with
+        #[arg(long)]
+        plan: bool,
     },
     /// Per host: current release, version, health, last deploy
     Status {
@@ -179,6 +196,22 @@ pub enum Command {
         #[arg(add = ArgValueCandidates::new(environment_names))]
         env: String,
         /// Print one JSON document with per-host results
+        #[arg(long)]
+        json: bool,
+    },
+    /// The resolved configuration of ENV, secrets masked
+    #[command(
+        long_about = "Print the configuration of ENV as deployctl resolves it: [defaults] merged \
+into [environments.ENV], DEPLOYCTL_* overrides and ${VAR} applied, built-in defaults filled \
+in. The values of variables named in `secrets` (and the env file's values of those keys) \
+never appear: they show as ***, wherever they were expanded. Connects to nothing.",
+        after_help = "Examples:\n  deployctl config production\n  DEPLOYCTL_HOSTS=web-9 deployctl config production --json"
+    )]
+    Config {
+        /// The environment, e.g. staging or production
+        #[arg(add = ArgValueCandidates::new(environment_names))]
+        env: String,
+        /// Print one JSON document
         #[arg(long)]
         json: bool,
     },

@@ -82,24 +82,25 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             lock_wait,
             force,
             no_delta,
+            plan,
         } => {
             cli::check_label(version.as_deref())?;
-            push::run(
-                cli,
-                push::PushArgs {
-                    env: env.env.clone(),
-                    json: env.json,
-                    artifact: artifact.clone(),
-                    compose: compose.clone(),
-                    version: version.clone(),
-                    skip_migrations: *skip_migrations,
-                    yes: *yes,
-                    lock_wait: *lock_wait,
-                    force: *force,
-                    no_delta: *no_delta,
-                },
-            )
-            .await
+            let args = push::PushArgs {
+                env: env.env.clone(),
+                json: env.json,
+                artifact: artifact.clone(),
+                compose: compose.clone(),
+                version: version.clone(),
+                skip_migrations: *skip_migrations,
+                yes: *yes,
+                lock_wait: *lock_wait,
+                force: *force,
+                no_delta: *no_delta,
+            };
+            if *plan {
+                return plan::push(cli, args).await;
+            }
+            push::run(cli, args).await
         }
         Command::Promote {
             from,
@@ -108,26 +109,36 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             yes,
             json,
             lock_wait,
+            plan,
         } => {
-            promote::run(
-                cli,
-                promote::PromoteArgs {
-                    from: from.clone(),
-                    to: to.clone(),
-                    version: version.clone(),
-                    yes: *yes,
-                    json: *json,
-                    lock_wait: *lock_wait,
-                },
-            )
-            .await
+            let args = promote::PromoteArgs {
+                from: from.clone(),
+                to: to.clone(),
+                version: version.clone(),
+                yes: *yes,
+                json: *json,
+                lock_wait: *lock_wait,
+            };
+            if *plan {
+                return plan::promote(cli, args).await;
+            }
+            promote::run(cli, args).await
         }
+        Command::Rollback {
+            env,
+            to,
+            lock_wait,
+            plan: true,
+            ..
+        } => plan::rollback(cli, &env.env, to.clone(), *lock_wait, env.json).await,
         Command::Rollback {
             env,
             to,
             yes,
             lock_wait,
+            plan: false,
         } => rollback::run(cli, &env.env, to.clone(), *yes, *lock_wait, env.json).await,
+        Command::Config { env, json } => commands::config::run(cli, env, *json),
         Command::Status { env } => info::run(cli, &env.env, info::What::Status, env.json).await,
         Command::Releases { env } => info::run(cli, &env.env, info::What::Releases, env.json).await,
         Command::History { env, limit } => {

@@ -61,6 +61,9 @@ pub enum Request {
     Destroy(Destroy),
     /// Lists the review-app instances of an app.
     Instances(Instances),
+    /// Read-only (`--plan`): which files of an offer a push would have to carry, asked
+    /// outside any upload. Answered with [`DeltaNeed`]; changes nothing on the host.
+    DeltaPlan(DeltaPlan),
 }
 
 /// What the agent sends.
@@ -91,6 +94,7 @@ pub enum Response {
 rpc!(Hello => Hello(HelloReply));
 rpc!(Fetch => FetchReady(FetchReady));
 rpc!(DeltaOffer => DeltaNeed(DeltaNeed));
+rpc!(DeltaPlan => DeltaNeed(DeltaNeed));
 rpc!(Check => Check(CheckReply));
 rpc!(Lock => Lock(LockInfo));
 rpc!(Unlock => Unlocked(Unlocked));
@@ -479,6 +483,14 @@ pub struct DeltaOffer {
 pub struct DirEntry {
     pub path: String,
     pub mode: u32,
+}
+
+/// `deployctl push --plan`: the [`DeltaNeed`] a push of `offer` would get now, without
+/// starting one (no lock, no partial release, no journal). Only `offer.entries` counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaPlan {
+    pub app: AppRef,
+    pub offer: DeltaOffer,
 }
 
 /// Indices into `DeltaOffer::entries` of the files the upload must carry.

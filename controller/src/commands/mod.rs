@@ -3,9 +3,11 @@
 
 pub mod bootstrap;
 pub mod check;
+pub mod config;
 pub mod destroy;
 pub mod info;
 pub mod instances;
+pub mod plan;
 pub mod promote;
 pub mod push;
 pub mod rollback;

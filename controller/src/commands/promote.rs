@@ -99,7 +99,7 @@ pub async fn run(cli: &Cli, args: PromoteArgs) -> Result<u8, Failure> {
 
 /// The release to promote: the one with `label`, or the current one, and the same on
 /// every host; live (healthy when it went live, and now, for the current one).
-async fn pick(
+pub(super) async fn pick(
     conns: &mut [crate::transport::HostConn],
     env: &crate::config::Environment,
     label: Option<&str>,
@@ -203,7 +203,7 @@ async fn pick(
 
 /// Downloads the release from the first host into a temp file and checks that its
 /// content digest is the one the agent recorded at deploy time.
-async fn fetch(
+pub(super) async fn fetch(
     conns: &mut [crate::transport::HostConn],
     env: &crate::config::Environment,
     release: &ReleaseInfo,

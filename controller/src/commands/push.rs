@@ -106,7 +106,7 @@ pub async fn run(cli: &Cli, args: PushArgs) -> Result<u8, Failure> {
 
 /// `promote_from`: the artifact's content must have been live on every host of the
 /// source environment. `--force` pushes anyway, loudly, and says so in the history.
-async fn gate(
+pub(super) async fn gate(
     cli: &Cli,
     env: &Environment,
     from: &str,
@@ -690,7 +690,7 @@ async fn upload_delta(
 /// The id for this rollout: now, or one second past the newest release on any host, so
 /// ids stay unique and sort in deploy order even for pushes within the same second.
 /// Also says whether any host already has a release (then a delta upload may pay).
-async fn next_release_id(
+pub(super) async fn next_release_id(
     conns: &mut [HostConn],
     env: &Environment,
 ) -> Result<(String, bool), Failure> {

@@ -793,3 +793,35 @@ fn delta_offer_and_need() {
         json!({"type": "delta_need", "params": {"files": [0, 7]}}),
     );
 }
+
+#[test]
+fn delta_plan() {
+    use crate::manifest::Entry;
+    golden(
+        Request::DeltaPlan(DeltaPlan {
+            app: app(),
+            offer: DeltaOffer {
+                entries: vec![Entry::File {
+                    path: "VERSION".into(),
+                    mode: 0o644,
+                    size: 3,
+                    sha256: "cc".repeat(32),
+                }],
+                dirs: Vec::new(),
+                artifact_sha256: "dd".repeat(32),
+                artifact_size: 512,
+            },
+        }),
+        json!({"type": "delta_plan", "params": {
+            "app": app_json(),
+            "offer": {
+                "entries": [
+                    {"kind": "file", "path": "VERSION", "mode": 420, "size": 3, "sha256": "cc".repeat(32)},
+                ],
+                "dirs": [],
+                "artifact_sha256": "dd".repeat(32),
+                "artifact_size": 512,
+            },
+        }}),
+    );
+}

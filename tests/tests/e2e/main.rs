@@ -16,6 +16,7 @@ mod hardening_controller;
 mod hardening_input;
 mod jump;
 mod layers;
+mod plan;
 mod promote;
 mod release;
 mod review_apps;
