@@ -19,6 +19,7 @@ pub mod codec;
 pub mod error;
 pub mod label;
 pub mod manifest;
+pub mod dayops;
 pub mod messages;
 
 pub use error::{ErrorCode, ProtoError};
