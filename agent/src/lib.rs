@@ -13,6 +13,8 @@
 //! - [`compose`]: the compose strategy's argvs (v1 and v2), detection order, and what a
 //!   release records about its compose project.
 //! - [`exec`]: running the app's commands; [`health`]: polling its health URL.
+//! - [`logs`] (`deployctl logs`) and [`oneoff`] (`deployctl exec`): day-two streams,
+//!   over [`pump`] (bounded, masked line streams to the controller).
 //! - [`config`]: `/etc/deploy-agent/agent.toml` and its flags.
 //! - [`instances`]: review apps: `instances/<name>/` layouts, their ports, destroy and
 //!   expiry.
@@ -26,6 +28,9 @@ pub mod health;
 pub mod instances;
 pub mod journal;
 pub mod lock;
+pub mod logs;
+pub mod oneoff;
+pub mod pump;
 pub mod recover;
 pub mod release;
 pub mod server;
