@@ -17,6 +17,8 @@ Examples:
   deployctl status production --json
   deployctl push review --instance pr-42
   deployctl destroy review --instance pr-42
+  deployctl logs production -n 50 -f
+  deployctl exec production -- bin/rails db:migrate:status
   deployctl demo";
 
 #[derive(Parser, Debug)]
@@ -230,6 +232,18 @@ Exit codes: 0 ok; 1 installing or verifying failed on a host; 2 usage or configu
         #[arg(long, value_name = "GROUP", default_value = "deploy")]
         socket_group: String,
     },
+    /// The app's log lines from every host, prefixed by host ([release] logs, or compose)
+    #[command(
+        long_about = crate::commands::logs::LONG_ABOUT,
+        after_help = "Examples:\n  deployctl logs production\n  deployctl logs production -n 20 --host web1.example.com\n  deployctl logs staging --since 10m -f"
+    )]
+    Logs(crate::commands::logs::LogsArgs),
+    /// Run a one-off command in the live release (or a compose service) with the deploy variables
+    #[command(
+        long_about = crate::commands::exec::LONG_ABOUT,
+        after_help = "Examples:\n  deployctl exec production -- bin/rails db:migrate:status\n  deployctl exec production --all --json -- cat VERSION\n  deployctl exec production --lock -- sh -c 'bin/fix-data && echo done'\n  deployctl exec edge --service web -- env\n  deployctl exec production --release 20261122214450 -- ls"
+    )]
+    Exec(crate::commands::exec::ExecArgs),
     /// Write a commented deploy.toml to start from
     #[command(
         after_help = "Examples:\n  deployctl init\n  deployctl init --app shop --config deploy/deploy.toml"

@@ -395,6 +395,18 @@ pub struct ReleaseConfig {
     /// or a string like `"10GiB"` / `"500MB"` (KiB/MiB/GiB/TiB are 1024-based,
     /// KB/MB/GB/TB 1000-based). Default `10GiB`.
     pub max_unpacked_bytes: u64,
+    /// Where `deployctl logs` reads: `{ unit = "myapp" }` or `{ files = ["log/*.log"] }`.
+    /// Default: none.
+    pub logs: Option<LogsConfig>,
+}
+
+/// `[release] logs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogsConfig {
+    /// The systemd journal of this unit.
+    Unit(String),
+    /// Globs relative to the current release.
+    Files(Vec<String>),
 }
 
 /// `[health]`: checked by the agent, on the server. Present only when `url` is set.
@@ -852,6 +864,7 @@ impl Config {
                     }
                 }
             },
+            logs: None,
         };
 
         let hl = &l.health;
@@ -2178,6 +2191,7 @@ hosts = ["staging-1"]
                 stop: Some("sudo systemctl stop myapp".into()),
                 timeout: Duration::from_secs(300),
                 max_unpacked_bytes: 10 << 30,
+                logs: None,
             }
         );
         assert_eq!(

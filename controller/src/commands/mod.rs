@@ -4,8 +4,10 @@
 pub mod bootstrap;
 pub mod check;
 pub mod destroy;
+pub mod exec;
 pub mod info;
 pub mod instances;
+pub mod logs;
 pub mod promote;
 pub mod push;
 pub mod rollback;
