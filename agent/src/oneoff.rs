@@ -14,15 +14,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use proto::codec::Connection;
-use proto::{AppRef, ComposeSpec, ErrorCode, Exec, ExecEnd, ProtoError};
+use proto::{AppRef, ComposeSpec, ErrorCode, Exec, ExecEnd, ProtoError, Stage};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::compose::{Compose, Project};
 use crate::pump::{self, Bounds, Ending, Masker};
 use crate::release::layout::{Layout, valid_release_id};
-
-/// How long probing for a compose binary may take.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The release a command runs in: `wanted`, or `current`. A release that is not there
 /// is refused, naming it.
@@ -65,19 +62,8 @@ pub fn resolve_release(layout: &Layout, wanted: Option<&str>) -> Result<String, 
 
 /// The `DEPLOY_*` variables of a command run for `app` in `release`.
 pub fn env(app: &AppRef, layout: &Layout, release: &str) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::new();
-    env.insert("DEPLOY_APP".into(), app.name.clone());
-    env.insert("DEPLOY_RELEASE".into(), release.to_owned());
-    env.insert(
-        "DEPLOY_RELEASE_DIR".into(),
-        layout.release(release).display().to_string(),
-    );
     let version = layout.read_meta(release).and_then(|m| m.version);
-    env.insert("DEPLOY_VERSION".into(), version.unwrap_or_default());
-    env.insert("DEPLOY_PREVIOUS_RELEASE".into(), String::new());
-    env.insert("DEPLOY_TO".into(), layout.root.display().to_string());
-    env.extend(crate::instances::vars(app).into_iter().flatten());
-    env
+    crate::command_env::command_env(app, layout, release, version, None)
 }
 
 /// The compose command (configured, or detected: v2 first) and the project of
@@ -89,32 +75,32 @@ pub async fn compose_of(
     now: &ComposeSpec,
 ) -> Result<(Compose, ComposeSpec), ProtoError> {
     let mut spec = crate::compose::recorded(&layout.release(release)).unwrap_or(now.clone());
-    spec.project = crate::instances::compose_project(app, &now.project);
-    let candidates = match &now.command {
-        Some(c) => vec![Compose::from_command(c).map_err(|e| ProtoError::new(ErrorCode::BadRequest, e))?],
-        None => Compose::candidates().to_vec(),
-    };
-    let mut tried = Vec::new();
-    for c in candidates {
-        let argv = c.version();
-        let mut probe = tokio::process::Command::new(&argv[0]);
-        probe
-            .args(&argv[1..])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true);
-        match tokio::time::timeout(PROBE_TIMEOUT, probe.status()).await {
-            Ok(Ok(s)) if s.success() => return Ok((c, spec)),
-            Ok(Ok(s)) => tried.push(format!("`{}` exited with {s}", c.name())),
-            Ok(Err(e)) => tried.push(format!("`{}`: {e}", c.name())),
-            Err(_) => tried.push(format!("`{}` did not answer within {PROBE_TIMEOUT:?}", c.name())),
+    spec.project = crate::ports::compose_project(app, &now.project);
+    spec.command = now.command.clone();
+    crate::compose::check_spec(&spec).map_err(|e| ProtoError::new(ErrorCode::BadRequest, e))?;
+    let vars = env(app, layout, release);
+    let dir = layout.release(release);
+    let log = layout.logs().join("oneoff.compose-version.log");
+    let compose = crate::compose::detect(spec.command.as_deref(), |argv| {
+        let (vars, dir, log) = (vars.clone(), dir.clone(), log.clone());
+        async move {
+            let _ = std::fs::remove_file(&log);
+            let shown = crate::compose::display(&argv);
+            crate::exec::run(crate::exec::Command {
+                stage: Stage::Validate,
+                command: &shown,
+                argv: Some(&argv),
+                dir: &dir,
+                env: &vars,
+                timeout: crate::compose::PROBE_TIMEOUT,
+                log,
+            })
+            .await
         }
-    }
-    Err(ProtoError::new(
-        ErrorCode::Internal,
-        format!("no working compose on this host: {}", tried.join("; ")),
-    ))
+    })
+    .await
+    .map_err(|(why, _)| ProtoError::new(ErrorCode::Internal, why))?;
+    Ok((compose, spec))
 }
 
 /// `compose -p P -f F... [--env-file E]` followed by `args`.

@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use proto::{Outcome, Rollback};
 
-use crate::client::ClientError;
-use crate::commands::{agent_failure, app_ref, holder, release_spec};
+use crate::client::{ClientError, agent_failure};
 use crate::config::{Batch, Environment, OnFailure, VerifyConfig};
+use crate::outcome::{HostResult, RolloutReport, VerifyResult};
 use crate::output::Progress;
-use crate::report::HostResult;
+use crate::spec::{app_ref, holder, release_spec};
 use crate::transport::HostConn;
 
 /// Host indices per batch, in order.
@@ -31,25 +31,6 @@ pub fn plan(hosts: usize, batch: Batch, canary: bool) -> Vec<Vec<usize>> {
         out.push(chunk.to_vec());
     }
     out
-}
-
-/// What verification from the outside found.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct VerifyResult {
-    pub url: String,
-    pub ok: bool,
-    pub attempts: u32,
-    pub last_status: Option<u16>,
-    pub last_error: Option<String>,
-}
-
-#[derive(Debug, Default, serde::Serialize)]
-pub struct RolloutReport {
-    pub hosts: Vec<HostResult>,
-    pub verify: Vec<VerifyResult>,
-    /// Why the rollout stopped, if it did.
-    pub failure: Option<String>,
-    pub on_failure: Option<&'static str>,
 }
 
 /// A per-host deploy: borrows the host's connection for as long as it runs.

@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::logs::{prefixes, print, select_hosts};
 use crate::cli::{Cli, parse_duration};
-use crate::completion::environment_names;
+use crate::cli::environment_names;
 use crate::config::{Environment, Host};
 use crate::exit::{self, Failure};
 use crate::ssh::keys::KeySource;
@@ -159,7 +159,7 @@ pub async fn run(cli: &Cli, args: &ExecArgs) -> Result<u8, Failure> {
             env.name
         )));
     }
-    let spec = super::release_spec(&env);
+    let spec = crate::spec::release_spec(&env);
     if spec.compose.is_some() && args.service.is_none() {
         return Err(Failure::usage(format!(
             "environment {} is a compose app: name the service to run the command in with \

@@ -3,11 +3,12 @@
 use proto::{History, Releases, Status};
 use serde_json::json;
 
-use super::{agent_failure, app_ref, close_all, connect_all, find_keys};
+use super::{close_all, connect_all, find_keys, host_error};
 use crate::cli::Cli;
 use crate::exit::{self, Failure};
 use crate::output::Progress;
 use crate::report::{outcome_name, release_state, short_time, table};
+use crate::spec::{app_ref, health_spec};
 
 pub enum What {
     Status,
@@ -30,7 +31,7 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                 .client
                 .call(Status {
                     app,
-                    health: super::health_spec(&env),
+                    health: health_spec(&env),
                 })
                 .await
             {
@@ -79,10 +80,7 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                     docs.push(json!({"host": c.name, "status": s}));
                 }
                 Err(e) => {
-                    let f = agent_failure(&c.name, e);
-                    code = code.max(f.code);
-                    rows.push(vec![c.name.clone(), format!("error: {}", f.message)]);
-                    docs.push(json!({"host": c.name, "error": f.message}));
+                    host_error(&c.name, e, &mut code, &mut rows, &mut docs);
                 }
             },
             What::Releases => match c.client.call(Releases { app }).await {
@@ -115,10 +113,7 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                     docs.push(json!({"host": c.name, "releases": releases}));
                 }
                 Err(e) => {
-                    let f = agent_failure(&c.name, e);
-                    code = code.max(f.code);
-                    rows.push(vec![c.name.clone(), format!("error: {}", f.message)]);
-                    docs.push(json!({"host": c.name, "error": f.message}));
+                    host_error(&c.name, e, &mut code, &mut rows, &mut docs);
                 }
             },
             What::History { limit } => match c.client.call(History { app, limit: *limit }).await {
@@ -152,10 +147,7 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                     }
                 }
                 Err(e) => {
-                    let f = agent_failure(&c.name, e);
-                    code = code.max(f.code);
-                    rows.push(vec![c.name.clone(), format!("error: {}", f.message)]);
-                    docs.push(json!({"host": c.name, "error": f.message}));
+                    host_error(&c.name, e, &mut code, &mut rows, &mut docs);
                 }
             },
         }

@@ -11,7 +11,7 @@ use clap_complete::ArgValueCandidates;
 use proto::{LogSource, Logs, Output, OutputStream};
 
 use crate::cli::{Cli, parse_duration};
-use crate::completion::environment_names;
+use crate::cli::environment_names;
 use crate::config::{Environment, Host, Strategy};
 use crate::exit::{self, Failure};
 use crate::ssh::keys::KeySource;
@@ -92,7 +92,7 @@ pub fn select_hosts(env: &Environment, wanted: Option<&str>) -> Result<Vec<Host>
 /// Where the environment's logs are.
 pub fn source(env: &Environment) -> Result<LogSource, Failure> {
     if env.strategy == Strategy::Compose {
-        let spec = super::release_spec(env);
+        let spec = crate::spec::release_spec(env);
         if let Some(compose) = spec.compose {
             return Ok(LogSource::Compose { compose });
         }
@@ -205,7 +205,7 @@ pub async fn run(cli: &Cli, args: &LogsArgs) -> Result<u8, Failure> {
         lines: args.lines,
         since_ms: args.since.map(|d| d.as_millis() as u64),
         follow: args.follow,
-        redact: super::release_spec(&env).redact,
+        redact: crate::spec::release_spec(&env).redact,
     };
     let prefixes = prefixes(&hosts);
     let env = Arc::new(env);

@@ -15,6 +15,7 @@ mod hardening_agent;
 mod hardening_controller;
 mod hardening_input;
 mod jump;
+mod layers;
 mod promote;
 mod release;
 mod review_apps;
