@@ -52,10 +52,21 @@ pub fn check_unit(unit: &str) -> Result<(), ProtoError> {
 }
 
 /// The argv of `journalctl` for a unit.
-pub fn journalctl_argv(unit: &str, lines: u32, since: Option<SystemTime>, follow: bool) -> Vec<String> {
-    let mut argv: Vec<String> = ["journalctl", "--no-pager", "--output", "short-iso", "--unit"]
-        .map(str::to_owned)
-        .to_vec();
+pub fn journalctl_argv(
+    unit: &str,
+    lines: u32,
+    since: Option<SystemTime>,
+    follow: bool,
+) -> Vec<String> {
+    let mut argv: Vec<String> = [
+        "journalctl",
+        "--no-pager",
+        "--output",
+        "short-iso",
+        "--unit",
+    ]
+    .map(str::to_owned)
+    .to_vec();
     argv.push(unit.to_owned());
     argv.push("--lines".into());
     argv.push(lines.to_string());
@@ -235,7 +246,11 @@ async fn stream_file(
     let mut line = Vec::new();
     loop {
         let room = (proto::MAX_LINE_BYTES + 1).saturating_sub(line.len()) as u64;
-        let n = match (&mut reader).take(room.max(1)).read_until(b'\n', &mut line).await {
+        let n = match (&mut reader)
+            .take(room.max(1))
+            .read_until(b'\n', &mut line)
+            .await
+        {
             Ok(n) => n,
             Err(_) => 0,
         };
@@ -251,7 +266,11 @@ async fn stream_file(
             if cut {
                 loop {
                     let mut skip = Vec::new();
-                    match (&mut reader).take(64 * 1024).read_until(b'\n', &mut skip).await {
+                    match (&mut reader)
+                        .take(64 * 1024)
+                        .read_until(b'\n', &mut skip)
+                        .await
+                    {
                         Ok(0) | Err(_) => break,
                         Ok(k) => {
                             pos += k as u64;
@@ -333,7 +352,10 @@ pub async fn open(layout: &Layout, l: &Logs) -> Result<Source, ProtoError> {
             c.current_dir(d);
         }
         pump::spawn(c, &masker).map_err(|e| {
-            ProtoError::new(ErrorCode::Internal, format!("cannot run `{}`: {e}", argv[0]))
+            ProtoError::new(
+                ErrorCode::Internal,
+                format!("cannot run `{}`: {e}", argv[0]),
+            )
         })
     };
     match &l.source {
@@ -363,9 +385,10 @@ pub async fn open(layout: &Layout, l: &Logs) -> Result<Source, ProtoError> {
         }
         LogSource::Files { files } => {
             let release = crate::oneoff::resolve_release(layout, None)?;
-            let root = layout.release(&release).canonicalize().map_err(|e| {
-                ProtoError::new(ErrorCode::Io, format!("release {release}: {e}"))
-            })?;
+            let root = layout
+                .release(&release)
+                .canonicalize()
+                .map_err(|e| ProtoError::new(ErrorCode::Io, format!("release {release}: {e}")))?;
             let mut paths = Vec::new();
             for pattern in files {
                 let parts = check_pattern(pattern)?;
@@ -376,10 +399,7 @@ pub async fn open(layout: &Layout, l: &Logs) -> Result<Source, ProtoError> {
             if paths.is_empty() {
                 return Err(ProtoError::new(
                     ErrorCode::NotFound,
-                    format!(
-                        "no file matches {} in release {release}",
-                        files.join(", ")
-                    ),
+                    format!("no file matches {} in release {release}", files.join(", ")),
                 ));
             }
             if paths.len() > MAX_FILES {

@@ -173,7 +173,10 @@ where
     let masker = Masker::new(&x.spec.redact);
     let shown = masker.mask(&x.command.join(" "));
     let source = pump::spawn(p.command, &masker).map_err(|e| {
-        ProtoError::new(ErrorCode::BadRequest, format!("cannot start `{shown}`: {e}"))
+        ProtoError::new(
+            ErrorCode::BadRequest,
+            format!("cannot start `{shown}`: {e}"),
+        )
     })?;
     tracing::info!(release = %p.release, "exec `{shown}`");
     let bounds = Bounds {

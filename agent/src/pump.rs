@@ -189,10 +189,7 @@ pub struct Bounds<'a> {
 
 /// Spawns a child with piped stdout and stderr in its own process group, and the
 /// readers that turn its output into batches.
-pub fn spawn(
-    mut command: tokio::process::Command,
-    masker: &Masker,
-) -> std::io::Result<Source> {
+pub fn spawn(mut command: tokio::process::Command, masker: &Masker) -> std::io::Result<Source> {
     let mut child = command
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -247,7 +244,11 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Streams `source` to the controller until it ends or the controller goes away.
-pub async fn drive<S>(conn: &mut Connection<S>, mut source: Source, mut bounds: Bounds<'_>) -> Ending
+pub async fn drive<S>(
+    conn: &mut Connection<S>,
+    mut source: Source,
+    mut bounds: Bounds<'_>,
+) -> Ending
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -351,7 +352,12 @@ mod tests {
         while let Some(o) = rx.recv().await {
             lines.extend(o.lines);
         }
-        assert_eq!(lines.len(), 2, "{:?}", lines.iter().map(|l| l.len()).collect::<Vec<_>>());
+        assert_eq!(
+            lines.len(),
+            2,
+            "{:?}",
+            lines.iter().map(|l| l.len()).collect::<Vec<_>>()
+        );
         assert!(lines[0].ends_with(proto::CUT_MARK));
         assert!(lines[0].len() <= MAX_LINE_BYTES + proto::CUT_MARK.len());
         assert_eq!(lines[1], "next");
@@ -369,7 +375,10 @@ mod tests {
             Masker::default(),
         ));
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!producer.is_finished(), "the producer did not wait for the reader");
+        assert!(
+            !producer.is_finished(),
+            "the producer did not wait for the reader"
+        );
         let mut n = 0;
         while let Some(o) = rx.recv().await {
             n += o.lines.len();

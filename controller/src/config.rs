@@ -1228,7 +1228,10 @@ trait Merge {
 
 /// `[release] logs` as written: one of `unit` or `files`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a table like { unit = \"myapp\" } or { files = [\"log/*.log\"] }")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table like { unit = \"myapp\" } or { files = [\"log/*.log\"] }"
+)]
 struct LogsValue {
     unit: Option<String>,
     files: Option<Vec<String>>,

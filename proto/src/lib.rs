@@ -16,10 +16,10 @@
 //! Bump [`PROTOCOL_VERSION`] on any change that an older peer would misread.
 
 pub mod codec;
+pub mod dayops;
 pub mod error;
 pub mod label;
 pub mod manifest;
-pub mod dayops;
 pub mod messages;
 
 pub use error::{ErrorCode, ProtoError};

@@ -3,75 +3,15 @@
 //! its exit code passed on.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use clap::{Args, ValueHint};
-use clap_complete::ArgValueCandidates;
 use proto::{Exec, ExecEnd, Output};
 use serde_json::json;
 
 use super::logs::{prefixes, print, select_hosts};
-use crate::cli::{Cli, parse_duration};
-use crate::cli::environment_names;
+use crate::cli::{Cli, ExecArgs};
 use crate::config::{Environment, Host};
 use crate::exit::{self, Failure};
 use crate::ssh::keys::KeySource;
-
-pub const LONG_ABOUT: &str = "\
-Run COMMAND (an argv: no shell, use `sh -c '...'` for one) on one host of ENV (the first, \
-or --host) or on every host (--all, in parallel), in the current release dir (or \
---release ID) with the deploy variables (DEPLOY_APP, DEPLOY_RELEASE, DEPLOY_RELEASE_DIR, \
-DEPLOY_VERSION, DEPLOY_TO, and for review apps DEPLOY_INSTANCE, DEPLOY_PORT). For a \
-compose app, --service NAME runs it in that service's container (compose exec -T, the \
-variables passed with -e).
-
-Its stdout and stderr stream back apart (with --all each line prefixed by its host), \
-secret values masked as ***. The command has no stdin and no terminal. --lock holds the \
-app's deploy lock while it runs (exit 4 when a deploy holds it).
-
-How long it runs: as long as it takes while deployctl stays connected, or --timeout. \
-When the connection goes (Ctrl-C, deployctl killed, the network lost), the agent kills \
-the command's whole process group: nothing is left running. deployctl counts the agent \
-lost after 60 s without a heartbeat (it sends one every 10 s) and the agent counts \
-deployctl gone after its idle_timeout_secs without a ping (sent every 5 s), so neither \
-side waits forever.
-
-Exit codes: the command's own exit code (128+N when killed by signal N; with --all, the \
-first non-zero in host order, per-host codes in the table and in --json); 2 usage, a \
-release that does not exist on a host (named), or not a compose service; 3 could not \
-connect or lost the connection; 4 --lock and the lock is held; 130 interrupted (Ctrl-C).";
-
-#[derive(Args, Debug, Clone)]
-pub struct ExecArgs {
-    /// The environment, e.g. staging or production
-    #[arg(add = ArgValueCandidates::new(environment_names))]
-    pub env: String,
-    /// Run on this host (as written in hosts, or its name alone) [default: the first]
-    #[arg(long, value_name = "H", conflicts_with = "all")]
-    pub host: Option<String>,
-    /// Run on every host, in parallel
-    #[arg(long)]
-    pub all: bool,
-    /// Run in this release (an id from `deployctl releases`) instead of the current one
-    #[arg(long, value_name = "ID")]
-    pub release: Option<String>,
-    /// Hold the app's deploy lock while the command runs (exit 4 if it is held)
-    #[arg(long)]
-    pub lock: bool,
-    /// Compose: the service whose container runs the command
-    #[arg(long, value_name = "NAME")]
-    pub service: Option<String>,
-    /// Kill the command after this long, e.g. 10m [default: no limit while connected]
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
-    pub timeout: Option<Duration>,
-    /// Print one JSON document with per-host results (the command's output then goes to
-    /// stderr)
-    #[arg(long)]
-    pub json: bool,
-    /// The command and its arguments, after `--`
-    #[arg(last = true, required = true, value_name = "COMMAND", value_hint = ValueHint::CommandWithArguments)]
-    pub command: Vec<String>,
-}
 
 /// One host's result.
 struct HostResult {
@@ -258,7 +198,10 @@ pub async fn run(cli: &Cli, args: &ExecArgs) -> Result<u8, Failure> {
             .map(|r| {
                 vec![
                     r.host.clone(),
-                    r.end.as_ref().map(|e| e.release.clone()).unwrap_or("-".into()),
+                    r.end
+                        .as_ref()
+                        .map(|e| e.release.clone())
+                        .unwrap_or("-".into()),
                     r.code.to_string(),
                     r.error.clone().unwrap_or_default(),
                 ]

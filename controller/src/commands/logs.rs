@@ -4,58 +4,13 @@
 
 use std::io::Write;
 use std::sync::Arc;
-use std::time::Duration;
 
-use clap::Args;
-use clap_complete::ArgValueCandidates;
 use proto::{LogSource, Logs, Output, OutputStream};
 
-use crate::cli::{Cli, parse_duration};
-use crate::cli::environment_names;
+use crate::cli::{Cli, LogsArgs};
 use crate::config::{Environment, Host, Strategy};
 use crate::exit::{self, Failure};
 use crate::ssh::keys::KeySource;
-
-pub const LONG_ABOUT: &str = "\
-Print the app's log lines from every host of ENV (or --host), each prefixed by its host, \
-merged as they arrive.
-
-Where the lines come from: `[release] logs = { unit = \"myapp\" }` reads the systemd \
-journal of that unit (journalctl, run by the agent); `logs = { files = [\"log/*.log\"] }` \
-reads files relative to the current release (globs with * and ?, confined to the release: \
-a pattern with `..`, or a file that is a symlink leading out of the release, is refused); \
-a compose app (strategy = \"compose\") shows its project's container logs (compose logs).
-
--n LINES: the last lines to start with (per unit, file or container; default 100). \
---since DUR: only newer lines (journal and compose v2; for files, the files modified since \
-then). -f: keep printing new lines until interrupted. Secret values (the environment's \
-`secrets`) are masked as ***. A line longer than 16 KiB is cut, marked [...cut].
-
-A host that cannot be reached, or that drops out while following, is reported on stderr \
-and the others keep streaming.
-
-Exit codes: 0 every host's lines were printed (with -f: Ctrl-C ends it, and exits 0 \
-when every host was still streaming); 2 usage or configuration (no [release] logs, a \
-refused pattern, no matching file); 3 a host could not be reached or dropped out.";
-
-#[derive(Args, Debug, Clone)]
-pub struct LogsArgs {
-    /// The environment, e.g. staging or production
-    #[arg(add = ArgValueCandidates::new(environment_names))]
-    pub env: String,
-    /// Only this host (as written in hosts, or its name without user and port)
-    #[arg(long, value_name = "H")]
-    pub host: Option<String>,
-    /// The last lines to show first (per unit, file or container)
-    #[arg(short = 'n', long = "lines", value_name = "LINES", default_value_t = 100)]
-    pub lines: u32,
-    /// Only lines newer than this, e.g. 10m or 2h
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
-    pub since: Option<Duration>,
-    /// Keep printing new lines until interrupted (Ctrl-C)
-    #[arg(short = 'f', long)]
-    pub follow: bool,
-}
 
 /// The hosts of `env` that `wanted` names (all of them without it). A name matches a
 /// host as written (`user@host:port`), or its host name alone, or `host:port`.
