@@ -381,3 +381,46 @@ fn exec_lock_is_refused_while_held_and_an_interrupted_command_leaves_nothing_run
     // The lock went with it.
     run(&f, &["exec", "prod", "--lock", "--", "true"]).assert_success();
 }
+
+/// Compose: `exec --service` runs in the service's container with the deploy variables
+/// and passes its exit code; `logs` shows the project's container logs.
+fn compose_exec_and_logs(c: crate::compose::Compose) {
+    use crate::compose::{Stack, docker, site};
+    let stack = Stack::new(c);
+    let s = site(&stack, "");
+    stack.push(&s, "v1", &[]).assert_success();
+    // Without --service: refused, saying what to pass.
+    let out = s.run(&["exec", "test", "--", "true"]);
+    out.assert_exit(2);
+    assert!(out.stderr.contains("--service"), "{}", out.stderr);
+    let out = s.run(&[
+        "exec",
+        "test",
+        "--service",
+        "web",
+        "--",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "echo app=$DEPLOY_APP release=$DEPLOY_RELEASE; echo dayops-log-marker > /proc/1/fd/1; \
+         echo oops >&2; exit 3",
+    ]);
+    out.assert_exit(3);
+    assert!(out.stdout.contains("app=app release=2"), "{}", out.stdout);
+    assert!(out.stderr.contains("oops") && !out.stdout.contains("oops"));
+    // The line went to the container's own output: its log.
+    assert!(
+        docker(&["logs", &stack.container_id("web")]).contains("dayops-log-marker"),
+        "the exec did not run in the web container"
+    );
+    let out = s.run(&["logs", "test", "-n", "20"]);
+    out.assert_success();
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("dayops-log-marker"))
+        .unwrap_or_else(|| panic!("no marker in the logs:\n{}\n{}", out.stdout, out.stderr));
+    assert!(line.starts_with(&s.host()), "{line}");
+}
+
+crate::compose::compose_matrix!(compose_exec_and_logs);
