@@ -246,14 +246,11 @@ async fn stream_file(
     let mut line = Vec::new();
     loop {
         let room = (proto::MAX_LINE_BYTES + 1).saturating_sub(line.len()) as u64;
-        let n = match (&mut reader)
+        let n = (&mut reader)
             .take(room.max(1))
             .read_until(b'\n', &mut line)
             .await
-        {
-            Ok(n) => n,
-            Err(_) => 0,
-        };
+            .unwrap_or_default();
         pos += n as u64;
         let complete = line.ends_with(b"\n") || line.len() > proto::MAX_LINE_BYTES;
         if n > 0 && complete {
@@ -443,6 +440,31 @@ pub async fn open(layout: &Layout, l: &Logs) -> Result<Source, ProtoError> {
     }
 }
 
+/// Serves a `logs` request: `Err` when the controller went away mid-stream (the
+/// session ends), else the answer.
+pub async fn serve<S>(
+    conn: &mut proto::codec::Connection<S>,
+    layout: &Layout,
+    l: &Logs,
+    bounds: pump::Bounds<'_>,
+) -> Result<Result<proto::LogsEnd, ProtoError>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let source = match open(layout, l).await {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e)),
+    };
+    match pump::drive(conn, source, bounds).await {
+        pump::Ending::Finished { status, .. } => Ok(Ok(proto::LogsEnd {
+            error: status
+                .filter(|s| !s.success())
+                .map(|s| format!("the log source ended with {s}")),
+        })),
+        pump::Ending::Gone(why) => Err(why),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,30 +526,5 @@ mod tests {
         assert_eq!(tail_offset(&mut f, 2).unwrap(), 4);
         assert_eq!(tail_offset(&mut f, 9).unwrap(), 0);
         assert_eq!(tail_offset(&mut f, 0).unwrap(), 14);
-    }
-}
-
-/// Serves a `logs` request: `Err` when the controller went away mid-stream (the
-/// session ends), else the answer.
-pub async fn serve<S>(
-    conn: &mut proto::codec::Connection<S>,
-    layout: &Layout,
-    l: &Logs,
-    bounds: pump::Bounds<'_>,
-) -> Result<Result<proto::LogsEnd, ProtoError>, String>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let source = match open(layout, l).await {
-        Ok(s) => s,
-        Err(e) => return Ok(Err(e)),
-    };
-    match pump::drive(conn, source, bounds).await {
-        pump::Ending::Finished { status, .. } => Ok(Ok(proto::LogsEnd {
-            error: status
-                .filter(|s| !s.success())
-                .map(|s| format!("the log source ended with {s}")),
-        })),
-        pump::Ending::Gone(why) => Err(why),
     }
 }

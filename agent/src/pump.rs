@@ -120,14 +120,11 @@ pub async fn read_lines<R: AsyncRead + Unpin>(
     let mut buf = Vec::with_capacity(1024);
     loop {
         buf.clear();
-        let n = match (&mut reader)
+        let n = (&mut reader)
             .take(MAX_LINE_BYTES as u64 + 1)
             .read_until(b'\n', &mut buf)
             .await
-        {
-            Ok(n) => n,
-            Err(_) => 0,
-        };
+            .unwrap_or_default();
         if n == 0 {
             batch.flush().await;
             return;
