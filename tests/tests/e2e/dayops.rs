@@ -424,3 +424,66 @@ fn compose_exec_and_logs(c: crate::compose::Compose) {
 }
 
 crate::compose::compose_matrix!(compose_exec_and_logs);
+
+/// The journal source on the VM image (systemd as PID 1, the agent installed by
+/// `bootstrap` under its hardened unit): the last lines of a unit, then `-f` follows a
+/// line the unit logs after the start, until Ctrl-C.
+#[test]
+fn logs_from_the_systemd_journal_on_the_vm() {
+    let Some(vm) = deployctl_e2e::vm::Vm::boot() else {
+        return;
+    };
+    vm.write_config(
+        "myapp",
+        "root",
+        "secrets = [\"APP_TOKEN\"]\n\n[defaults.release]\nlogs = { unit = \"dayops-logger\" }\n",
+    );
+    vm.deployctl(&["bootstrap", "vm"]).assert_success();
+    vm.write(
+        "/etc/systemd/system/dayops-logger.service",
+        &format!(
+            "[Service]\nExecStart=/bin/sh -c 'echo journal-marker-one; echo token={SECRET}; \
+             while sleep 0.2; do if [ -f /run/dayops-go ]; then rm -f /run/dayops-go; \
+             echo journal-followed; fi; done'\n"
+        ),
+        "0644",
+    );
+    vm.sh("systemctl daemon-reload && systemctl start dayops-logger");
+    // The agent reads the journal as its own user: give it the journal's group.
+    let user = vm.sh("systemctl show -p User --value deploy-agent.service");
+    let user = user.trim();
+    if !user.is_empty() && user != "root" {
+        vm.sh(&format!(
+            "usermod -aG systemd-journal {user} && systemctl restart deploy-agent"
+        ));
+    }
+    vm.wait_for(
+        "the unit's first lines in the journal",
+        "journalctl -u dayops-logger --no-pager | grep -q journal-marker-one",
+        Duration::from_secs(30),
+    );
+    let out = deployctl_e2e::deployctl(
+        vm.env.root(),
+        &["logs", "vm", "-n", "5"],
+        &[("APP_TOKEN", SECRET)],
+    );
+    out.assert_success();
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("journal-marker-one"))
+        .unwrap_or_else(|| panic!("no journal line:\n{out}"));
+    assert!(
+        line.starts_with(&format!("127.0.0.1:{} | ", vm.port)),
+        "{line}"
+    );
+    assert!(
+        out.stdout.contains("token=***") && !out.stdout.contains(SECRET),
+        "{out}"
+    );
+    let mut logs = Running::start(vm.env.root(), &["logs", "vm", "-n", "1", "-f"]);
+    logs.wait_for("the first line", |o, _| !o.is_empty());
+    vm.sh("touch /run/dayops-go");
+    logs.wait_for("the followed line", |o, _| o.contains("journal-followed"));
+    assert_eq!(logs.interrupt(), 0, "stderr:\n{}", logs.stderr());
+}
