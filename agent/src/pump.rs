@@ -29,6 +29,9 @@ pub const BATCH_LINES: usize = 256;
 pub const CHANNEL_BATCHES: usize = 8;
 /// How often a stream with nothing to say sends an empty [`Output`].
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// The controller pings every few seconds while it streams: silence shorter than this
+/// never counts as gone, whatever a (test) `idle_timeout_secs` says.
+pub const MIN_SILENCE: Duration = Duration::from_secs(30);
 /// After the child exits, how long output still held open by something it left behind
 /// (a background process) is waited for before its process group is killed.
 pub const EXIT_GRACE: Duration = Duration::from_secs(2);
@@ -290,7 +293,7 @@ where
                 return gone(&source.child, "deploy-agent is shutting down".to_owned());
             }
             _ = heartbeat.tick() => {
-                if (bounds.silent_for)() > bounds.idle {
+                if (bounds.silent_for)() > bounds.idle.max(MIN_SILENCE) {
                     return gone(&source.child, format!("the controller was silent for {:?}", bounds.idle));
                 }
                 let beat = Output { stream: OutputStream::Stdout, lines: Vec::new() };
