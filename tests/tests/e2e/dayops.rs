@@ -487,3 +487,65 @@ fn logs_from_the_systemd_journal_on_the_vm() {
     logs.wait_for("the followed line", |o, _| o.contains("journal-followed"));
     assert_eq!(logs.interrupt(), 0, "stderr:\n{}", logs.stderr());
 }
+
+#[test]
+fn exec_killed_with_its_controller_leaves_nothing_running_and_timeout_kills() {
+    let f = fleet(1);
+    let pidfile = f.hosts[0].dir.join("app/shared/orphan.pid");
+    std::fs::create_dir_all(pidfile.parent().unwrap()).unwrap();
+    let mut long = Running::start(
+        f.env.root(),
+        &[
+            "exec",
+            "prod",
+            "--",
+            "sh",
+            "-c",
+            "sleep 120 & echo $! > \"$DEPLOY_TO/shared/orphan.pid\"; echo started; wait",
+        ],
+    );
+    long.wait_for("the command to start", |o, _| o.contains("started"));
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    assert!(alive(&pid));
+    // deployctl dies without a word (SIGKILL): the SSH session closes under the agent.
+    let _ = Command::new("kill")
+        .args(["-KILL", &long.child.id().to_string()])
+        .status();
+    long.wait();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(&pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the command outlived deployctl (killed) by 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // --timeout kills a command that runs too long: 128 + SIGKILL.
+    let out = run(
+        &f,
+        &["exec", "prod", "--timeout", "1s", "--", "sleep", "60"],
+    );
+    out.assert_exit(137);
+    assert!(out.stderr.contains("timed out"), "{}", out.stderr);
+}
+
+#[test]
+fn logs_since_keeps_the_files_modified_since_then() {
+    let f = fleet(1);
+    append(&f, 0, "log/old.log", "from an old file\n");
+    append(&f, 0, "log/new.log", "from a new file\n");
+    let old = current_dir(&f, 0).join("log/old.log");
+    let status = Command::new("touch")
+        .args(["-d", "3 hours ago"])
+        .arg(&old)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = run(&f, &["logs", "prod", "--since", "1h"]);
+    out.assert_success();
+    assert!(out.stdout.contains("from a new file"), "{}", out.stdout);
+    assert!(!out.stdout.contains("from an old file"), "{}", out.stdout);
+    let out = run(&f, &["logs", "prod", "--since", "1h", "-n", "0"]);
+    out.assert_success();
+    assert_eq!(out.stdout, "");
+}
