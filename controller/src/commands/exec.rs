@@ -76,7 +76,10 @@ async fn one_host(
             }
             Err(e) => failed(
                 exit::CONNECT,
-                format!("lost the connection: {e}; the agent kills the command when it notices"),
+                format!(
+                    "lost the connection: {e}{}; the agent kills the command when it notices",
+                    super::logs::old_agent_hint(&conn.client.hello.version)
+                ),
             ),
         },
         _ = stop.wait_for(|s| *s) => failed(130, "interrupted: the agent kills the command".into()),

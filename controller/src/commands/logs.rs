@@ -97,6 +97,20 @@ pub fn prefixes(hosts: &[Host]) -> Vec<String> {
     names.iter().map(|n| format!("{n:<width$} | ")).collect()
 }
 
+/// For a connection the agent closed: an agent older than deployctl may not know the
+/// request (`logs` and `exec` are newer than some agents), and closes the session on it.
+pub fn old_agent_hint(agent_version: &str) -> String {
+    if agent_version == env!("CARGO_PKG_VERSION") {
+        String::new()
+    } else {
+        format!(
+            " (the agent is deploy-agent {agent_version}, this is deployctl {}: an older \
+             agent does not know this command; `deployctl bootstrap ENV` upgrades it)",
+            env!("CARGO_PKG_VERSION")
+        )
+    }
+}
+
 /// How one host's stream ended.
 enum HostEnd {
     Done,
@@ -139,7 +153,8 @@ async fn one_host(
                 HostEnd::Failed(f.code)
             }
             Err(e) => {
-                crate::err!("{name}: lost the connection: {e}; the other hosts go on");
+                let hint = old_agent_hint(&conn.client.hello.version);
+                crate::err!("{name}: lost the connection: {e}{hint}; the other hosts go on");
                 HostEnd::Failed(exit::CONNECT)
             }
         },
