@@ -314,7 +314,8 @@ a compose app (strategy = \"compose\") shows its project's container logs (compo
 
 -n LINES: the last lines to start with (per unit, file or container; default 100). \
 --since DUR: only newer lines (journal and compose v2; for files, the files modified since \
-then). -f: keep printing new lines until interrupted. Secret values (the environment's \
+then). -f: keep printing new lines until interrupted (or until its output is closed, as by \
+`| head`). Secret values (the environment's \
 `secrets`) are masked as ***. A line longer than 16 KiB is cut, marked [...cut].
 
 A host that cannot be reached, or that drops out while following, is reported on stderr \

@@ -60,7 +60,7 @@ async fn one_host(
         if to_stderr {
             o.stream = proto::OutputStream::Stderr;
         }
-        print(prefix.as_deref().unwrap_or(""), &o);
+        let _ = print(prefix.as_deref().unwrap_or(""), &o);
     };
     let r = tokio::select! {
         r = conn.client.stream(request, show) => match r {

@@ -67,10 +67,10 @@ pub fn source(env: &Environment) -> Result<LogSource, Failure> {
 }
 
 /// Prints a batch of lines, each prefixed, masked, in one write (lines of two hosts never
-/// mix within a line).
-pub fn print(prefix: &str, o: &Output) {
+/// mix within a line). False when the reader of that output has gone (`| head`).
+pub fn print(prefix: &str, o: &Output) -> bool {
     if o.lines.is_empty() {
-        return;
+        return true;
     }
     let mut text = String::new();
     for l in &o.lines {
@@ -78,7 +78,7 @@ pub fn print(prefix: &str, o: &Output) {
         text.push_str(&crate::output::redact(l));
         text.push('\n');
     }
-    let _ = match o.stream {
+    let written = match o.stream {
         OutputStream::Stdout => {
             let mut w = std::io::stdout().lock();
             w.write_all(text.as_bytes()).and_then(|_| w.flush())
@@ -88,6 +88,7 @@ pub fn print(prefix: &str, o: &Output) {
             w.write_all(text.as_bytes()).and_then(|_| w.flush())
         }
     };
+    !matches!(written, Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 /// `host | ` prefixes, padded to the longest host name.
@@ -124,8 +125,9 @@ async fn one_host(
     keys: Arc<Vec<KeySource>>,
     request: Logs,
     prefix: String,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop_all: Arc<tokio::sync::watch::Sender<bool>>,
 ) -> HostEnd {
+    let mut stop = stop_all.subscribe();
     let name = host.to_string();
     let connect = crate::transport::connect(&host, &env, keys);
     let mut conn = tokio::select! {
@@ -139,7 +141,12 @@ async fn one_host(
         _ = stop.wait_for(|s| *s) => return HostEnd::Stopped,
     };
     let end = tokio::select! {
-        r = conn.client.stream(request, |o| print(&prefix, &o)) => match r {
+        r = conn.client.stream(request, |o| {
+            if !print(&prefix, &o) {
+                // Nobody reads any more (`logs -f | head`): end every host's stream.
+                let _ = stop_all.send(true);
+            }
+        }) => match r {
             Ok(end) => match end.error {
                 None => HostEnd::Done,
                 Some(e) => {
@@ -179,7 +186,7 @@ pub async fn run(cli: &Cli, args: &LogsArgs) -> Result<u8, Failure> {
     };
     let prefixes = prefixes(&hosts);
     let env = Arc::new(env);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_tx = Arc::new(tokio::sync::watch::channel(false).0);
     let mut set = tokio::task::JoinSet::new();
     for (host, prefix) in hosts.into_iter().zip(prefixes) {
         set.spawn(one_host(
@@ -188,7 +195,7 @@ pub async fn run(cli: &Cli, args: &LogsArgs) -> Result<u8, Failure> {
             keys.clone(),
             request.clone(),
             prefix,
-            stop_rx.clone(),
+            stop_tx.clone(),
         ));
     }
     let mut code = exit::OK;

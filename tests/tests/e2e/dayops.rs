@@ -549,3 +549,38 @@ fn logs_since_keeps_the_files_modified_since_then() {
     out.assert_success();
     assert_eq!(out.stdout, "");
 }
+
+#[test]
+fn logs_follow_ends_when_its_reader_goes_away() {
+    // `deployctl logs ENV -f | head -1`: once head has its line, deployctl ends too.
+    use std::io::BufRead;
+    let f = fleet(1);
+    append(&f, 0, "log/app.log", "first\n");
+    let mut child = Command::new(bin("deployctl"))
+        .args(["logs", "prod", "-n", "1", "-f"])
+        .current_dir(f.env.root())
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.contains("first"), "{line}");
+    drop(out);
+    append(&f, 0, "log/app.log", "second\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("deployctl logs -f kept running after its reader went away");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+}
