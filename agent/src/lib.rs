@@ -22,14 +22,19 @@
 //!    - [`ports`]: review-app names -> layouts, the port registry,
 //!      `DEPLOY_INSTANCE`/`DEPLOY_PORT`;
 //!    - [`history`]: the history log, and the agent's clock format;
-//!    - [`fetch`]: sending a release back to the controller.
+//!    - [`fetch`]: sending a release back to the controller;
 //!    - [`plan`]: read-only answers for `deployctl push --plan` (the delta a push would
-//!      need), changing nothing on disk.
+//!      need), changing nothing on disk;
+//!    - [`logs`] (`deployctl logs`: the journal, files confined to the release, compose
+//!      logs) and [`oneoff`] (`deployctl exec`: a command in a release dir or a compose
+//!      service), both streamed through [`pump`].
 //! 6. Low-level pieces with no knowledge of a deploy:
 //!    - [`release`]: release dirs and paths ([`release::layout`], also the one walker of
 //!      app dirs), safe unpack, delta uploads, the `current` switch, prune;
 //!    - [`compose`]: the compose strategy's argvs (v1 and v2) and its detection;
 //!    - [`exec`]: running a command (process group, log file, timeout);
+//!    - [`pump`]: streaming lines to the controller (bounded, masked, cut long lines;
+//!      kills the child's group when the controller goes away);
 //!      [`health`]: polling a health URL;
 //!    - [`context`]: what every part shares (config, locks, tasks in flight, open
 //!      sessions, shutdown), over [`config`] (`agent.toml` and its flags) and [`lock`]
@@ -46,8 +51,11 @@ pub mod health;
 pub mod history;
 pub mod instances;
 pub mod lock;
+pub mod logs;
+pub mod oneoff;
 pub mod plan;
 pub mod ports;
+pub mod pump;
 pub mod release;
 pub mod server;
 pub mod session;

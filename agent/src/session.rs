@@ -383,6 +383,32 @@ impl Session {
                     self.hand_over_lock(&app);
                     r
                 }
+                Request::Logs(l) => {
+                    _busy = Some(self.shared.tasks.hold());
+                    let activity = self.activity.clone();
+                    let silent = move || activity.silent_for();
+                    let shared = self.shared.clone();
+                    let bounds = crate::pump::Bounds {
+                        timeout: None,
+                        idle: self.limits.idle_timeout,
+                        silent_for: &silent,
+                        stopping: Box::pin(async move { shared.shutdown_signal().await }),
+                    };
+                    match self.layout(&l.app) {
+                        Ok(layout) => match crate::logs::serve(conn, &layout, &l, bounds).await {
+                            Ok(r) => r.map(Response::LogsEnd),
+                            Err(gone) => return Err(SessionError::Protocol(gone)),
+                        },
+                        Err(e) => Err(e),
+                    }
+                }
+                Request::Exec(x) => {
+                    _busy = Some(self.shared.tasks.hold());
+                    match self.exec(conn, x).await {
+                        Ok(r) => r,
+                        Err(gone) => return Err(SessionError::Protocol(gone)),
+                    }
+                }
                 Request::Instances(i) => self
                     .layout(&AppRef {
                         instance: None,
@@ -396,6 +422,45 @@ impl Session {
             };
             let response = reply.unwrap_or_else(Response::Error);
             send(conn, &response).await?;
+            drop(_busy);
+        }
+    }
+
+    /// `deployctl exec`: with `lock`, the app's lock (the session's own, or taken now
+    /// without waiting) is held until the command ends. `Err`: the controller went away.
+    async fn exec<S>(&mut self, conn: &mut Connection<S>, x: proto::Exec) -> Result<Reply, String>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let layout = match self.layout(&x.app) {
+            Ok(l) => l,
+            Err(e) => return Ok(Err(e)),
+        };
+        let _lock = if x.lock {
+            match self.lock_for(&x.app, &layout, &x.holder, None).await {
+                Ok(g) => Some(g),
+                Err(e) => return Ok(Err(e)),
+            }
+        } else {
+            None
+        };
+        let prepared = match crate::oneoff::prepare(&layout, &x).await {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        let activity = self.activity.clone();
+        let silent = move || activity.silent_for();
+        let shared = self.shared.clone();
+        let bounds = crate::pump::Bounds {
+            timeout: None,
+            idle: self.limits.idle_timeout,
+            silent_for: &silent,
+            stopping: Box::pin(async move { shared.shutdown_signal().await }),
+        };
+        match crate::oneoff::run(conn, prepared, &x, bounds).await {
+            Ok(Ok(end)) => Ok(Ok(Response::ExecEnd(end))),
+            Ok(Err(gone)) => Err(gone),
+            Err(e) => Ok(Err(e)),
         }
     }
 

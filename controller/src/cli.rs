@@ -17,6 +17,8 @@ Examples:
   deployctl status production --json
   deployctl push review --instance pr-42
   deployctl destroy review --instance pr-42
+  deployctl logs production -n 50 -f
+  deployctl exec production -- bin/rails db:migrate:status
   deployctl demo";
 
 #[derive(Parser, Debug)]
@@ -261,6 +263,18 @@ Exit codes: 0 ok; 1 installing or verifying failed on a host; 2 usage or configu
         #[arg(long, value_name = "GROUP", default_value = "deploy")]
         socket_group: String,
     },
+    /// The app's log lines from every host, prefixed by host ([release] logs, or compose)
+    #[command(
+        long_about = LOGS_ABOUT,
+        after_help = "Examples:\n  deployctl logs production\n  deployctl logs production -n 20 --host web1.example.com\n  deployctl logs staging --since 10m -f"
+    )]
+    Logs(LogsArgs),
+    /// Run a one-off command in the live release (or a compose service) with the deploy variables
+    #[command(
+        long_about = EXEC_ABOUT,
+        after_help = "Examples:\n  deployctl exec production -- bin/rails db:migrate:status\n  deployctl exec production --all --json -- cat VERSION\n  deployctl exec production --lock -- sh -c 'bin/fix-data && echo done'\n  deployctl exec edge --service web -- env\n  deployctl exec production --release 20261122214450 -- ls"
+    )]
+    Exec(ExecArgs),
     /// Write a commented deploy.toml to start from
     #[command(
         after_help = "Examples:\n  deployctl init\n  deployctl init --app shop --config deploy/deploy.toml"
@@ -319,6 +333,109 @@ path is expected.",
         #[arg(short = 'h')]
         dir: PathBuf,
     },
+}
+
+pub const LOGS_ABOUT: &str = "\
+Print the app's log lines from every host of ENV (or --host), each prefixed by its host, \
+merged as they arrive.
+
+Where the lines come from: `[release] logs = { unit = \"myapp\" }` reads the systemd \
+journal of that unit (journalctl, run by the agent); `logs = { files = [\"log/*.log\"] }` \
+reads files relative to the current release (globs with * and ?, confined to the release: \
+a pattern with `..`, or a file that is a symlink leading out of the release, is refused); \
+a compose app (strategy = \"compose\") shows its project's container logs (compose logs).
+
+-n LINES: the last lines to start with (per unit, file or container; default 100). \
+--since DUR: only newer lines (journal and compose v2; for files, the files modified since \
+then). -f: keep printing new lines until interrupted (or until its output is closed, as by \
+`| head`). Secret values (the environment's \
+`secrets`) are masked as ***. A line longer than 16 KiB is cut, marked [...cut].
+
+A host that cannot be reached, or that drops out while following, is reported on stderr \
+and the others keep streaming.
+
+Exit codes: 0 every host's lines were printed (with -f: Ctrl-C ends it, and exits 0 \
+when every host was still streaming); 2 usage or configuration (no [release] logs, a \
+refused pattern, no matching file); 3 a host could not be reached or dropped out.";
+
+pub const EXEC_ABOUT: &str = "\
+Run COMMAND (an argv: no shell, use `sh -c '...'` for one) on one host of ENV (the first, \
+or --host) or on every host (--all, in parallel), in the current release dir (or \
+--release ID) with the deploy variables (DEPLOY_APP, DEPLOY_RELEASE, DEPLOY_RELEASE_DIR, \
+DEPLOY_VERSION, DEPLOY_TO, and for review apps DEPLOY_INSTANCE, DEPLOY_PORT). For a \
+compose app, --service NAME runs it in that service's container (compose exec -T, the \
+variables passed with -e).
+
+Its stdout and stderr stream back apart (with --all each line prefixed by its host), \
+secret values masked as ***. The command has no stdin and no terminal. --lock holds the \
+app's deploy lock while it runs (exit 4 when a deploy holds it).
+
+How long it runs: as long as it takes while deployctl stays connected, or --timeout. \
+When the connection goes (Ctrl-C, deployctl killed, the network lost), the agent kills \
+the command's whole process group: nothing is left running. deployctl counts the agent \
+lost after 60 s without a heartbeat (it sends one every 10 s) and the agent counts \
+deployctl gone after its idle_timeout_secs without a ping (sent every 5 s), so neither \
+side waits forever.
+
+Exit codes: the command's own exit code (128+N when killed by signal N; with --all, the \
+first non-zero in host order, per-host codes in the table and in --json); 2 usage, a \
+release that does not exist on a host (named), or not a compose service; 3 could not \
+connect or lost the connection; 4 --lock and the lock is held; 130 interrupted (Ctrl-C).";
+
+#[derive(Args, Debug, Clone)]
+pub struct LogsArgs {
+    /// The environment, e.g. staging or production
+    #[arg(add = ArgValueCandidates::new(environment_names))]
+    pub env: String,
+    /// Only this host (as written in hosts, or its name without user and port)
+    #[arg(long, value_name = "H")]
+    pub host: Option<String>,
+    /// The last lines to show first (per unit, file or container)
+    #[arg(
+        short = 'n',
+        long = "lines",
+        value_name = "LINES",
+        default_value_t = 100
+    )]
+    pub lines: u32,
+    /// Only lines newer than this, e.g. 10m or 2h
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub since: Option<std::time::Duration>,
+    /// Keep printing new lines until interrupted (Ctrl-C)
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ExecArgs {
+    /// The environment, e.g. staging or production
+    #[arg(add = ArgValueCandidates::new(environment_names))]
+    pub env: String,
+    /// Run on this host (as written in hosts, or its name alone) [default: the first]
+    #[arg(long, value_name = "H", conflicts_with = "all")]
+    pub host: Option<String>,
+    /// Run on every host, in parallel
+    #[arg(long)]
+    pub all: bool,
+    /// Run in this release (an id from `deployctl releases`) instead of the current one
+    #[arg(long, value_name = "ID")]
+    pub release: Option<String>,
+    /// Hold the app's deploy lock while the command runs (exit 4 if it is held)
+    #[arg(long)]
+    pub lock: bool,
+    /// Compose: the service whose container runs the command
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<String>,
+    /// Kill the command after this long, e.g. 10m [default: no limit while connected]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub timeout: Option<std::time::Duration>,
+    /// Print one JSON document with per-host results (the command's output then goes to
+    /// stderr)
+    #[arg(long)]
+    pub json: bool,
+    /// The command and its arguments, after `--`
+    #[arg(last = true, required = true, value_name = "COMMAND", value_hint = ValueHint::CommandWithArguments)]
+    pub command: Vec<String>,
 }
 
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

@@ -17,6 +17,9 @@ use tokio::time::Instant;
 use crate::exit::{self, Failure};
 use crate::io::Io;
 
+mod stream;
+pub use stream::{PING_EVERY, STREAM_IDLE};
+
 /// A send (one control message, or one [`proto::CHUNK_SIZE`] chunk of an upload) that makes
 /// no progress for this long counts as a lost connection.
 pub const SEND_STALL: Duration = Duration::from_secs(30);

@@ -412,6 +412,18 @@ pub struct ReleaseConfig {
     /// or a string like `"10GiB"` / `"500MB"` (KiB/MiB/GiB/TiB are 1024-based,
     /// KB/MB/GB/TB 1000-based). Default `10GiB`.
     pub max_unpacked_bytes: u64,
+    /// Where `deployctl logs` reads: `{ unit = "myapp" }` or `{ files = ["log/*.log"] }`.
+    /// Default: none.
+    pub logs: Option<LogsConfig>,
+}
+
+/// `[release] logs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogsConfig {
+    /// The systemd journal of this unit.
+    Unit(String),
+    /// Globs relative to the current release.
+    Files(Vec<String>),
 }
 
 /// `[health]`: checked by the agent, on the server. Present only when `url` is set.
@@ -940,6 +952,28 @@ impl ReleaseLayer {
                     }
                 }
             },
+            logs: match &self.logs {
+                None => None,
+                Some(v) => Some(match (&v.v.unit, &v.v.files) {
+                    (Some(unit), None) => LogsConfig::Unit(r.expand(&v.with(unit.clone()))?),
+                    (None, Some(files)) if !files.is_empty() => LogsConfig::Files(
+                        files
+                            .iter()
+                            .map(|f| {
+                                let f = r.expand(&v.with(f.clone()))?;
+                                check_relative(&f).map_err(|m| v.invalid(m))?;
+                                Ok(f)
+                            })
+                            .collect::<Result<_, ConfigError>>()?,
+                    ),
+                    _ => {
+                        return Err(v.invalid(
+                            "set exactly one of unit = \"NAME\" (the systemd journal) or \
+                             files = [\"log/*.log\"] (files relative to the release)",
+                        ));
+                    }
+                }),
+            },
         })
     }
 }
@@ -1192,6 +1226,17 @@ trait Merge {
     fn merge(self, over: Self) -> Self;
 }
 
+/// `[release] logs` as written: one of `unit` or `files`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table like { unit = \"myapp\" } or { files = [\"log/*.log\"] }"
+)]
+struct LogsValue {
+    unit: Option<String>,
+    files: Option<Vec<String>>,
+}
+
 /// `ssh_config`: a path, or `false` for none (`None`).
 #[derive(Debug, Clone)]
 struct PathOrOff(Option<String>);
@@ -1264,6 +1309,7 @@ layers! {
         stop: Opt<String>,
         timeout: Opt<Dur>,
         max_unpacked_size: Opt<Scalar>,
+        logs: Opt<LogsValue>,
     }
 
     struct HealthLayer {
@@ -2090,6 +2136,7 @@ hosts = ["staging-1"]
                 stop: Some("sudo systemctl stop myapp".into()),
                 timeout: Duration::from_secs(300),
                 max_unpacked_bytes: 10 << 30,
+                logs: None,
             }
         );
         assert_eq!(

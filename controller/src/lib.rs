@@ -177,6 +177,8 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             )
             .await
         }
+        Command::Logs(args) => logs::run(cli, args).await,
+        Command::Exec(args) => exec::run(cli, args).await,
         Command::Demo { keep } => demo::run(*keep).await,
         Command::Init { app, force } => init::run(&cli.config, app.as_deref(), *force),
         Command::Completions { shell } => {

@@ -16,6 +16,7 @@
 //! Bump [`PROTOCOL_VERSION`] on any change that an older peer would misread.
 
 pub mod codec;
+pub mod dayops;
 pub mod error;
 pub mod label;
 pub mod manifest;

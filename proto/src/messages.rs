@@ -64,6 +64,10 @@ pub enum Request {
     /// Read-only (`--plan`): which files of an offer a push would have to carry, asked
     /// outside any upload. Answered with [`DeltaNeed`]; changes nothing on the host.
     DeltaPlan(DeltaPlan),
+    /// Streams the app's log lines ([`Output`]s), then [`LogsEnd`].
+    Logs(Logs),
+    /// Runs a one-off command in a release: [`Output`]s, then [`ExecEnd`].
+    Exec(Exec),
 }
 
 /// What the agent sends.
@@ -86,6 +90,11 @@ pub enum Response {
     DeltaNeed(DeltaNeed),
     Destroyed(Destroyed),
     Instances(InstancesReply),
+    /// Lines of a log or of a command's output; any number precede [`LogsEnd`] or
+    /// [`ExecEnd`].
+    Output(Output),
+    LogsEnd(LogsEnd),
+    ExecEnd(ExecEnd),
     /// Progress; any number may precede the final response to a request.
     Event(Event),
     Error(ProtoError),
@@ -106,6 +115,8 @@ rpc!(Releases => Releases(ReleasesReply));
 rpc!(History => History(HistoryReply));
 rpc!(Destroy => Destroyed(Destroyed));
 rpc!(Instances => Instances(InstancesReply));
+rpc!(Logs => LogsEnd(LogsEnd));
+rpc!(Exec => ExecEnd(ExecEnd));
 
 /// The first message of every session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -626,6 +637,8 @@ pub struct InstanceInfo {
     pub expires: Option<String>,
     pub lock: Option<LockInfo>,
 }
+
+pub use crate::dayops::*;
 
 #[cfg(test)]
 mod tests;

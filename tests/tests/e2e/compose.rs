@@ -88,7 +88,7 @@ macro_rules! compose_matrix {
 pub(crate) use compose_matrix;
 
 /// The images and compose project of one test; removed on drop.
-struct Stack {
+pub(crate) struct Stack {
     compose: Compose,
     project: String,
     /// `v1`, `v2`, `v3` (healthy, healthy, broken).
@@ -97,7 +97,7 @@ struct Stack {
 }
 
 impl Stack {
-    fn new(compose: Compose) -> Stack {
+    pub(crate) fn new(compose: Compose) -> Stack {
         let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{n}", std::process::id());
         let repo = format!("deployctl-e2e/web-{id}");
@@ -166,7 +166,7 @@ request_timeout = "2s"
     }
 
     /// `deployctl push test` with `E2E_WEB_IMAGE` set to image `tag`.
-    fn push(&self, s: &Site, tag: &str, extra: &[&str]) -> Output {
+    pub(crate) fn push(&self, s: &Site, tag: &str, extra: &[&str]) -> Output {
         let mut args = vec!["push", "test", "--version", tag];
         args.extend_from_slice(extra);
         s.run_env(&args, &[("E2E_WEB_IMAGE", self.image(tag))])
@@ -195,7 +195,7 @@ request_timeout = "2s"
     }
 
     /// The container id serving `service`.
-    fn container_id(&self, service: &str) -> String {
+    pub(crate) fn container_id(&self, service: &str) -> String {
         docker(&[
             "ps",
             "-q",
@@ -366,7 +366,7 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
     attempt().unwrap_or_else(|e| (0, e.to_string()))
 }
 
-fn site(stack: &Stack, compose_extra: &str) -> Site {
+pub(crate) fn site(stack: &Stack, compose_extra: &str) -> Site {
     let s = Site::ssh(SshdOptions::default());
     stack.configure(&s, compose_extra);
     s

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use deployctl_e2e::{Output, Sshd, SshdOptions, TestEnv, bin, deployctl};
 
-struct Host {
-    sshd: Sshd,
+pub(crate) struct Host {
+    pub(crate) sshd: Sshd,
     /// This host's view of the shared mount point, from outside.
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
 }
 
 impl Drop for Host {
@@ -24,11 +24,11 @@ impl Drop for Host {
     }
 }
 
-struct Fleet {
-    env: TestEnv,
+pub(crate) struct Fleet {
+    pub(crate) env: TestEnv,
     /// The path every host sees as its own (the mount point).
-    mnt: PathBuf,
-    hosts: Vec<Host>,
+    pub(crate) mnt: PathBuf,
+    pub(crate) hosts: Vec<Host>,
 }
 
 const START: &str = r#"mount --bind "$1" "$2" || exit 1
@@ -39,13 +39,13 @@ shift 3
 exec "$@""#;
 
 impl Fleet {
-    fn start(n: usize) -> Fleet {
+    pub(crate) fn start(n: usize) -> Fleet {
         Fleet::start_with_agent_toml(n, None)
     }
 
     /// Like [`Fleet::start`], each agent also reading `agent_toml` (its flags still set
     /// the socket and the allowed root).
-    fn start_with_agent_toml(n: usize, agent_toml: Option<&str>) -> Fleet {
+    pub(crate) fn start_with_agent_toml(n: usize, agent_toml: Option<&str>) -> Fleet {
         let env = TestEnv::new();
         let mnt = env.mkdir("mnt");
         let mut hosts: Vec<Host> = Vec::new();
@@ -101,7 +101,7 @@ impl Fleet {
         Fleet { env, mnt, hosts }
     }
 
-    fn host_names(&self) -> Vec<String> {
+    pub(crate) fn host_names(&self) -> Vec<String> {
         self.hosts
             .iter()
             .map(|h| format!("{}@127.0.0.1:{}", h.sshd.user, h.sshd.port))
@@ -110,11 +110,11 @@ impl Fleet {
 
     /// deploy.toml with environment `prod` over every host; `env_extra` goes into
     /// `[environments.prod]`, `tail` at the end.
-    fn config(&self, env_extra: &str, tail: &str) {
+    pub(crate) fn config(&self, env_extra: &str, tail: &str) {
         self.config_hosts(&self.host_names(), env_extra, tail);
     }
 
-    fn config_hosts(&self, hosts: &[String], env_extra: &str, tail: &str) {
+    pub(crate) fn config_hosts(&self, hosts: &[String], env_extra: &str, tail: &str) {
         let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
         let text = format!(
             r#"app = "app"
@@ -150,7 +150,7 @@ hosts = [{hosts}]
 
     /// A release whose migration fails on a host holding `shared/fail-migrate`, and
     /// sleeps on one holding `shared/slow-migrate` (4 s) or `shared/slower-migrate` (35 s).
-    fn artifact(&self, version: &str) -> PathBuf {
+    pub(crate) fn artifact(&self, version: &str) -> PathBuf {
         let path = self.env.path(&format!("{version}.tar.gz"));
         let f = std::fs::File::create(&path).unwrap();
         let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
@@ -178,7 +178,7 @@ hosts = [{hosts}]
         path
     }
 
-    fn push(&self, version: &str, extra: &[&str]) -> Output {
+    pub(crate) fn push(&self, version: &str, extra: &[&str]) -> Output {
         let art = self.artifact(version);
         let mut args = vec![
             "push",
@@ -193,28 +193,28 @@ hosts = [{hosts}]
         deployctl(self.env.root(), &args, &[])
     }
 
-    fn run(&self, args: &[&str]) -> Output {
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
         deployctl(self.env.root(), args, &[])
     }
 
     /// The version label `current` points at on host `i` (None: no current).
-    fn version_on(&self, i: usize) -> Option<String> {
+    pub(crate) fn version_on(&self, i: usize) -> Option<String> {
         std::fs::read_to_string(self.hosts[i].dir.join("app/current/VERSION"))
             .ok()
             .map(|s| s.trim().to_owned())
     }
 
-    fn versions(&self) -> Vec<Option<String>> {
+    pub(crate) fn versions(&self) -> Vec<Option<String>> {
         (0..self.hosts.len()).map(|i| self.version_on(i)).collect()
     }
 
-    fn mark(&self, i: usize, marker: &str) {
+    pub(crate) fn mark(&self, i: usize, marker: &str) {
         let shared = self.hosts[i].dir.join("app/shared");
         std::fs::create_dir_all(&shared).unwrap();
         std::fs::write(shared.join(marker), "").unwrap();
     }
 
-    fn release_dirs(&self, i: usize) -> Vec<String> {
+    pub(crate) fn release_dirs(&self, i: usize) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.hosts[i].dir.join("app/releases"))
             .map(|rd| {
                 rd.flatten()
