@@ -236,9 +236,11 @@ pub fn register(app: &AppRef, spec: &ReleaseSpec) -> Result<Option<u16>, String>
                 created: created.unwrap_or_else(|| now.clone()),
                 touched: now.clone(),
                 ttl_ms: pool.ttl_ms,
-                // The values to mask are secrets: they stay in memory only.
+                // The values to mask are secrets: they stay in memory only; so do the
+                // webhook URLs (kept apart, 0600, by `notify::store`).
                 spec: Some(ReleaseSpec {
                     redact: Vec::new(),
+                    notify: None,
                     ..spec.clone()
                 }),
                 expire_error: None,
@@ -292,6 +294,8 @@ pub(crate) mod tests {
                 ttl_ms,
             }),
             redact: Vec::new(),
+            hooks: None,
+            notify: None,
         }
     }
 

@@ -412,6 +412,35 @@ pub struct ReleaseConfig {
     /// or a string like `"10GiB"` / `"500MB"` (KiB/MiB/GiB/TiB are 1024-based,
     /// KB/MB/GB/TB 1000-based). Default `10GiB`.
     pub max_unpacked_bytes: u64,
+    /// `hooks = { before_switch, after_live, on_failure }`. Default: none.
+    pub hooks: HooksConfig,
+}
+
+/// `[release] hooks`: commands the agent runs in the release dir with the deploy
+/// variables. `before_switch` failing stops the deploy before the switch; `after_live`
+/// and `on_failure` (with `DEPLOY_OUTCOME`) never change the outcome.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HooksConfig {
+    pub before_switch: Option<String>,
+    pub after_live: Option<String>,
+    pub on_failure: Option<String>,
+}
+
+/// `[notify]`: the webhooks the agent posts each outcome to (`webhook`, then
+/// `webhooks`). The URLs are secrets (Slack's carry a token): `Debug` hides them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NotifyConfig {
+    pub webhooks: Vec<String>,
+}
+
+impl fmt::Debug for NotifyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "NotifyConfig {{ webhooks: [{} hidden] }}",
+            self.webhooks.len()
+        )
+    }
 }
 
 /// `[health]`: checked by the agent, on the server. Present only when `url` is set.
@@ -534,6 +563,8 @@ pub struct Environment {
     pub verify: Option<VerifyConfig>,
     pub compose: ComposeConfig,
     pub instances: Option<InstancesConfig>,
+    /// `[notify]`: present when at least one webhook is set.
+    pub notify: Option<NotifyConfig>,
     /// The review-app instance this run is about (`--instance NAME`), checked against
     /// `instances`. Never set from the file.
     pub instance: Option<String>,
@@ -880,6 +911,7 @@ impl Config {
         let verify = l.verify.resolve(&r)?;
         let compose = l.compose.resolve(&r, &self.app)?;
         let instances = l.instances(&r)?;
+        let notify = l.notify.resolve(&r)?;
 
         Ok(Environment {
             name: name.to_string(),
@@ -908,6 +940,7 @@ impl Config {
             verify,
             compose,
             instances,
+            notify,
             instance: None,
             promote_from,
             secrets: secrets.unwrap_or_default(),
@@ -940,7 +973,29 @@ impl ReleaseLayer {
                     }
                 }
             },
+            hooks: HooksConfig {
+                before_switch: r.opt_string(&self.hooks.before_switch)?,
+                after_live: r.opt_string(&self.hooks.after_live)?,
+                on_failure: r.opt_string(&self.hooks.on_failure)?,
+            },
         })
+    }
+}
+
+impl NotifyLayer {
+    fn resolve(&self, r: &Resolver<'_>) -> Result<Option<NotifyConfig>, ConfigError> {
+        let mut webhooks = Vec::new();
+        if let Some(v) = &self.webhook {
+            let url = r.expand(v)?;
+            check_webhook(&url).map_err(|m| v.invalid(m))?;
+            webhooks.push(url);
+        }
+        for url in r.list(&self.webhooks, check_webhook)?.unwrap_or_default() {
+            if !webhooks.contains(&url) {
+                webhooks.push(url);
+            }
+        }
+        Ok((!webhooks.is_empty()).then_some(NotifyConfig { webhooks }))
     }
 }
 
@@ -1254,6 +1309,7 @@ layers! {
         rollout: RolloutLayer,
         verify: VerifyLayer,
         compose: ComposeLayer,
+        notify: NotifyLayer,
     }
 
     struct ReleaseLayer {
@@ -1264,6 +1320,18 @@ layers! {
         stop: Opt<String>,
         timeout: Opt<Dur>,
         max_unpacked_size: Opt<Scalar>,
+        hooks: HooksLayer,
+    }
+
+    struct HooksLayer {
+        before_switch: Opt<String>,
+        after_live: Opt<String>,
+        on_failure: Opt<String>,
+    }
+
+    struct NotifyLayer {
+        webhook: Opt<String>,
+        webhooks: List,
     }
 
     struct HealthLayer {
@@ -1824,6 +1892,15 @@ fn check_url(s: &str) -> Result<(), String> {
     }
 }
 
+/// A webhook URL: http(s). The message does not repeat it (it may carry a token).
+fn check_webhook(s: &str) -> Result<(), String> {
+    check_url(s).map_err(|_| {
+        "is not an http:// or https:// URL (the value is not shown: a webhook URL may \
+         carry a token)"
+            .to_string()
+    })
+}
+
 fn is_var_name(s: &str) -> bool {
     let mut chars = s.chars();
     chars
@@ -2090,6 +2167,7 @@ hosts = ["staging-1"]
                 stop: Some("sudo systemctl stop myapp".into()),
                 timeout: Duration::from_secs(300),
                 max_unpacked_bytes: 10 << 30,
+                hooks: HooksConfig::default(),
             }
         );
         assert_eq!(
