@@ -2239,6 +2239,50 @@ hosts = ["staging-1"]
     }
 
     #[test]
+    fn hooks_and_webhooks_resolve_and_a_bad_webhook_is_not_echoed() {
+        let text = format!(
+            "{MINI}[defaults.release]\nhooks = {{ before_switch = \"bin/check\", on_failure = \"bin/page\" }}\n\
+             [environments.staging.release]\nhooks = {{ after_live = \"bin/announce\" }}\n\
+             [defaults.notify]\nwebhook = \"https://hooks.example.com/T/B/tok1\"\n\
+             webhooks = [\"https://other.example.com/x\", \"https://hooks.example.com/T/B/tok1\"]\n"
+        );
+        let env = parse(&text).unwrap().environment("staging").unwrap();
+        // Tables merge key by key: the environment adds after_live to the defaults' hooks.
+        assert_eq!(
+            env.release.hooks,
+            HooksConfig {
+                before_switch: Some("bin/check".into()),
+                after_live: Some("bin/announce".into()),
+                on_failure: Some("bin/page".into()),
+            }
+        );
+        let notify = env.notify.clone().expect("notify");
+        assert_eq!(
+            notify.webhooks,
+            vec![
+                "https://hooks.example.com/T/B/tok1".to_string(),
+                "https://other.example.com/x".to_string(),
+            ]
+        );
+        assert!(!format!("{env:?}").contains("tok1"), "Debug hides the URLs");
+        // None set: no notify, no hooks.
+        let plain = parse(MINI).unwrap().environment("staging").unwrap();
+        assert_eq!(plain.notify, None);
+        assert_eq!(plain.release.hooks, HooksConfig::default());
+
+        let bad = format!("{MINI}[defaults.notify]\nwebhook = \"hooks.example.com/T/B/tok2\"\n");
+        let err = parse_err(&bad);
+        assert_err(&err, line_of(&bad, "tok2"), &["notify.webhook", "http"]);
+        assert!(!err.to_string().contains("tok2"), "{err}");
+        let typo = format!("{MINI}[defaults.release]\nhooks = {{ before_swich = \"x\" }}\n");
+        assert_err(
+            &parse_err(&typo),
+            line_of(&typo, "before_swich"),
+            &["before_switch"],
+        );
+    }
+
+    #[test]
     fn built_in_defaults() {
         let env = parse(MINI).unwrap().environment("staging").unwrap();
         assert_eq!(env.user, "ci");
