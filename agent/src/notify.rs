@@ -14,6 +14,9 @@
 //! - The URLs reach the agent in each push and rollback ([`proto::NotifySpec`]). So that
 //!   recovery can notify after a restart, [`store`] keeps them in
 //!   `<deploy_to>/.deploy/notify.json` (mode 0600); the journal never holds them.
+//! - https goes through reqwest with rustls (webpki roots). Its client is built on the
+//!   first post only: an agent with no webhook never sets up rustls (its pages stay
+//!   untouched, which is what keeps an idle agent's RSS low; see `health`).
 
 use std::sync::OnceLock;
 use std::time::Duration;
