@@ -182,13 +182,12 @@ pub fn send(
                 return;
             };
             let n = i + 1;
-            match post(&url, body).await {
-                Ok(tries) => {
-                    tracing::info!("webhook {n} of {total} ({what}): delivered (try {tries})")
+            let label = format!("webhook {n} of {total} ({what})");
+            match post(&url, body, &label).await {
+                Ok(tries) => tracing::info!("{label}: delivered (try {tries})"),
+                Err(why) => {
+                    tracing::warn!("{label}: not delivered after {ATTEMPTS} tries: {why}")
                 }
-                Err(why) => tracing::warn!(
-                    "webhook {n} of {total} ({what}): not delivered after {ATTEMPTS} tries: {why}"
-                ),
             }
         });
     }
@@ -212,8 +211,9 @@ fn client() -> Option<&'static reqwest::Client> {
 }
 
 /// Posts `body` to `url` until a 2xx answer, at most [`ATTEMPTS`] tries. Ok: the try
-/// that was answered 2xx. The error never contains the URL.
-async fn post(url: &str, body: String) -> Result<u32, String> {
+/// that was answered 2xx. Each failed try is logged under `label`; neither the log nor
+/// the error contains the URL.
+async fn post(url: &str, body: String, label: &str) -> Result<u32, String> {
     let client = client().ok_or("no HTTP client")?;
     let mut wait = FIRST_BACKOFF;
     let mut last = String::new();
@@ -230,7 +230,7 @@ async fn post(url: &str, body: String) -> Result<u32, String> {
             // reqwest's message names the URL: only the kind of failure is kept.
             Err(e) => last = describe(&e),
         }
-        tracing::info!("webhook try {attempt} of {ATTEMPTS}: {last}");
+        tracing::info!("{label}: try {attempt} of {ATTEMPTS}: {last}");
         if attempt < ATTEMPTS {
             tokio::time::sleep(wait).await;
             wait *= 2;
