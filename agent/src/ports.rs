@@ -368,10 +368,15 @@ pub(crate) mod tests {
         let (a, b) = pool();
         let mut s = spec(a, b, None);
         s.redact = vec!["hunter2-secret".into()];
+        s.notify = Some(proto::NotifySpec {
+            webhooks: vec!["https://hooks.example.com/T/B/webhook-token".into()],
+            environment: "review".into(),
+        });
         register(&app(dir.path(), Some("pr-9")), &s).unwrap();
         let path = registry_path(dir.path());
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains("hunter2-secret"), "{text}");
+        assert!(!text.contains("webhook-token"), "{text}");
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(path.parent().unwrap()), 0o700);

@@ -1293,6 +1293,65 @@ mod tests {
         assert!(layout.current_release().is_none());
     }
 
+    /// `prepared_run` with these hooks; each appends its name and `DEPLOY_OUTCOME` to
+    /// `<deploy_to>/hooks.log`, and `fail` names the one that exits 3.
+    async fn run_with_hooks(dir: &Path, fail: &str) -> (Layout, Run) {
+        let (layout, mut run) = prepared_run(dir, "20260101000000", "true", "true").await;
+        let hook = |name: &str| {
+            let exit = if name == fail { "exit 3" } else { "true" };
+            Some(format!(
+                "echo \"{name} $DEPLOY_OUTCOME\" >> \"$DEPLOY_TO/hooks.log\"; {exit}"
+            ))
+        };
+        run.journal.spec.hooks = Some(proto::HooksSpec {
+            before_switch: hook("before_switch"),
+            after_live: hook("after_live"),
+            on_failure: hook("on_failure"),
+        });
+        (layout, run)
+    }
+
+    fn hooks_log(layout: &Layout) -> String {
+        std::fs::read_to_string(layout.root.join("hooks.log")).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_failing_before_switch_ends_before_the_switch_and_on_failure_sees_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, run) = run_with_hooks(dir.path(), "before_switch").await;
+        let report = run.start().await;
+        assert_eq!(report.outcome, Outcome::Failed);
+        assert!(
+            report
+                .error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("before_switch hook failed: ")),
+            "{:?}",
+            report.error
+        );
+        assert!(layout.current_release().is_none(), "current untouched");
+        assert_eq!(hooks_log(&layout), "before_switch \non_failure failed\n");
+        let hook_steps = report
+            .steps
+            .iter()
+            .filter(|s| s.stage == Stage::Hook)
+            .count();
+        assert_eq!(hook_steps, 2, "{:?}", report.steps);
+    }
+
+    #[tokio::test]
+    async fn a_failing_after_live_leaves_the_release_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, run) = run_with_hooks(dir.path(), "after_live").await;
+        let report = run.start().await;
+        assert_eq!(report.outcome, Outcome::Live, "{:?}", report.error);
+        assert_eq!(report.error, None);
+        assert_eq!(layout.current_release().as_deref(), Some("20260101000000"));
+        assert_eq!(hooks_log(&layout), "before_switch \nafter_live live\n");
+        let last = report.steps.last().unwrap();
+        assert_eq!((last.stage, last.success), (Stage::Hook, false));
+    }
+
     #[test]
     fn shared_paths_are_linked_and_created() {
         let dir = tempfile::tempdir().unwrap();
