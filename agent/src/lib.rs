@@ -18,6 +18,8 @@
 //!    phase on disk), [`deploy::recover`] (unfinished deploys at start),
 //!    [`deploy::error`] (what a step fails with).
 //! 5. Helpers for one app on disk and its commands:
+//!    - [`notify`]: the `[notify]` webhooks: the document posted per outcome, posting
+//!      in the background with retries, and the 0600 store recovery reads them from;
 //!    - [`command_env`]: the `DEPLOY_*` environment of every command run for an app;
 //!    - [`ports`]: review-app names -> layouts, the port registry,
 //!      `DEPLOY_INSTANCE`/`DEPLOY_PORT`;
@@ -52,6 +54,7 @@ pub mod history;
 pub mod instances;
 pub mod lock;
 pub mod logs;
+pub mod notify;
 pub mod oneoff;
 pub mod plan;
 pub mod ports;

@@ -236,9 +236,11 @@ pub fn register(app: &AppRef, spec: &ReleaseSpec) -> Result<Option<u16>, String>
                 created: created.unwrap_or_else(|| now.clone()),
                 touched: now.clone(),
                 ttl_ms: pool.ttl_ms,
-                // The values to mask are secrets: they stay in memory only.
+                // The values to mask are secrets: they stay in memory only; so do the
+                // webhook URLs (kept apart, 0600, by `notify::store`).
                 spec: Some(ReleaseSpec {
                     redact: Vec::new(),
+                    notify: None,
                     ..spec.clone()
                 }),
                 expire_error: None,
@@ -292,6 +294,8 @@ pub(crate) mod tests {
                 ttl_ms,
             }),
             redact: Vec::new(),
+            hooks: None,
+            notify: None,
         }
     }
 
@@ -364,10 +368,15 @@ pub(crate) mod tests {
         let (a, b) = pool();
         let mut s = spec(a, b, None);
         s.redact = vec!["hunter2-secret".into()];
+        s.notify = Some(proto::NotifySpec {
+            webhooks: vec!["https://hooks.example.com/T/B/webhook-token".into()],
+            environment: "review".into(),
+        });
         register(&app(dir.path(), Some("pr-9")), &s).unwrap();
         let path = registry_path(dir.path());
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains("hunter2-secret"), "{text}");
+        assert!(!text.contains("webhook-token"), "{text}");
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(path.parent().unwrap()), 0o700);

@@ -839,6 +839,7 @@ impl Session {
         }
         // A leftover partial of the same id is from a dead upload: we hold the lock.
         let _ = std::fs::remove_dir_all(layout.partial(&p.release));
+        keep_webhooks(&layout, &p.spec);
         let journal = Journal {
             action: Action::Deploy,
             app: p.app.clone(),
@@ -902,6 +903,7 @@ impl Session {
             }
             ReleaseStatus::Prepared | ReleaseStatus::Live => {}
         }
+        keep_webhooks(&layout, &r.spec);
         let (etx, erx) = mpsc::unbounded_channel();
         let journal = Journal {
             action: Action::Rollback,
@@ -1117,6 +1119,17 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
             return Some(s.f_bavail.saturating_mul(s.f_frsize));
         }
         p = p.parent()?;
+    }
+}
+
+/// Keeps the webhooks of this push or rollback for recovery ([`crate::notify::store`]).
+/// A failure only costs a later notification: logged, the deploy goes on.
+fn keep_webhooks(layout: &Layout, spec: &proto::ReleaseSpec) {
+    if let Err(e) = crate::notify::store(layout, spec.notify.as_ref()) {
+        tracing::warn!(
+            "{}: cannot keep the webhooks for recovery: {e}",
+            layout.root.display()
+        );
     }
 }
 

@@ -415,6 +415,8 @@ pub struct ReleaseConfig {
     /// Where `deployctl logs` reads: `{ unit = "myapp" }` or `{ files = ["log/*.log"] }`.
     /// Default: none.
     pub logs: Option<LogsConfig>,
+    /// `hooks = { before_switch, after_live, on_failure }`. Default: none.
+    pub hooks: HooksConfig,
 }
 
 /// `[release] logs`.
@@ -424,6 +426,33 @@ pub enum LogsConfig {
     Unit(String),
     /// Globs relative to the current release.
     Files(Vec<String>),
+}
+
+/// `[release] hooks`: commands the agent runs in the release dir with the deploy
+/// variables. `before_switch` failing stops the deploy before the switch; `after_live`
+/// and `on_failure` (with `DEPLOY_OUTCOME`) never change the outcome.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HooksConfig {
+    pub before_switch: Option<String>,
+    pub after_live: Option<String>,
+    pub on_failure: Option<String>,
+}
+
+/// `[notify]`: the webhooks the agent posts each outcome to (`webhook`, then
+/// `webhooks`). The URLs are secrets (Slack's carry a token): `Debug` hides them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NotifyConfig {
+    pub webhooks: Vec<String>,
+}
+
+impl fmt::Debug for NotifyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "NotifyConfig {{ webhooks: [{} hidden] }}",
+            self.webhooks.len()
+        )
+    }
 }
 
 /// `[health]`: checked by the agent, on the server. Present only when `url` is set.
@@ -546,6 +575,8 @@ pub struct Environment {
     pub verify: Option<VerifyConfig>,
     pub compose: ComposeConfig,
     pub instances: Option<InstancesConfig>,
+    /// `[notify]`: present when at least one webhook is set.
+    pub notify: Option<NotifyConfig>,
     /// The review-app instance this run is about (`--instance NAME`), checked against
     /// `instances`. Never set from the file.
     pub instance: Option<String>,
@@ -892,6 +923,7 @@ impl Config {
         let verify = l.verify.resolve(&r)?;
         let compose = l.compose.resolve(&r, &self.app)?;
         let instances = l.instances(&r)?;
+        let notify = l.notify.resolve(&r)?;
 
         Ok(Environment {
             name: name.to_string(),
@@ -920,6 +952,7 @@ impl Config {
             verify,
             compose,
             instances,
+            notify,
             instance: None,
             promote_from,
             secrets: secrets.unwrap_or_default(),
@@ -974,7 +1007,29 @@ impl ReleaseLayer {
                     }
                 }),
             },
+            hooks: HooksConfig {
+                before_switch: r.opt_string(&self.hooks.before_switch)?,
+                after_live: r.opt_string(&self.hooks.after_live)?,
+                on_failure: r.opt_string(&self.hooks.on_failure)?,
+            },
         })
+    }
+}
+
+impl NotifyLayer {
+    fn resolve(&self, r: &Resolver<'_>) -> Result<Option<NotifyConfig>, ConfigError> {
+        let mut webhooks = Vec::new();
+        if let Some(v) = &self.webhook {
+            let url = r.expand(v)?;
+            check_webhook(&url).map_err(|m| v.invalid(m))?;
+            webhooks.push(url);
+        }
+        for url in r.list(&self.webhooks, check_webhook)?.unwrap_or_default() {
+            if !webhooks.contains(&url) {
+                webhooks.push(url);
+            }
+        }
+        Ok((!webhooks.is_empty()).then_some(NotifyConfig { webhooks }))
     }
 }
 
@@ -1299,6 +1354,7 @@ layers! {
         rollout: RolloutLayer,
         verify: VerifyLayer,
         compose: ComposeLayer,
+        notify: NotifyLayer,
     }
 
     struct ReleaseLayer {
@@ -1310,6 +1366,18 @@ layers! {
         timeout: Opt<Dur>,
         max_unpacked_size: Opt<Scalar>,
         logs: Opt<LogsValue>,
+        hooks: HooksLayer,
+    }
+
+    struct HooksLayer {
+        before_switch: Opt<String>,
+        after_live: Opt<String>,
+        on_failure: Opt<String>,
+    }
+
+    struct NotifyLayer {
+        webhook: Opt<String>,
+        webhooks: List,
     }
 
     struct HealthLayer {
@@ -1870,6 +1938,15 @@ fn check_url(s: &str) -> Result<(), String> {
     }
 }
 
+/// A webhook URL: http(s). The message does not repeat it (it may carry a token).
+fn check_webhook(s: &str) -> Result<(), String> {
+    check_url(s).map_err(|_| {
+        "is not an http:// or https:// URL (the value is not shown: a webhook URL may \
+         carry a token)"
+            .to_string()
+    })
+}
+
 fn is_var_name(s: &str) -> bool {
     let mut chars = s.chars();
     chars
@@ -2137,6 +2214,7 @@ hosts = ["staging-1"]
                 timeout: Duration::from_secs(300),
                 max_unpacked_bytes: 10 << 30,
                 logs: None,
+                hooks: HooksConfig::default(),
             }
         );
         assert_eq!(
@@ -2205,6 +2283,50 @@ hosts = ["staging-1"]
             }
         );
         assert_eq!(edge.user, "deploy");
+    }
+
+    #[test]
+    fn hooks_and_webhooks_resolve_and_a_bad_webhook_is_not_echoed() {
+        let text = format!(
+            "{MINI}[defaults.release]\nhooks = {{ before_switch = \"bin/check\", on_failure = \"bin/page\" }}\n\
+             [environments.staging.release]\nhooks = {{ after_live = \"bin/announce\" }}\n\
+             [defaults.notify]\nwebhook = \"https://hooks.example.com/T/B/tok1\"\n\
+             webhooks = [\"https://other.example.com/x\", \"https://hooks.example.com/T/B/tok1\"]\n"
+        );
+        let env = parse(&text).unwrap().environment("staging").unwrap();
+        // Tables merge key by key: the environment adds after_live to the defaults' hooks.
+        assert_eq!(
+            env.release.hooks,
+            HooksConfig {
+                before_switch: Some("bin/check".into()),
+                after_live: Some("bin/announce".into()),
+                on_failure: Some("bin/page".into()),
+            }
+        );
+        let notify = env.notify.clone().expect("notify");
+        assert_eq!(
+            notify.webhooks,
+            vec![
+                "https://hooks.example.com/T/B/tok1".to_string(),
+                "https://other.example.com/x".to_string(),
+            ]
+        );
+        assert!(!format!("{env:?}").contains("tok1"), "Debug hides the URLs");
+        // None set: no notify, no hooks.
+        let plain = parse(MINI).unwrap().environment("staging").unwrap();
+        assert_eq!(plain.notify, None);
+        assert_eq!(plain.release.hooks, HooksConfig::default());
+
+        let bad = format!("{MINI}[defaults.notify]\nwebhook = \"hooks.example.com/T/B/tok2\"\n");
+        let err = parse_err(&bad);
+        assert_err(&err, line_of(&bad, "tok2"), &["notify.webhook", "http"]);
+        assert!(!err.to_string().contains("tok2"), "{err}");
+        let typo = format!("{MINI}[defaults.release]\nhooks = {{ before_swich = \"x\" }}\n");
+        assert_err(
+            &parse_err(&typo),
+            line_of(&typo, "before_swich"),
+            &["before_switch"],
+        );
     }
 
     #[test]

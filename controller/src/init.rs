@@ -26,6 +26,10 @@ shared = ["log", "tmp", ".env"]     # linked from <deploy_to>/shared into each r
 # "sudo systemctl restart APP", install the allow-sudo.conf drop-in and a sudoers rule.
 restart = "systemctl restart APP"
 timeout = "5m"                      # per command
+# hooks = { before_switch = "bin/smoke", after_live = "bin/announce", on_failure = "bin/page" }
+
+# [defaults.notify]                 # the agent posts each outcome (JSON, Slack-compatible)
+# webhook = "${SLACK_WEBHOOK_URL}"  # a secret: masked, kept 0600 on the server
 
 [defaults.health]
 url = "http://127.0.0.1:4000/api/v1/status/"   # fetched by the agent, on the server

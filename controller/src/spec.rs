@@ -43,6 +43,11 @@ pub fn release_spec(env: &Environment) -> ReleaseSpec {
                 std::env::var("DEPLOYCTL_SSH_KEY").map_or(true, |k| !k.contains(v.as_str()))
             })
             .collect(),
+        hooks: hooks_spec(env),
+        notify: env.notify.as_ref().map(|n| proto::NotifySpec {
+            webhooks: n.webhooks.clone(),
+            environment: env.name.clone(),
+        }),
     };
     if env.strategy == Strategy::Compose {
         // The release holds only the compose files: the release strategy's shared
@@ -61,6 +66,19 @@ pub fn release_spec(env: &Environment) -> ReleaseSpec {
         });
     }
     spec
+}
+
+/// `[release] hooks`, when any is set. They run for compose too (in the release dir,
+/// which holds the compose files).
+pub fn hooks_spec(env: &Environment) -> Option<proto::HooksSpec> {
+    let h = &env.release.hooks;
+    (h.before_switch.is_some() || h.after_live.is_some() || h.on_failure.is_some()).then(|| {
+        proto::HooksSpec {
+            before_switch: h.before_switch.clone(),
+            after_live: h.after_live.clone(),
+            on_failure: h.on_failure.clone(),
+        }
+    })
 }
 
 pub fn health_spec(env: &Environment) -> Option<HealthSpec> {
@@ -136,6 +154,8 @@ fn secret_values_from(
         );
     }
     out.extend(env.secrets.iter().filter_map(|name| var(name)));
+    // A webhook URL carries a token (Slack's do): never shown, wherever it turns up.
+    out.extend(env.notify.iter().flat_map(|n| n.webhooks.iter().cloned()));
     for line in env_file.unwrap_or_default().lines() {
         let line = line.trim();
         if line.starts_with('#') {

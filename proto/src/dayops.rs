@@ -167,6 +167,8 @@ mod tests {
             compose: None,
             instance: None,
             redact: vec!["hunter2-secret".into()],
+            hooks: None,
+            notify: None,
         }
     }
 

@@ -254,6 +254,46 @@ pub struct ReleaseSpec {
     /// its own log, in events, step reports and history. Never written to disk.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub redact: Vec<String>,
+    /// `[release] hooks`: commands the agent runs around the switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<HooksSpec>,
+    /// `[notify]`: where the agent posts each outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<NotifySpec>,
+}
+
+/// Commands the agent runs in the release dir with the deploy variables. `before_switch`
+/// failing stops the deploy before `current` moves; `after_live` and `on_failure` (with
+/// `DEPLOY_OUTCOME`) are reported and never change the outcome.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HooksSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before_switch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_live: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<String>,
+}
+
+/// Webhooks the agent posts one JSON document to per outcome. The URLs are secrets
+/// (Slack's carry a token): `Debug` does not show them, and the agent never logs them.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifySpec {
+    pub webhooks: Vec<String>,
+    /// The controller's environment name, for the document.
+    pub environment: String,
+}
+
+impl std::fmt::Debug for NotifySpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NotifySpec")
+            .field(
+                "webhooks",
+                &format_args!("[{} hidden]", self.webhooks.len()),
+            )
+            .field("environment", &self.environment)
+            .finish()
+    }
 }
 
 /// The review-app settings of an environment, sent with every push so the agent can
@@ -387,6 +427,8 @@ pub enum Stage {
     Rollback,
     Prune,
     Recover,
+    /// A `[release] hooks` command.
+    Hook,
 }
 
 /// One step the agent took, with its command output kept as data.

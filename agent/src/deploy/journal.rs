@@ -48,11 +48,13 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Secret values to mask ([`proto::ReleaseSpec::redact`]) stay in memory only.
+    /// Secret values to mask ([`proto::ReleaseSpec::redact`]) stay in memory only; the
+    /// webhook URLs are kept apart, 0600 ([`crate::notify::store`]).
     pub fn save(&self, layout: &Layout) -> std::io::Result<()> {
         std::fs::create_dir_all(layout.state())?;
         let mut stored = self.clone();
         stored.spec.redact.clear();
+        stored.spec.notify = None;
         write_atomic(&layout.journal(), &serde_json::to_vec_pretty(&stored)?)
     }
 

@@ -5,16 +5,21 @@
 //! [`recovery`] where to start.
 //!
 //! ```text
-//! Prepare -> Migrate -> Switch -> Restart -> Check -> Confirm -> live
-//!    \          \          \         \         \         \
-//!     +----------+----------+-> failed  +---------+---------+-> roll back
-//!       (current never moved)             (current moved)
+//! Prepare -> Migrate -> BeforeSwitch -> Switch -> Restart -> Check -> Confirm -> AfterLive -> live
+//!    \          \            \            \         \         \         \          (either way)
+//!     +----------+------------+------------+-> failed  +---------+---------+-> roll back
+//!       (current never moved)                            (current moved)
 //! ```
+//!
+//! The `on_failure` hook runs at every end but live ([`runs_on_failure`]), before the
+//! outcome is recorded; it never changes it.
 //!
 //! To add a step (a zero-downtime cutover's "start the idle slot", a post-go-live
 //! "watch", a hook): add a [`Step`] variant, its [`Phase`] if recovery must know it, a
 //! row in [`TABLE`] and, for a new phase, a row in [`RECOVERY`]. The tests fail until
 //! every pair and every phase has one.
+
+use proto::Outcome;
 
 use super::journal::Phase;
 
@@ -26,6 +31,9 @@ pub enum Step {
     Prepare,
     /// The `migrate` command (skipped without one, or with `--skip-migrations`).
     Migrate,
+    /// The `before_switch` hook (skipped without one): failing stops the deploy like a
+    /// failed migration.
+    BeforeSwitch,
     /// `current` -> the release.
     Switch,
     /// The `restart` command, or compose `up`.
@@ -34,6 +42,9 @@ pub enum Step {
     Check,
     /// Marks the release live, prunes old releases, records the URL it passed.
     Confirm,
+    /// The `after_live` hook (skipped without one): reported, the release stays live
+    /// whatever it does.
+    AfterLive,
 }
 
 /// Where a step's result leads.
@@ -66,6 +77,11 @@ pub const TABLE: &[Transition] = &[
     },
     Transition {
         step: Step::Migrate,
+        ok: Next::Do(Step::BeforeSwitch),
+        failed: Next::Fail,
+    },
+    Transition {
+        step: Step::BeforeSwitch,
         ok: Next::Do(Step::Switch),
         failed: Next::Fail,
     },
@@ -86,31 +102,42 @@ pub const TABLE: &[Transition] = &[
     },
     Transition {
         step: Step::Confirm,
-        ok: Next::Live,
+        ok: Next::Do(Step::AfterLive),
         failed: Next::RollBack,
+    },
+    Transition {
+        step: Step::AfterLive,
+        ok: Next::Live,
+        failed: Next::Live,
     },
 ];
 
 impl Step {
-    pub const ALL: [Step; 6] = [
+    pub const ALL: [Step; 8] = [
         Step::Prepare,
         Step::Migrate,
+        Step::BeforeSwitch,
         Step::Switch,
         Step::Restart,
         Step::Check,
         Step::Confirm,
+        Step::AfterLive,
     ];
 
     /// The phase written to the journal before the step acts; `None` keeps the phase
-    /// before it (confirming is still `Checking`: recovery checks again, then confirms).
+    /// before it (confirming is still `Checking`: recovery checks again, then confirms;
+    /// `before_switch` is still `Migrating`: recovery ends before the switch; `after_live`
+    /// is still `Checking`: recovery checks, confirms and runs it again).
     pub fn phase(self) -> Option<Phase> {
         match self {
             Step::Prepare => Some(Phase::Prepared),
             Step::Migrate => Some(Phase::Migrating),
+            Step::BeforeSwitch => None,
             Step::Switch => Some(Phase::Switching),
             Step::Restart => Some(Phase::Restarting),
             Step::Check => Some(Phase::Checking),
             Step::Confirm => None,
+            Step::AfterLive => None,
         }
     }
 
@@ -131,6 +158,19 @@ pub fn next(step: Step, ok: bool) -> Next {
         .find(|t| t.step == step)
         .expect("every step has a row in TABLE (see the tests)");
     if ok { row.ok } else { row.failed }
+}
+
+/// The ends after which the `on_failure` hook runs, with `DEPLOY_OUTCOME` set to the
+/// outcome's name: every end but live.
+pub const ON_FAILURE: &[Outcome] = &[
+    Outcome::Failed,
+    Outcome::RolledBack,
+    Outcome::RollbackFailed,
+];
+
+/// Whether the `on_failure` hook runs after a deploy that ends with `outcome`.
+pub fn runs_on_failure(outcome: Outcome) -> bool {
+    ON_FAILURE.contains(&outcome)
 }
 
 /// What recovery does with a deploy the agent did not finish.
@@ -247,16 +287,20 @@ mod tests {
         let expected = [
             (Prepare, true, Do(Migrate)),
             (Prepare, false, Fail),
-            (Migrate, true, Do(Switch)),
+            (Migrate, true, Do(BeforeSwitch)),
             (Migrate, false, Fail),
+            (BeforeSwitch, true, Do(Switch)),
+            (BeforeSwitch, false, Fail),
             (Switch, true, Do(Restart)),
             (Switch, false, Fail),
             (Restart, true, Do(Check)),
             (Restart, false, RollBack),
             (Check, true, Do(Confirm)),
             (Check, false, RollBack),
-            (Confirm, true, Live),
+            (Confirm, true, Do(AfterLive)),
             (Confirm, false, RollBack),
+            (AfterLive, true, Live),
+            (AfterLive, false, Live),
         ];
         assert_eq!(expected.len(), Step::ALL.len() * 2, "every pair is listed");
         for (step, ok, to) in expected {
@@ -274,9 +318,16 @@ mod tests {
     #[test]
     fn a_failure_rolls_back_exactly_when_current_may_have_moved() {
         // Before the switch (and a failed switch) nothing moved: failed, not rolled back.
+        // After the release is confirmed live, nothing fails it any more.
         for step in Step::ALL {
             let moved = matches!(step, Step::Restart | Step::Check | Step::Confirm);
-            let expect = if moved { Next::RollBack } else { Next::Fail };
+            let expect = if step == Step::AfterLive {
+                Next::Live
+            } else if moved {
+                Next::RollBack
+            } else {
+                Next::Fail
+            };
             assert_eq!(next(step, false), expect, "{step:?}");
         }
     }
@@ -329,6 +380,35 @@ mod tests {
             for &m in cases {
                 assert_eq!(recovery(row.phase, m), row.then, "{row:?}");
             }
+        }
+    }
+
+    #[test]
+    fn hooks_sit_where_the_contract_says() {
+        // before_switch: after migrate, before the switch, and its failure is a failure
+        // before the switch (current untouched), as a migration's is.
+        assert_eq!(next(Step::Migrate, true), Next::Do(Step::BeforeSwitch));
+        assert_eq!(next(Step::BeforeSwitch, true), Next::Do(Step::Switch));
+        assert_eq!(next(Step::BeforeSwitch, false), next(Step::Migrate, false));
+        // Dying in it is recovered as dying in the migration.
+        assert_eq!(Step::BeforeSwitch.phase(), None);
+        assert_eq!(recovery(Phase::Migrating, false), Recovery::EndBeforeSwitch);
+        // after_live: only after the confirmation, and it never changes the outcome.
+        assert_eq!(next(Step::Confirm, true), Next::Do(Step::AfterLive));
+        assert_eq!(next(Step::AfterLive, false), Next::Live);
+        // on_failure: every end but live.
+        for outcome in [
+            Outcome::Live,
+            Outcome::Failed,
+            Outcome::RolledBack,
+            Outcome::RollbackFailed,
+            Outcome::Removed,
+        ] {
+            let expect = matches!(
+                outcome,
+                Outcome::Failed | Outcome::RolledBack | Outcome::RollbackFailed
+            );
+            assert_eq!(runs_on_failure(outcome), expect, "{outcome:?}");
         }
     }
 

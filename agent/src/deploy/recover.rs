@@ -12,7 +12,9 @@
 //! | rolling back | switches back to the previous release, restarts, checks |
 //!
 //! Whatever the health check says decides: healthy is confirmed, anything else is
-//! rolled back, exactly as if the agent had never stopped.
+//! rolled back, exactly as if the agent had never stopped. The hooks run as in any run,
+//! and the outcome is posted to the webhooks kept at the last push ([`crate::notify`]),
+//! though no controller is there to see it.
 //!
 //! A journal that cannot be read (truncated, not JSON) is decided from what is on disk
 //! alone ([`without_journal`]): partial uploads are removed; if `current` points at a
@@ -218,22 +220,27 @@ fn without_journal(layout: &Layout, lock: Arc<LockGuard>) -> Outcome {
     };
     tracing::warn!(root = %layout.root.display(), "{error}");
     let holder = lock.info.holder.clone();
-    let _ = history::append_history(
-        layout,
-        &HistoryEntry {
-            action: Action::Deploy,
-            release,
-            version: None,
-            previous,
-            outcome,
-            holder,
-            started,
-            finished: history::now_rfc3339(),
-            error: Some(error),
-            origin: None,
-            instance: None,
-        },
-    );
+    let entry = HistoryEntry {
+        action: Action::Deploy,
+        release,
+        version: None,
+        previous,
+        outcome,
+        holder,
+        started,
+        finished: history::now_rfc3339(),
+        error: Some(error),
+        origin: None,
+        instance: None,
+    };
+    let _ = history::append_history(layout, &entry);
+    // No controller saw this: the webhooks kept at the last push say it. The app's name
+    // was in the lost journal; its directory's name stands in for it.
+    let app = layout
+        .root
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    crate::notify::send(layout, &app, None, &entry, &|t| t.to_owned());
     drop(lock);
     outcome
 }

@@ -29,6 +29,7 @@ use crate::exec;
 use crate::health;
 use crate::history;
 use crate::lock::LockGuard;
+use crate::notify;
 use crate::ports;
 use crate::release::layout::Layout;
 use crate::release::{prune, switch};
@@ -584,6 +585,10 @@ impl Run {
         match step {
             Step::Prepare => self.prepare().await,
             Step::Migrate => self.migrate(&release).await,
+            Step::BeforeSwitch => self
+                .hook(Hook::BeforeSwitch, &release, None)
+                .await
+                .map_err(|e| e.context("before_switch hook failed")),
             Step::Switch => self.switch(&release),
             Step::Restart => {
                 let result = self.restart(&release).await;
@@ -600,7 +605,82 @@ impl Run {
                 result
             }
             Step::Confirm => self.confirm(),
+            Step::AfterLive => self
+                .hook(Hook::AfterLive, &release, Some(Outcome::Live))
+                .await
+                .map_err(|e| e.context("after_live hook failed")),
         }
+    }
+
+    /// Runs the `hooks` command `which` (if configured) in `release`'s dir with the deploy
+    /// variables, plus `DEPLOY_OUTCOME` when `outcome` is given. Reported as a `hook`
+    /// step; its log is `.deploy/logs/<deploy>.hook-<name>.log`, masked.
+    async fn hook(
+        &mut self,
+        which: Hook,
+        release: &str,
+        outcome: Option<Outcome>,
+    ) -> Result<(), StepError> {
+        let Some(command) = self
+            .journal
+            .spec
+            .hooks
+            .as_ref()
+            .and_then(|h| which.command(h))
+        else {
+            return Ok(());
+        };
+        let name = which.name();
+        self.events
+            .send(Stage::Hook, format!("{name}: running `{command}`"));
+        let mut env = self.env(release);
+        if let Some(o) = outcome {
+            env.insert("DEPLOY_OUTCOME".into(), notify::outcome_name(o));
+        }
+        let dir = self.layout.release(release);
+        let log = self
+            .layout
+            .logs()
+            .join(format!("{}.hook-{name}.log", self.journal.release));
+        let _ = std::fs::remove_file(&log);
+        let timeout = Duration::from_millis(self.journal.spec.command_timeout_ms.max(1));
+        let result = exec::run(exec::Command {
+            stage: Stage::Hook,
+            command: &command,
+            argv: None,
+            dir: &dir,
+            env: &env,
+            timeout,
+            log: log.clone(),
+        })
+        .await;
+        exec::mask_log(&log, |t| self.events.redact(t));
+        match result {
+            Ok(step) => {
+                self.events.send(
+                    Stage::Hook,
+                    format!("{name}: `{command}` succeeded in {}ms", step.duration_ms),
+                );
+                self.steps.push(step);
+                Ok(())
+            }
+            Err((step, e)) => {
+                self.events.send(Stage::Hook, format!("{name}: {e}"));
+                self.steps.push(step);
+                Err(StepError::Command(e))
+            }
+        }
+    }
+
+    /// The `on_failure` hook, at an end that is not live ([`machine::runs_on_failure`]).
+    /// What it does is reported; the outcome stays.
+    async fn on_failure(&mut self, outcome: Outcome) {
+        if !machine::runs_on_failure(outcome) {
+            return;
+        }
+        let release = self.journal.release.clone();
+        // A failed hook is in the steps and the events; nothing else changes.
+        let _ = self.hook(Hook::OnFailure, &release, Some(outcome)).await;
     }
 
     /// A review-app instance gets (or keeps) its port before any command runs; then the
@@ -699,7 +779,7 @@ impl Run {
     }
 
     /// The deploy stopped before `current` moved.
-    async fn fail_before_switch(self, error: String) -> DeployReport {
+    async fn fail_before_switch(mut self, error: String) -> DeployReport {
         let release = self.journal.release.clone();
         // A rollback target is not a bad build because we could not switch to it.
         let mut error = error;
@@ -713,6 +793,7 @@ impl Run {
         }
         self.events
             .send(Stage::Switch, format!("{error}; current is unchanged"));
+        self.on_failure(Outcome::Failed).await;
         self.finish(Outcome::Failed, Some(error))
     }
 
@@ -827,6 +908,7 @@ impl Run {
                 "rolled back: the previous release serves again",
             ),
         }
+        self.on_failure(outcome).await;
         self.finish(outcome, Some(error))
     }
 
@@ -938,21 +1020,27 @@ impl Run {
         let j = &self.journal;
         let current = self.layout.current_release();
         ports::touch(&j.app);
-        let recorded = history::append_history(
+        let entry = HistoryEntry {
+            action: j.action,
+            release: j.release.clone(),
+            version: j.version.clone(),
+            previous: j.previous.clone(),
+            outcome,
+            holder: j.holder.clone(),
+            started: j.started.clone(),
+            finished: history::now_rfc3339(),
+            error: error.clone(),
+            origin: j.origin.clone(),
+            instance: j.app.instance.clone(),
+        };
+        let recorded = history::append_history(&self.layout, &entry);
+        // In the background: the outcome is reported without waiting for any webhook.
+        notify::send(
             &self.layout,
-            &HistoryEntry {
-                action: j.action,
-                release: j.release.clone(),
-                version: j.version.clone(),
-                previous: j.previous.clone(),
-                outcome,
-                holder: j.holder.clone(),
-                started: j.started.clone(),
-                finished: history::now_rfc3339(),
-                error: error.clone(),
-                origin: j.origin.clone(),
-                instance: j.app.instance.clone(),
-            },
+            &j.app.name,
+            j.spec.notify.as_ref(),
+            &entry,
+            &|t| self.events.redact(t),
         );
         // The outcome stands (the switch already happened or did not), but the report
         // says that the history misses it.
@@ -981,6 +1069,32 @@ impl Run {
             health: self.health,
             error,
             duration_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+}
+
+/// The `[release] hooks` commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    BeforeSwitch,
+    AfterLive,
+    OnFailure,
+}
+
+impl Hook {
+    fn name(self) -> &'static str {
+        match self {
+            Hook::BeforeSwitch => "before_switch",
+            Hook::AfterLive => "after_live",
+            Hook::OnFailure => "on_failure",
+        }
+    }
+
+    fn command(self, hooks: &proto::HooksSpec) -> Option<String> {
+        match self {
+            Hook::BeforeSwitch => hooks.before_switch.clone(),
+            Hook::AfterLive => hooks.after_live.clone(),
+            Hook::OnFailure => hooks.on_failure.clone(),
         }
     }
 }
@@ -1119,6 +1233,8 @@ mod tests {
                 compose: None,
                 instance: None,
                 redact: Vec::new(),
+                hooks: None,
+                notify: None,
             },
             phase: Phase::Prepared,
             error: None,
@@ -1175,6 +1291,65 @@ mod tests {
             Some("restart failed: `exit 3` exited with status 3")
         );
         assert!(layout.current_release().is_none());
+    }
+
+    /// `prepared_run` with these hooks; each appends its name and `DEPLOY_OUTCOME` to
+    /// `<deploy_to>/hooks.log`, and `fail` names the one that exits 3.
+    async fn run_with_hooks(dir: &Path, fail: &str) -> (Layout, Run) {
+        let (layout, mut run) = prepared_run(dir, "20260101000000", "true", "true").await;
+        let hook = |name: &str| {
+            let exit = if name == fail { "exit 3" } else { "true" };
+            Some(format!(
+                "echo \"{name} $DEPLOY_OUTCOME\" >> \"$DEPLOY_TO/hooks.log\"; {exit}"
+            ))
+        };
+        run.journal.spec.hooks = Some(proto::HooksSpec {
+            before_switch: hook("before_switch"),
+            after_live: hook("after_live"),
+            on_failure: hook("on_failure"),
+        });
+        (layout, run)
+    }
+
+    fn hooks_log(layout: &Layout) -> String {
+        std::fs::read_to_string(layout.root.join("hooks.log")).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_failing_before_switch_ends_before_the_switch_and_on_failure_sees_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, run) = run_with_hooks(dir.path(), "before_switch").await;
+        let report = run.start().await;
+        assert_eq!(report.outcome, Outcome::Failed);
+        assert!(
+            report
+                .error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("before_switch hook failed: ")),
+            "{:?}",
+            report.error
+        );
+        assert!(layout.current_release().is_none(), "current untouched");
+        assert_eq!(hooks_log(&layout), "before_switch \non_failure failed\n");
+        let hook_steps = report
+            .steps
+            .iter()
+            .filter(|s| s.stage == Stage::Hook)
+            .count();
+        assert_eq!(hook_steps, 2, "{:?}", report.steps);
+    }
+
+    #[tokio::test]
+    async fn a_failing_after_live_leaves_the_release_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, run) = run_with_hooks(dir.path(), "after_live").await;
+        let report = run.start().await;
+        assert_eq!(report.outcome, Outcome::Live, "{:?}", report.error);
+        assert_eq!(report.error, None);
+        assert_eq!(layout.current_release().as_deref(), Some("20260101000000"));
+        assert_eq!(hooks_log(&layout), "before_switch \nafter_live live\n");
+        let last = report.steps.last().unwrap();
+        assert_eq!((last.stage, last.success), (Stage::Hook, false));
     }
 
     #[test]

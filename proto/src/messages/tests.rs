@@ -49,6 +49,8 @@ fn spec() -> ReleaseSpec {
         compose: None,
         instance: None,
         redact: Vec::new(),
+        hooks: None,
+        notify: None,
     }
 }
 
@@ -823,5 +825,41 @@ fn delta_plan() {
                 "artifact_size": 512,
             },
         }}),
+    );
+}
+
+#[test]
+fn hooks_and_notify_are_optional_spec_fields() {
+    let with = ReleaseSpec {
+        hooks: Some(HooksSpec {
+            before_switch: Some("bin/check".into()),
+            after_live: Some("bin/announce".into()),
+            on_failure: None,
+        }),
+        notify: Some(NotifySpec {
+            webhooks: vec!["https://hooks.example.com/T0/B0/secret".into()],
+            environment: "production".into(),
+        }),
+        ..spec()
+    };
+    let mut json = spec_json();
+    json["hooks"] = json!({"before_switch": "bin/check", "after_live": "bin/announce"});
+    json["notify"] = json!({
+        "webhooks": ["https://hooks.example.com/T0/B0/secret"],
+        "environment": "production",
+    });
+    golden(with.clone(), json);
+    // An older controller sends neither: both absent.
+    golden(spec(), spec_json());
+    // The URL is a secret: Debug does not show it.
+    let shown = format!("{:?}", with.notify.unwrap());
+    assert!(!shown.contains("secret"), "{shown}");
+    assert!(shown.contains("1 hidden"), "{shown}");
+    golden(
+        Event {
+            stage: Stage::Hook,
+            message: "running `bin/check`".into(),
+        },
+        json!({"stage": "hook", "message": "running `bin/check`"}),
     );
 }

@@ -369,6 +369,8 @@ fn spec() -> proto::ReleaseSpec {
         compose: None,
         instance: None,
         redact: Vec::new(),
+        hooks: None,
+        notify: None,
     }
 }
 

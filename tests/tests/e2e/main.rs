@@ -15,6 +15,7 @@ mod github;
 mod hardening_agent;
 mod hardening_controller;
 mod hardening_input;
+mod hooks;
 mod jump;
 mod layers;
 mod plan;
