@@ -743,6 +743,12 @@ impl Session {
         let lock = self
             .lock_for(&p.app, &layout, &p.holder, p.version.clone())
             .await?;
+        // Holding the lock: a new push ends the watch of the release before it.
+        crate::deploy::watch::end(
+            &self.shared,
+            &layout,
+            &format!("ended by a new push (release {}) by {}", p.release, p.holder),
+        );
         layout
             .ensure()
             .map_err(|e| io_err(&format!("cannot create {}", layout.root.display()), e))?;
@@ -794,6 +800,11 @@ impl Session {
     async fn rollback(&mut self, r: proto::Rollback) -> Result<Pending, ProtoError> {
         let layout = self.layout(&r.app)?;
         let lock = self.lock_for(&r.app, &layout, &r.holder, None).await?;
+        crate::deploy::watch::end(
+            &self.shared,
+            &layout,
+            &format!("ended by a rollback by {}", r.holder),
+        );
         let current = layout.current_release();
         let target = match r.to.as_deref() {
             Some(to) => layout.resolve(to).ok_or_else(|| {
@@ -858,7 +869,17 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let task = self.shared.tasks.spawn(run.start());
+        let layout = run.layout.clone();
+        let shared = self.shared.clone();
+        // A deploy that went live under watch starts its watch task as it ends, whether
+        // or not this session is still there.
+        let task = self.shared.tasks.spawn(async move {
+            let report = run.start().await;
+            if report.outcome == Outcome::Live {
+                crate::deploy::watch::spawn(&shared, &layout);
+            }
+            report
+        });
         tokio::pin!(task);
         loop {
             tokio::select! {
@@ -954,6 +975,7 @@ impl Session {
             last,
             lock: self.shared.locks.holder(&layout.root),
             health,
+            watch: crate::deploy::watch::status(&layout),
         }))
     }
 }

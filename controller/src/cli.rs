@@ -99,6 +99,10 @@ pub enum Command {
         /// Upload the whole artifact even to hosts that have earlier releases (no delta)
         #[arg(long)]
         no_delta: bool,
+        /// With health.watch: wait for the watch after go-live to end; exit 1 if it
+        /// rolled the release back, 0 if it passed
+        #[arg(long)]
+        wait: bool,
     },
     /// Deploy to TO exactly the release that is live on FROM (same content, byte for byte)
     #[command(

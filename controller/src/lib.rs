@@ -82,6 +82,7 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             lock_wait,
             force,
             no_delta,
+            wait,
         } => {
             cli::check_label(version.as_deref())?;
             push::run(
@@ -97,6 +98,7 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
                     lock_wait: *lock_wait,
                     force: *force,
                     no_delta: *no_delta,
+                    wait: *wait,
                 },
             )
             .await

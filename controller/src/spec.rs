@@ -70,6 +70,12 @@ pub fn health_spec(env: &Environment) -> Option<HealthSpec> {
         retries: h.retries,
         interval_ms: h.interval.as_millis() as u64,
         request_timeout_ms: h.request_timeout.as_millis() as u64,
+        watch_ms: h.watch.as_millis() as u64,
+        watch_failures: if h.watch.is_zero() {
+            0
+        } else {
+            h.watch_failures
+        },
     })
 }
 

@@ -5,9 +5,9 @@
 //! [`recovery`] where to start.
 //!
 //! ```text
-//! Prepare -> Migrate -> Switch -> Restart -> Check -> Confirm -> live
-//!    \          \          \         \         \         \
-//!     +----------+----------+-> failed  +---------+---------+-> roll back
+//! Prepare -> Migrate -> Switch -> Restart -> Check -> Confirm -> Watch -> live
+//!    \          \          \         \         \         \         \
+//!     +----------+----------+-> failed  +---------+---------+---------+-> roll back
 //!       (current never moved)             (current moved)
 //! ```
 //!
@@ -34,6 +34,10 @@ pub enum Step {
     Check,
     /// Marks the release live, prunes old releases, records the URL it passed.
     Confirm,
+    /// Arms the watch after go-live (`health.watch`, see [`super::watch`]); without
+    /// one, passes at once. The deploy is live when it is armed; the watch's verdict
+    /// comes later from its own task: a failed watch rolls back like a failed check.
+    Watch,
 }
 
 /// Where a step's result leads.
@@ -86,19 +90,25 @@ pub const TABLE: &[Transition] = &[
     },
     Transition {
         step: Step::Confirm,
+        ok: Next::Do(Step::Watch),
+        failed: Next::RollBack,
+    },
+    Transition {
+        step: Step::Watch,
         ok: Next::Live,
         failed: Next::RollBack,
     },
 ];
 
 impl Step {
-    pub const ALL: [Step; 6] = [
+    pub const ALL: [Step; 7] = [
         Step::Prepare,
         Step::Migrate,
         Step::Switch,
         Step::Restart,
         Step::Check,
         Step::Confirm,
+        Step::Watch,
     ];
 
     /// The phase written to the journal before the step acts; `None` keeps the phase
@@ -111,6 +121,8 @@ impl Step {
             Step::Restart => Some(Phase::Restarting),
             Step::Check => Some(Phase::Checking),
             Step::Confirm => None,
+            // The watch keeps its own state (`.deploy/watch.json`): the deploy is over.
+            Step::Watch => None,
         }
     }
 
@@ -255,8 +267,10 @@ mod tests {
             (Restart, false, RollBack),
             (Check, true, Do(Confirm)),
             (Check, false, RollBack),
-            (Confirm, true, Live),
+            (Confirm, true, Do(Watch)),
             (Confirm, false, RollBack),
+            (Watch, true, Live),
+            (Watch, false, RollBack),
         ];
         assert_eq!(expected.len(), Step::ALL.len() * 2, "every pair is listed");
         for (step, ok, to) in expected {
@@ -275,7 +289,10 @@ mod tests {
     fn a_failure_rolls_back_exactly_when_current_may_have_moved() {
         // Before the switch (and a failed switch) nothing moved: failed, not rolled back.
         for step in Step::ALL {
-            let moved = matches!(step, Step::Restart | Step::Check | Step::Confirm);
+            let moved = matches!(
+                step,
+                Step::Restart | Step::Check | Step::Confirm | Step::Watch
+            );
             let expect = if moved { Next::RollBack } else { Next::Fail };
             assert_eq!(next(step, false), expect, "{step:?}");
         }
@@ -293,6 +310,16 @@ mod tests {
         assert_eq!(at, Next::Live);
         // A rollback starts at the switch.
         assert_eq!(Step::start(Phase::Switching), Step::Switch);
+    }
+
+    #[test]
+    fn the_watch_is_the_last_step_and_keeps_no_journal_phase() {
+        // A deploy is live once its watch is armed; the watch's task later asks the
+        // table what a failed watch leads to, and rolls back like a failed check.
+        assert_eq!(next(Step::Confirm, true), Next::Do(Step::Watch));
+        assert_eq!(next(Step::Watch, true), Next::Live);
+        assert_eq!(next(Step::Watch, false), Next::RollBack);
+        assert_eq!(Step::Watch.phase(), None, "its state is watch.json, not the journal");
     }
 
     #[test]

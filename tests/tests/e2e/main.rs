@@ -23,3 +23,4 @@ mod support;
 mod ux_messages;
 mod ux_more;
 mod vm;
+mod watch;
