@@ -4,8 +4,8 @@
 //! leaf modules [`crate::config`] and [`crate::lock`].
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -113,8 +113,11 @@ impl Tasks {
 /// stops the one before it; `stop` tells it to end (a new push or rollback).
 #[derive(Default)]
 pub struct Watches {
-    inner: Mutex<(u64, HashMap<PathBuf, (u64, watch::Sender<bool>)>)>,
+    inner: Mutex<WatchesInner>,
 }
+
+/// The last id given out, and each root's task: its id and its stop signal.
+type WatchesInner = (u64, HashMap<PathBuf, (u64, watch::Sender<bool>)>);
 
 /// A watch task's handle: `stopped` resolves when it is told to end.
 pub struct WatchTicket {
@@ -123,7 +126,7 @@ pub struct WatchTicket {
 }
 
 impl Watches {
-    fn inner(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<PathBuf, (u64, watch::Sender<bool>)>)> {
+    fn inner(&self) -> std::sync::MutexGuard<'_, WatchesInner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -747,7 +747,10 @@ impl Session {
         crate::deploy::watch::end(
             &self.shared,
             &layout,
-            &format!("ended by a new push (release {}) by {}", p.release, p.holder),
+            &format!(
+                "ended by a new push (release {}) by {}",
+                p.release, p.holder
+            ),
         );
         layout
             .ensure()

@@ -2225,9 +2225,7 @@ hosts = ["p1"]
             ("watch_failures = 0", "watch_failures"),
             ("watch = \"soon\"", "watch"),
         ] {
-            let text = format!(
-                "{MINI}[environments.staging.health]\nurl = \"http://x/\"\n{bad}\n"
-            );
+            let text = format!("{MINI}[environments.staging.health]\nurl = \"http://x/\"\n{bad}\n");
             let e = parse(&text).unwrap_err().to_string();
             assert!(e.contains(key), "{bad}: {e}");
         }

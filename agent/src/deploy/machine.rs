@@ -319,7 +319,11 @@ mod tests {
         assert_eq!(next(Step::Confirm, true), Next::Do(Step::Watch));
         assert_eq!(next(Step::Watch, true), Next::Live);
         assert_eq!(next(Step::Watch, false), Next::RollBack);
-        assert_eq!(Step::Watch.phase(), None, "its state is watch.json, not the journal");
+        assert_eq!(
+            Step::Watch.phase(),
+            None,
+            "its state is watch.json, not the journal"
+        );
     }
 
     #[test]

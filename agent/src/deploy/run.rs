@@ -614,7 +614,12 @@ impl Run {
         }
         let t = Instant::now();
         let release = self.journal.release.clone();
-        let h = self.journal.spec.health.clone().unwrap_or_else(|| unreachable!());
+        let h = self
+            .journal
+            .spec
+            .health
+            .clone()
+            .unwrap_or_else(|| unreachable!());
         if let Err(e) = super::watch::arm(&self.layout, &self.journal) {
             let msg = format!(
                 "could not save the watch of release {release}: {}",

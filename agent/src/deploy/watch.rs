@@ -198,7 +198,9 @@ pub fn resume_all(shared: &Arc<Shared>) {
                 && !layout.journal().is_file()
                 && !shared.watches.is_running(&layout.root)
             {
-                if let Some(w) = WatchFile::load(&layout).filter(|w| w.state == WatchState::Watching) {
+                if let Some(w) =
+                    WatchFile::load(&layout).filter(|w| w.state == WatchState::Watching)
+                {
                     tracing::info!(
                         release = %w.journal.release,
                         "resuming the watch, {}ms left",
@@ -235,11 +237,7 @@ pub fn count(failures: u32, max: u32, healthy: bool) -> Verdict {
 
 /// Updates the watch file under the file lock; `None` when the watch is no longer this
 /// release's or no longer `watching` (a push ended it).
-fn update(
-    layout: &Layout,
-    release: &str,
-    f: impl FnOnce(&mut WatchFile),
-) -> Option<WatchFile> {
+fn update(layout: &Layout, release: &str, f: impl FnOnce(&mut WatchFile)) -> Option<WatchFile> {
     let _g = FILE.lock().unwrap_or_else(|e| e.into_inner());
     let mut w = WatchFile::load(layout)?;
     if w.state != WatchState::Watching || w.journal.release != release {
@@ -254,7 +252,11 @@ fn update(
 
 /// The watch loop of one app. Every wait is bounded by the watch's end; `stopped`
 /// (a push, a newer watch) and shutdown end it at once.
-async fn watch(shared: &Arc<Shared>, layout: &Layout, mut stopped: tokio::sync::watch::Receiver<bool>) {
+async fn watch(
+    shared: &Arc<Shared>,
+    layout: &Layout,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
     let Some(first) = WatchFile::load(layout) else {
         return;
     };
@@ -266,9 +268,9 @@ async fn watch(shared: &Arc<Shared>, layout: &Layout, mut stopped: tokio::sync::
     spec.retries = 1;
     let interval = Duration::from_millis(spec.interval_ms.max(50));
     loop {
-        let Some(w) = WatchFile::load(layout).filter(|w| {
-            w.state == WatchState::Watching && w.journal.release == release
-        }) else {
+        let Some(w) = WatchFile::load(layout)
+            .filter(|w| w.state == WatchState::Watching && w.journal.release == release)
+        else {
             return;
         };
         let left = w.until_ms.saturating_sub(now_ms());
@@ -362,7 +364,7 @@ async fn roll_back(
         return true;
     };
     let secs = |ms: u64| {
-        if ms % 1000 == 0 {
+        if ms.is_multiple_of(1000) {
             format!("{}s", ms / 1000)
         } else {
             format!("{ms}ms")

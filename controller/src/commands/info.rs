@@ -72,7 +72,10 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                             .unwrap_or("-".into()),
                         health,
                         last,
-                        s.watch.as_ref().map(watch_cell).unwrap_or_else(|| "-".into()),
+                        s.watch
+                            .as_ref()
+                            .map(watch_cell)
+                            .unwrap_or_else(|| "-".into()),
                         s.lock
                             .as_ref()
                             .map(|l| format!("locked by {}", l.holder))

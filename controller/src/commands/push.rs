@@ -324,7 +324,9 @@ async fn wait_for_watch(
         + env.release.timeout * 2
         + Duration::from_secs(30);
     let deadline = Instant::now() + bound;
-    let poll = h.interval.clamp(Duration::from_millis(100), Duration::from_secs(2));
+    let poll = h
+        .interval
+        .clamp(Duration::from_millis(100), Duration::from_secs(2));
     progress.info(&format!(
         "waiting for the watch of release {release} ({}) on {} host(s)",
         humantime::format_duration(h.watch),

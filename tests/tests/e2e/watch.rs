@@ -73,9 +73,15 @@ fn assert_rolled_back_by_watch(app: &App, bad: &str, good: &str) {
     assert_eq!(entry["previous"], good, "{entry}");
     let error = entry["error"].as_str().unwrap_or_default();
     assert!(error.contains("rolled back by watch"), "{entry}");
-    assert!(error.contains("3 consecutive failed health checks"), "{entry}");
+    assert!(
+        error.contains("3 consecutive failed health checks"),
+        "{entry}"
+    );
     let holder = entry["holder"].as_str().unwrap_or_default();
-    assert!(holder.contains("watch") && holder.contains("deployed by"), "{entry}");
+    assert!(
+        holder.contains("watch") && holder.contains("deployed by"),
+        "{entry}"
+    );
     assert!(!entry["finished"].as_str().unwrap_or_default().is_empty());
     let watch = status_watch(app);
     assert_eq!(watch["release"], bad, "{watch}");
@@ -112,7 +118,10 @@ fn the_agent_alone_rolls_back_a_release_that_fails_its_watch() {
     assert_eq!(watch["release"], r2.as_str(), "{watch}");
     assert_eq!(watch["state"], "watching", "{watch}");
     let left = watch["remaining_ms"].as_u64().unwrap();
-    assert!(left > 0 && left <= 20_000, "time left within the watch: {watch}");
+    assert!(
+        left > 0 && left <= 20_000,
+        "time left within the watch: {watch}"
+    );
     let text = app.site.run(&["status", "test"]);
     text.assert_success();
     assert!(
