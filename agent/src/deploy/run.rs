@@ -629,8 +629,8 @@ impl Run {
             return Err(StepError::Io(msg));
         }
         let msg = format!(
-            "release {release} is under watch for {}ms: {} failed checks in a row roll it back",
-            h.watch_ms,
+            "release {release} is under watch for {}: {} failed checks in a row roll it back",
+            super::watch::human_ms(h.watch_ms),
             h.watch_failures.max(1)
         );
         self.events.send(Stage::Health, msg.clone());

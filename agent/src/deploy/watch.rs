@@ -61,6 +61,15 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// `300000` -> `300s`, `1500` -> `1500ms`: a duration as the messages show it.
+pub fn human_ms(ms: u64) -> String {
+    if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
 fn rfc3339(ms: u64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
@@ -127,6 +136,27 @@ pub fn arm(layout: &Layout, journal: &Journal) -> std::io::Result<()> {
     .save(layout)
 }
 
+/// The one place every end of a watch goes through, once it is saved: passed, rolled
+/// back (with the rollback's report), rollback failed, or ended by a newer deploy.
+/// Whatever reports a watch's end (the log here; notifications, hooks) belongs here;
+/// it is called with no lock held and must not block (spawn slow work).
+pub fn ended(layout: &Layout, w: &WatchFile, rollback: Option<&proto::DeployReport>) {
+    let release = &w.journal.release;
+    let note = w.note.as_deref().unwrap_or_default();
+    let root = layout.root.display();
+    match w.state {
+        WatchState::Watching => {}
+        WatchState::Passed => tracing::info!(%root, %release, "watch passed {note}"),
+        WatchState::Ended => tracing::info!(%root, %release, "watch ended: {note}"),
+        WatchState::RolledBack | WatchState::RollbackFailed => tracing::warn!(
+            %root,
+            %release,
+            outcome = ?rollback.map(|r| r.outcome),
+            "watch rolled back: {note}"
+        ),
+    }
+}
+
 /// What `status` shows for the app: the watch under way, or how the last one ended.
 pub fn status(layout: &Layout) -> Option<WatchStatus> {
     WatchFile::load(layout).map(|w| w.status())
@@ -135,16 +165,20 @@ pub fn status(layout: &Layout) -> Option<WatchStatus> {
 /// A new push or rollback (holding the lock) ends the watch of the release before it.
 pub fn end(shared: &Shared, layout: &Layout, why: &str) {
     shared.watches.stop(&layout.root);
-    let _g = FILE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(mut w) = WatchFile::load(layout)
-        && w.state == WatchState::Watching
-    {
-        w.state = WatchState::Ended;
-        w.note = Some(why.to_owned());
-        if let Err(e) = w.save(layout) {
-            tracing::warn!("{}: cannot end the watch: {e}", layout.root.display());
+    let ending = {
+        let _g = FILE.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = WatchFile::load(layout).filter(|w| w.state == WatchState::Watching);
+        if let Some(w) = &mut w {
+            w.state = WatchState::Ended;
+            w.note = Some(why.to_owned());
+            if let Err(e) = w.save(layout) {
+                tracing::warn!("{}: cannot end the watch: {e}", layout.root.display());
+            }
         }
-        tracing::info!(release = %w.journal.release, "watch ended: {why}");
+        w
+    };
+    if let Some(w) = ending {
+        ended(layout, &w, None);
     }
 }
 
@@ -156,10 +190,12 @@ pub fn settle(layout: &Layout, release: &str, outcome: Outcome, error: Option<&s
         Outcome::RollbackFailed => WatchState::RollbackFailed,
         _ => WatchState::Ended,
     };
-    update(layout, release, |w| {
+    if let Some(w) = update(layout, release, |w| {
         w.state = state;
         w.note = error.map(str::to_owned);
-    });
+    }) {
+        ended(layout, &w, None);
+    }
 }
 
 /// Starts the watch task of `layout`'s app if its watch file says `watching`.
@@ -281,11 +317,12 @@ async fn watch(
                     w.failures
                 )
             });
-            update(layout, &release, |w| {
+            if let Some(w) = update(layout, &release, |w| {
                 w.state = WatchState::Passed;
                 w.note = note;
-            });
-            tracing::info!(%release, "watch passed");
+            }) {
+                ended(layout, &w, None);
+            }
             return;
         }
         let wait = interval.min(Duration::from_millis(left));
@@ -363,19 +400,12 @@ async fn roll_back(
     else {
         return true;
     };
-    let secs = |ms: u64| {
-        if ms.is_multiple_of(1000) {
-            format!("{}s", ms / 1000)
-        } else {
-            format!("{ms}ms")
-        }
-    };
     let watch_ms = w.journal.spec.health.as_ref().map_or(0, |h| h.watch_ms);
     let error = format!(
         "rolled back by watch: {} consecutive failed health checks within {} after release \
          {release} went live ({})",
         w.max_failures,
-        secs(watch_ms),
+        human_ms(watch_ms),
         crate::health::describe(report)
     );
     let mut journal = w.journal.clone();
@@ -399,7 +429,8 @@ async fn roll_back(
     if let Err(e) = w.save(layout) {
         tracing::warn!("{}: cannot save the watch: {e}", layout.root.display());
     }
-    tracing::warn!(%release, outcome = ?out.outcome, "watch rolled back");
+    drop(_g);
+    ended(layout, &w, Some(&out));
     true
 }
 
