@@ -743,15 +743,6 @@ impl Session {
         let lock = self
             .lock_for(&p.app, &layout, &p.holder, p.version.clone())
             .await?;
-        // Holding the lock: a new push ends the watch of the release before it.
-        crate::deploy::watch::end(
-            &self.shared,
-            &layout,
-            &format!(
-                "ended by a new push (release {}) by {}",
-                p.release, p.holder
-            ),
-        );
         layout
             .ensure()
             .map_err(|e| io_err(&format!("cannot create {}", layout.root.display()), e))?;
@@ -797,17 +788,22 @@ impl Session {
             let _ = Journal::clear(&layout);
             io_err("cannot create the release dir", e)
         })?;
+        // Holding the lock, with the push under way: it ends the watch of the release
+        // before it (a push refused above leaves the watch alone).
+        crate::deploy::watch::end(
+            &self.shared,
+            &layout,
+            &format!(
+                "ended by a new push (release {}) by {}",
+                p.release, p.holder
+            ),
+        );
         Ok((layout, lock, journal))
     }
 
     async fn rollback(&mut self, r: proto::Rollback) -> Result<Pending, ProtoError> {
         let layout = self.layout(&r.app)?;
         let lock = self.lock_for(&r.app, &layout, &r.holder, None).await?;
-        crate::deploy::watch::end(
-            &self.shared,
-            &layout,
-            &format!("ended by a rollback by {}", r.holder),
-        );
         let current = layout.current_release();
         let target = match r.to.as_deref() {
             Some(to) => layout.resolve(to).ok_or_else(|| {
@@ -844,6 +840,12 @@ impl Session {
             }
             ReleaseStatus::Prepared | ReleaseStatus::Live => {}
         }
+        // Holding the lock, with a target it will try: the rollback ends the watch.
+        crate::deploy::watch::end(
+            &self.shared,
+            &layout,
+            &format!("ended by a rollback by {}", r.holder),
+        );
         let (etx, erx) = mpsc::unbounded_channel();
         let journal = Journal {
             action: Action::Rollback,
@@ -873,13 +875,15 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let layout = run.layout.clone();
+        // The secret values to mask stay in memory, for the watch too.
+        let redact = run.journal.spec.redact.clone();
         let shared = self.shared.clone();
         // A deploy that went live under watch starts its watch task as it ends, whether
         // or not this session is still there.
         let task = self.shared.tasks.spawn(async move {
             let report = run.start().await;
             if report.outcome == Outcome::Live {
-                crate::deploy::watch::spawn(&shared, &layout);
+                crate::deploy::watch::spawn(&shared, &layout, redact);
             }
             report
         });

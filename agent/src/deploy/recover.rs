@@ -131,7 +131,7 @@ pub async fn finish(shared: &Arc<Shared>, job: Job) -> Outcome {
     // A deploy that went live under watch is watched; a watch that was rolling back
     // when the agent died ends as the rollback did.
     if report.outcome == Outcome::Live {
-        super::watch::spawn(shared, &watched);
+        super::watch::spawn(shared, &watched, Vec::new());
     } else {
         super::watch::settle(&watched, &release, report.outcome, report.error.as_deref());
     }

@@ -198,8 +198,10 @@ pub fn settle(layout: &Layout, release: &str, outcome: Outcome, error: Option<&s
     }
 }
 
-/// Starts the watch task of `layout`'s app if its watch file says `watching`.
-pub fn spawn(shared: &Arc<Shared>, layout: &Layout) {
+/// Starts the watch task of `layout`'s app if its watch file says `watching`. `redact`:
+/// the deploy's secret values, masked in what the watch logs and records (never on
+/// disk, so a watch resumed after a restart has none, as recovery).
+pub fn spawn(shared: &Arc<Shared>, layout: &Layout, redact: Vec<String>) {
     let watching = WatchFile::load(layout).is_some_and(|w| w.state == WatchState::Watching);
     if !watching || shared.shutting_down() {
         return;
@@ -211,7 +213,7 @@ pub fn spawn(shared: &Arc<Shared>, layout: &Layout) {
     // rollback it began finishes first).
     shared.tasks.spawn(async move {
         let id = ticket.id;
-        watch(&s, &layout, ticket.stopped).await;
+        watch(&s, &layout, ticket.stopped, &redact).await;
         s.watches.done(&layout.root, id);
     });
 }
@@ -243,7 +245,7 @@ pub fn resume_all(shared: &Arc<Shared>) {
                         w.until_ms.saturating_sub(now_ms())
                     );
                 }
-                spawn(shared, &layout);
+                spawn(shared, &layout, Vec::new());
             }
         }
     }
@@ -292,7 +294,9 @@ async fn watch(
     shared: &Arc<Shared>,
     layout: &Layout,
     mut stopped: tokio::sync::watch::Receiver<bool>,
+    redact: &[String],
 ) {
+    let events = Events::none().with_redact(redact);
     let Some(first) = WatchFile::load(layout) else {
         return;
     };
@@ -354,10 +358,12 @@ async fn watch(
                 %release,
                 "watch: check {failures}/{} failed: {}",
                 w.max_failures,
-                crate::health::describe(&report)
+                events.redact(&crate::health::describe(&report))
             );
         }
-        if verdict == Verdict::RollBack && roll_back(shared, layout, &release, &report).await {
+        if verdict == Verdict::RollBack
+            && roll_back(shared, layout, &release, &report, redact).await
+        {
             return;
         }
     }
@@ -370,6 +376,7 @@ async fn roll_back(
     layout: &Layout,
     release: &str,
     report: &proto::HealthReport,
+    redact: &[String],
 ) -> bool {
     let Some(w) = WatchFile::load(layout) else {
         return true;
@@ -411,6 +418,7 @@ async fn roll_back(
     let mut journal = w.journal.clone();
     journal.holder = format!("deploy-agent watch (deployed by {})", w.journal.holder);
     journal.started = history::now_rfc3339();
+    journal.spec.redact = redact.to_vec();
     let run = Run::new(layout.clone(), journal, Events::none(), lock);
     let out = match machine::next(Step::Watch, false) {
         Next::RollBack => run.roll_back(error.clone()).await,
