@@ -215,7 +215,7 @@ pub async fn deploy(
         &progress,
     )
     .await;
-    let (release, rollout) = match result {
+    let (release, mut rollout) = match result {
         Ok(r) => r,
         Err(e) => {
             close_all(conns).await;
@@ -233,6 +233,11 @@ pub async fn deploy(
     let watched = if args.wait && !watch.is_zero() && !live.is_empty() {
         let w = wait_for_watch(&env, &release, &live, &mut conns, &progress).await;
         code = code.max(watch_exit_code(&w));
+        for (host, end) in &w {
+            if let Some(h) = rollout.hosts.iter_mut().find(|h| &h.host == host) {
+                h.watch = Some(end.result());
+            }
+        }
         Some(w)
     } else {
         None
@@ -279,6 +284,23 @@ pub enum WatchEnd {
     Ended(String),
     /// The host could not tell (lost connection, watch gone, out of time).
     Unknown(String),
+}
+
+impl WatchEnd {
+    /// What `--json` shows under the host's `watch`.
+    pub fn result(&self) -> crate::outcome::WatchResult {
+        let (state, note) = match self {
+            WatchEnd::Passed => ("passed", None),
+            WatchEnd::RolledBack(n) => ("rolled_back", Some(n)),
+            WatchEnd::RollbackFailed(n) => ("rollback_failed", Some(n)),
+            WatchEnd::Ended(n) => ("ended", Some(n)),
+            WatchEnd::Unknown(n) => ("unknown", Some(n)),
+        };
+        crate::outcome::WatchResult {
+            state,
+            note: note.filter(|n| !n.is_empty()).cloned(),
+        }
+    }
 }
 
 impl std::fmt::Display for WatchEnd {

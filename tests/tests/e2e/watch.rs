@@ -188,6 +188,24 @@ fn push_wait_exits_0_when_the_watch_passes_and_1_when_it_rolls_back() {
     out.assert_exit(1);
     assert!(out.stdout.contains("ROLLED BACK"), "{out}");
     assert_eq!(current(&d).as_deref(), Some(r2.as_str()));
+
+    // --json: the host says how its watch ended; a passing watch exits 0.
+    set_watch(&app, "1s");
+    let art = app.artifact("v4", &crate::release::app_files("v4"));
+    let out = app.site.run(&[
+        "push",
+        "test",
+        "--artifact",
+        art.to_str().unwrap(),
+        "--version",
+        "v4",
+        "--wait",
+        "--json",
+    ]);
+    out.assert_exit(0);
+    let doc = out.json();
+    assert_eq!(doc["hosts"][0]["watch"]["state"], "passed", "{doc}");
+    assert_eq!(doc["exit_code"], 0, "{doc}");
 }
 
 #[test]
