@@ -16,7 +16,8 @@
 //!    and recovery tables: read this to know what happens when),
 //!    [`deploy::run`] (each step's effects and the driver loop), [`deploy::journal`] (the
 //!    phase on disk), [`deploy::recover`] (unfinished deploys at start),
-//!    [`deploy::error`] (what a step fails with).
+//!    [`deploy::error`] (what a step fails with), [`deploy::watch`] (the watch after
+//!    go-live: its task, its state on disk, its rollback by the agent alone).
 //! 5. Helpers for one app on disk and its commands:
 //!    - [`command_env`]: the `DEPLOY_*` environment of every command run for an app;
 //!    - [`ports`]: review-app names -> layouts, the port registry,

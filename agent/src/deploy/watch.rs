@@ -409,8 +409,8 @@ async fn roll_back(
     };
     let watch_ms = w.journal.spec.health.as_ref().map_or(0, |h| h.watch_ms);
     let error = format!(
-        "rolled back by watch: {} consecutive failed health checks within {} after release \
-         {release} went live ({})",
+        "rolled back by watch: {} consecutive failed health checks during the {} watch \
+         after release {release} went live ({})",
         w.max_failures,
         human_ms(watch_ms),
         crate::health::describe(report)
