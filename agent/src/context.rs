@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -23,6 +24,8 @@ pub struct Shared {
     pub tasks: Tasks,
     /// Every open session, for the cap and eviction.
     pub sessions: Arc<Registry>,
+    /// The watch task of each app under watch after go-live, by app root.
+    pub watches: Watches,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -37,6 +40,7 @@ impl Shared {
                 .into_owned(),
             tasks: Tasks::default(),
             sessions: Arc::new(Registry::default()),
+            watches: Watches::default(),
             shutdown,
         }
     }
@@ -102,6 +106,59 @@ impl Tasks {
             }
             idle.await;
         }
+    }
+}
+
+/// The running watch tasks (`health.watch`), one per app root at most: starting one
+/// stops the one before it; `stop` tells it to end (a new push or rollback).
+#[derive(Default)]
+pub struct Watches {
+    inner: Mutex<WatchesInner>,
+}
+
+/// The last id given out, and each root's task: its id and its stop signal.
+type WatchesInner = (u64, HashMap<PathBuf, (u64, watch::Sender<bool>)>);
+
+/// A watch task's handle: `stopped` resolves when it is told to end.
+pub struct WatchTicket {
+    pub id: u64,
+    pub stopped: watch::Receiver<bool>,
+}
+
+impl Watches {
+    fn inner(&self) -> std::sync::MutexGuard<'_, WatchesInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a new watch task for `root`, stopping one already there.
+    pub fn start(&self, root: &Path) -> WatchTicket {
+        let mut inner = self.inner();
+        inner.0 += 1;
+        let id = inner.0;
+        let (tx, rx) = watch::channel(false);
+        if let Some((_, old)) = inner.1.insert(root.to_path_buf(), (id, tx)) {
+            let _ = old.send(true);
+        }
+        WatchTicket { id, stopped: rx }
+    }
+
+    /// Tells the watch task of `root`, if any, to end.
+    pub fn stop(&self, root: &Path) {
+        if let Some((_, tx)) = self.inner().1.remove(root) {
+            let _ = tx.send(true);
+        }
+    }
+
+    /// A task that ended removes itself (unless a newer one took its place).
+    pub fn done(&self, root: &Path, id: u64) {
+        let mut inner = self.inner();
+        if inner.1.get(root).is_some_and(|(i, _)| *i == id) {
+            inner.1.remove(root);
+        }
+    }
+
+    pub fn is_running(&self, root: &Path) -> bool {
+        self.inner().1.contains_key(root)
     }
 }
 

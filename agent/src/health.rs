@@ -383,6 +383,8 @@ mod tests {
             retries,
             interval_ms: 10,
             request_timeout_ms: 1000,
+            watch_ms: 0,
+            watch_failures: 0,
         }
     }
 

@@ -16,7 +16,8 @@
 //!    and recovery tables: read this to know what happens when),
 //!    [`deploy::run`] (each step's effects and the driver loop), [`deploy::journal`] (the
 //!    phase on disk), [`deploy::recover`] (unfinished deploys at start),
-//!    [`deploy::error`] (what a step fails with).
+//!    [`deploy::error`] (what a step fails with), [`deploy::watch`] (the watch after
+//!    go-live: its task, its state on disk, its rollback by the agent alone).
 //! 5. Helpers for one app on disk and its commands:
 //!    - [`notify`]: the `[notify]` webhooks: the document posted per outcome, posting
 //!      in the background with retries, and the 0600 store recovery reads them from;

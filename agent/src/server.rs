@@ -125,6 +125,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .tasks
             .spawn(async move { recover::finish(&s, job).await });
     }
+    // Watches after go-live that were under way: resumed with the time they had left
+    // (an app being recovered starts its own when its deploy goes live).
+    crate::deploy::watch::resume_all(&shared);
     // Review-app instances past their instance_ttl: now, then every minute.
     tokio::spawn(crate::instances::expiry_loop(shared.clone()));
     tracing::info!(

@@ -861,6 +861,16 @@ impl Session {
             let _ = Journal::clear(&layout);
             io_err("cannot create the release dir", e)
         })?;
+        // Holding the lock, with the push under way: it ends the watch of the release
+        // before it (a push refused above leaves the watch alone).
+        crate::deploy::watch::end(
+            &self.shared,
+            &layout,
+            &format!(
+                "ended by a new push (release {}) by {}",
+                p.release, p.holder
+            ),
+        );
         Ok((layout, lock, journal))
     }
 
@@ -904,6 +914,12 @@ impl Session {
             ReleaseStatus::Prepared | ReleaseStatus::Live => {}
         }
         keep_webhooks(&layout, &r.spec);
+        // Holding the lock, with a target it will try: the rollback ends the watch.
+        crate::deploy::watch::end(
+            &self.shared,
+            &layout,
+            &format!("ended by a rollback by {}", r.holder),
+        );
         let (etx, erx) = mpsc::unbounded_channel();
         let journal = Journal {
             action: Action::Rollback,
@@ -932,7 +948,19 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let task = self.shared.tasks.spawn(run.start());
+        let layout = run.layout.clone();
+        // The secret values to mask stay in memory, for the watch too.
+        let redact = run.journal.spec.redact.clone();
+        let shared = self.shared.clone();
+        // A deploy that went live under watch starts its watch task as it ends, whether
+        // or not this session is still there.
+        let task = self.shared.tasks.spawn(async move {
+            let report = run.start().await;
+            if report.outcome == Outcome::Live {
+                crate::deploy::watch::spawn(&shared, &layout, redact);
+            }
+            report
+        });
         tokio::pin!(task);
         loop {
             tokio::select! {
@@ -1028,6 +1056,7 @@ impl Session {
             last,
             lock: self.shared.locks.holder(&layout.root),
             health,
+            watch: crate::deploy::watch::status(&layout),
         }))
     }
 }

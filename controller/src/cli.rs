@@ -108,6 +108,10 @@ pub enum Command {
         /// fail with
         #[arg(long)]
         plan: bool,
+        /// With health.watch: wait for the watch after go-live to end; exit 1 if it
+        /// rolled the release back, 0 if it passed
+        #[arg(long)]
+        wait: bool,
     },
     /// Deploy to TO exactly the release that is live on FROM (same content, byte for byte)
     #[command(

@@ -468,6 +468,13 @@ pub struct HealthConfig {
     pub interval: Duration,
     /// Default `3s`.
     pub request_timeout: Duration,
+    /// `watch`: after a deploy went live, the agent keeps checking `url` every
+    /// `interval` for this long and rolls back on its own (see `watch_failures`).
+    /// Default 0: no watch.
+    pub watch: Duration,
+    /// `watch_failures`: consecutive failed checks during the watch that roll back.
+    /// Default 3, at least 1.
+    pub watch_failures: u32,
 }
 
 /// `rollout`: waves across hosts.
@@ -1045,6 +1052,8 @@ impl HealthLayer {
             retries: r.uint(&self.retries, 12, 1)?,
             interval: r.duration(&self.interval, Duration::from_secs(5), true)?,
             request_timeout: r.duration(&self.request_timeout, Duration::from_secs(3), false)?,
+            watch: r.duration(&self.watch, Duration::ZERO, true)?,
+            watch_failures: r.uint(&self.watch_failures, 3, 1)?,
         };
         Ok(health_url.map(|_| health))
     }
@@ -1386,6 +1395,8 @@ layers! {
         retries: Opt<i64>,
         interval: Opt<Dur>,
         request_timeout: Opt<Dur>,
+        watch: Opt<Dur>,
+        watch_failures: Opt<i64>,
     }
 
     struct RolloutLayer {
@@ -2225,6 +2236,8 @@ hosts = ["staging-1"]
                 retries: 12,
                 interval: Duration::from_secs(5),
                 request_timeout: Duration::from_secs(3),
+                watch: Duration::ZERO,
+                watch_failures: 3,
             })
         );
         assert_eq!(
@@ -2348,6 +2361,48 @@ hosts = ["staging-1"]
             .unwrap();
         assert_eq!(no_user.user, "root");
     }
+
+    #[test]
+    fn health_watch_keys_merge_key_by_key_and_are_checked() {
+        let text = r#"
+app = "myapp"
+deploy_to = "/srv/myapp"
+[defaults.health]
+url = "http://127.0.0.1:4000/up"
+watch = "5m"
+[environments.staging]
+hosts = ["s1"]
+[environments.staging.health]
+watch_failures = 2
+[environments.production]
+hosts = ["p1"]
+"#;
+        let cfg = parse(text).unwrap();
+        let staging = cfg.environment("staging").unwrap().health.unwrap();
+        assert_eq!(staging.watch, Duration::from_secs(300));
+        assert_eq!(staging.watch_failures, 2);
+        let prod = cfg.environment("production").unwrap().health.unwrap();
+        assert_eq!(prod.watch, Duration::from_secs(300));
+        assert_eq!(prod.watch_failures, 3, "the default");
+        let plain = parse(MINI_HEALTH).unwrap().environment("staging").unwrap();
+        assert_eq!(
+            plain.health.unwrap().watch,
+            Duration::ZERO,
+            "off by default"
+        );
+        for (bad, key) in [
+            ("watch_failures = 0", "watch_failures"),
+            ("watch = \"soon\"", "watch"),
+        ] {
+            let text = format!("{MINI}[environments.staging.health]\nurl = \"http://x/\"\n{bad}\n");
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+    }
+
+    const MINI_HEALTH: &str = "app = \"myapp\"\ndeploy_to = \"/srv/myapp\"\n\
+        [environments.staging]\nhosts = [\"s1\"]\n\
+        [environments.staging.health]\nurl = \"http://127.0.0.1:4000/up\"\n";
 
     #[test]
     fn tables_merge_key_by_key() {

@@ -238,6 +238,7 @@ hosts = ["local"]
         lock_wait: None,
         force: false,
         no_delta: false,
+        wait: false,
     };
     let dummy = cli(Cmd::Demo { keep });
 

@@ -36,6 +36,8 @@ url = "http://127.0.0.1:4000/api/v1/status/"   # fetched by the agent, on the se
 expect_status = 200
 retries = 12
 interval = "5s"
+# watch = "5m"                      # keep checking after go-live; the agent rolls back
+# watch_failures = 3                # after this many failed checks in a row
 
 [environments.staging]
 hosts = ["staging-1"]               # [user@]host[:port], or "local"

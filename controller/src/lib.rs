@@ -83,6 +83,7 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             force,
             no_delta,
             plan,
+            wait,
         } => {
             cli::check_label(version.as_deref())?;
             let args = push::PushArgs {
@@ -96,6 +97,7 @@ async fn dispatch(cli: &Cli) -> Result<u8, Failure> {
                 lock_wait: *lock_wait,
                 force: *force,
                 no_delta: *no_delta,
+                wait: *wait,
             };
             if *plan {
                 return plan::push(cli, args).await;

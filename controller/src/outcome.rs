@@ -28,6 +28,19 @@ pub struct HostResult {
     pub skipped: bool,
     /// How the fleet-wide rollback (`on_failure = "rollback-all"`) ended on this host.
     pub fleet_rollback: Option<Outcome>,
+    /// `push --wait`: how the watch after go-live (`health.watch`) ended on this host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watch: Option<WatchResult>,
+}
+
+/// How a watch after go-live ended, as `push --wait` learned it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WatchResult {
+    /// `passed`, `rolled_back`, `rollback_failed`, `ended` (a newer deploy ended it) or
+    /// `unknown` (the host could not tell in time).
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl HostResult {
@@ -50,6 +63,7 @@ impl HostResult {
             batch: None,
             skipped: false,
             fleet_rollback: None,
+            watch: None,
         }
     }
 
@@ -68,6 +82,7 @@ impl HostResult {
             batch: None,
             skipped: false,
             fleet_rollback: None,
+            watch: None,
         }
     }
 

@@ -398,6 +398,7 @@ mod tests {
             batch: None,
             skipped: false,
             fleet_rollback: None,
+            watch: None,
         }
     }
 

@@ -88,6 +88,12 @@ pub fn health_spec(env: &Environment) -> Option<HealthSpec> {
         retries: h.retries,
         interval_ms: h.interval.as_millis() as u64,
         request_timeout_ms: h.request_timeout.as_millis() as u64,
+        watch_ms: h.watch.as_millis() as u64,
+        watch_failures: if h.watch.is_zero() {
+            0
+        } else {
+            h.watch_failures
+        },
     })
 }
 
@@ -182,6 +188,28 @@ fn secret_values_from(
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    #[test]
+    fn the_watch_travels_only_when_set() {
+        let toml = |extra: &str| {
+            format!(
+                "app = \"a\"\ndeploy_to = \"/srv/a\"\n[environments.e]\nhosts = [\"local\"]\n\
+                 [environments.e.health]\nurl = \"http://127.0.0.1:1/up\"\n{extra}"
+            )
+        };
+        let spec = |text: &str| {
+            let cfg = Config::parse(text, "deploy.toml", &|_: &str| None).unwrap();
+            let h = health_spec(&cfg.environment("e").unwrap()).unwrap();
+            (h.watch_ms, h.watch_failures)
+        };
+        assert_eq!(
+            spec(&toml("watch = \"5m\"\nwatch_failures = 2\n")),
+            (300_000, 2)
+        );
+        assert_eq!(spec(&toml("watch = \"5m\"\n")), (300_000, 3));
+        // No watch: neither key goes on the wire (the old format).
+        assert_eq!(spec(&toml("watch_failures = 2\n")), (0, 0));
+    }
 
     // See: #18 (item 11). Env-file values that merely looked like secrets (an image
     // reference) were masked, so `ps` output showed `***` for the image.

@@ -329,6 +329,23 @@ pub struct HealthSpec {
     pub retries: u32,
     pub interval_ms: u64,
     pub request_timeout_ms: u64,
+    /// `health.watch`: after a deploy went live, the agent keeps checking the URL every
+    /// `interval_ms` for this long and rolls back on its own after `watch_failures`
+    /// consecutive failures. 0: no watch.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub watch_ms: u64,
+    /// `health.watch_failures`: consecutive failed checks that roll back (0 when there
+    /// is no watch).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub watch_failures: u32,
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Starts a deploy of a release tarball (`.tar.gz`). The agent answers
@@ -489,6 +506,42 @@ pub struct StatusReply {
     pub last: Option<HistoryEntry>,
     pub lock: Option<LockInfo>,
     pub health: Option<HealthReport>,
+    /// The watch after go-live of the last deploy: under way, or how it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<WatchStatus>,
+}
+
+/// How the watch of a release after it went live stands (`health.watch`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchStatus {
+    pub release: String,
+    pub state: WatchState,
+    /// When the watch ends (or ended), RFC 3339 UTC.
+    pub until: String,
+    /// Time left while `watching`; 0 once it ended.
+    pub remaining_ms: u64,
+    /// Consecutive failed checks so far.
+    pub failures: u32,
+    /// How many consecutive failures roll back.
+    pub max_failures: u32,
+    /// How it ended, in words (the rollback's reason, the push that ended it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchState {
+    /// The agent is checking the release.
+    Watching,
+    /// The whole watch went by without `max_failures` failures in a row.
+    Passed,
+    /// The watch rolled the release back.
+    RolledBack,
+    /// The watch rolled back, and the previous release is not healthy either.
+    RollbackFailed,
+    /// A newer push or rollback ended the watch.
+    Ended,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,9 +5,9 @@
 //! [`recovery`] where to start.
 //!
 //! ```text
-//! Prepare -> Migrate -> BeforeSwitch -> Switch -> Restart -> Check -> Confirm -> AfterLive -> live
-//!    \          \            \            \         \         \         \          (either way)
-//!     +----------+------------+------------+-> failed  +---------+---------+-> roll back
+//! Prepare -> Migrate -> BeforeSwitch -> Switch -> Restart -> Check -> Confirm -> Watch -> AfterLive -> live
+//!    \          \            \            \         \         \         \        \        (either way)
+//!     +----------+------------+------------+-> failed  +---------+---------+--------+-> roll back
 //!       (current never moved)                            (current moved)
 //! ```
 //!
@@ -45,6 +45,10 @@ pub enum Step {
     /// The `after_live` hook (skipped without one): reported, the release stays live
     /// whatever it does.
     AfterLive,
+    /// Arms the watch after go-live (`health.watch`, see [`super::watch`]); without
+    /// one, passes at once. The deploy is live when it is armed; the watch's verdict
+    /// comes later from its own task: a failed watch rolls back like a failed check.
+    Watch,
 }
 
 /// Where a step's result leads.
@@ -102,6 +106,11 @@ pub const TABLE: &[Transition] = &[
     },
     Transition {
         step: Step::Confirm,
+        ok: Next::Do(Step::Watch),
+        failed: Next::RollBack,
+    },
+    Transition {
+        step: Step::Watch,
         ok: Next::Do(Step::AfterLive),
         failed: Next::RollBack,
     },
@@ -113,7 +122,7 @@ pub const TABLE: &[Transition] = &[
 ];
 
 impl Step {
-    pub const ALL: [Step; 8] = [
+    pub const ALL: [Step; 9] = [
         Step::Prepare,
         Step::Migrate,
         Step::BeforeSwitch,
@@ -121,6 +130,7 @@ impl Step {
         Step::Restart,
         Step::Check,
         Step::Confirm,
+        Step::Watch,
         Step::AfterLive,
     ];
 
@@ -138,6 +148,8 @@ impl Step {
             Step::Check => Some(Phase::Checking),
             Step::Confirm => None,
             Step::AfterLive => None,
+            // The watch keeps its own state (`.deploy/watch.json`): the deploy is over.
+            Step::Watch => None,
         }
     }
 
@@ -297,8 +309,10 @@ mod tests {
             (Restart, false, RollBack),
             (Check, true, Do(Confirm)),
             (Check, false, RollBack),
-            (Confirm, true, Do(AfterLive)),
+            (Confirm, true, Do(Watch)),
             (Confirm, false, RollBack),
+            (Watch, true, Do(AfterLive)),
+            (Watch, false, RollBack),
             (AfterLive, true, Live),
             (AfterLive, false, Live),
         ];
@@ -320,7 +334,10 @@ mod tests {
         // Before the switch (and a failed switch) nothing moved: failed, not rolled back.
         // After the release is confirmed live, nothing fails it any more.
         for step in Step::ALL {
-            let moved = matches!(step, Step::Restart | Step::Check | Step::Confirm);
+            let moved = matches!(
+                step,
+                Step::Restart | Step::Check | Step::Confirm | Step::Watch
+            );
             let expect = if step == Step::AfterLive {
                 Next::Live
             } else if moved {
@@ -344,6 +361,21 @@ mod tests {
         assert_eq!(at, Next::Live);
         // A rollback starts at the switch.
         assert_eq!(Step::start(Phase::Switching), Step::Switch);
+    }
+
+    #[test]
+    fn the_watch_follows_confirm_and_keeps_no_journal_phase() {
+        // A deploy is live once its watch is armed (then only the `after_live` hook,
+        // which changes nothing, is left); the watch's task later asks the table what a
+        // failed watch leads to, and rolls back like a failed check.
+        assert_eq!(next(Step::Confirm, true), Next::Do(Step::Watch));
+        assert_eq!(next(Step::Watch, true), Next::Do(Step::AfterLive));
+        assert_eq!(next(Step::Watch, false), Next::RollBack);
+        assert_eq!(
+            Step::Watch.phase(),
+            None,
+            "its state is watch.json, not the journal"
+        );
     }
 
     #[test]
@@ -393,8 +425,9 @@ mod tests {
         // Dying in it is recovered as dying in the migration.
         assert_eq!(Step::BeforeSwitch.phase(), None);
         assert_eq!(recovery(Phase::Migrating, false), Recovery::EndBeforeSwitch);
-        // after_live: only after the confirmation, and it never changes the outcome.
-        assert_eq!(next(Step::Confirm, true), Next::Do(Step::AfterLive));
+        // after_live: only after the confirmation (and the watch is armed), and it
+        // never changes the outcome.
+        assert_eq!(next(Step::Watch, true), Next::Do(Step::AfterLive));
         assert_eq!(next(Step::AfterLive, false), Next::Live);
         // on_failure: every end but live.
         for outcome in [

@@ -12,12 +12,15 @@
 //! - [`journal`]: the phase on disk (write temp, fsync, rename), read by recovery.
 //! - [`recover`]: at start, finishing or undoing what the journal says was in flight.
 //! - [`error`]: [`StepError`], what a step fails with.
+//! - [`watch`]: the watch after go-live (`health.watch`): its state on disk, its task,
+//!   and its rollback by the agent alone.
 
 pub mod error;
 pub mod journal;
 pub mod machine;
 pub mod recover;
 pub mod run;
+pub mod watch;
 
 pub use error::StepError;
 pub use run::{Events, Run, link_shared};

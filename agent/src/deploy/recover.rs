@@ -94,7 +94,7 @@ pub async fn lock_unfinished(shared: &Shared) -> Vec<Job> {
     jobs
 }
 
-pub async fn finish(_shared: &Shared, job: Job) -> Outcome {
+pub async fn finish(shared: &Arc<Shared>, job: Job) -> Outcome {
     let Job {
         layout,
         journal,
@@ -117,6 +117,8 @@ pub async fn finish(_shared: &Shared, job: Job) -> Outcome {
         let _ = std::fs::remove_dir_all(layout.partial(&journal.release));
     }
     let why = journal.error.clone();
+    let release = journal.release.clone();
+    let watched = layout.clone();
     let run = Run::new(layout, journal, Events::none(), lock);
     let report = match then {
         Recovery::DiscardUpload => run.abandon(Some(format!("{note}: upload discarded"))).await,
@@ -128,6 +130,13 @@ pub async fn finish(_shared: &Shared, job: Job) -> Outcome {
         }
     };
     tracing::info!(outcome = ?report.outcome, "recovery finished");
+    // A deploy that went live under watch is watched; a watch that was rolling back
+    // when the agent died ends as the rollback did.
+    if report.outcome == Outcome::Live {
+        super::watch::spawn(shared, &watched, Vec::new());
+    } else {
+        super::watch::settle(&watched, &release, report.outcome, report.error.as_deref());
+    }
     report.outcome
 }
 

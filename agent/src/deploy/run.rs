@@ -605,11 +605,46 @@ impl Run {
                 result
             }
             Step::Confirm => self.confirm(),
+            Step::Watch => self.arm_watch(),
             Step::AfterLive => self
                 .hook(Hook::AfterLive, &release, Some(Outcome::Live))
                 .await
                 .map_err(|e| e.context("after_live hook failed")),
         }
+    }
+
+    /// A deploy with `health.watch`: writes the watch's state before the deploy reports
+    /// `live` (the task that checks is started by whoever ran the deploy, see
+    /// [`super::watch::spawn`]). A watch that cannot be saved cannot protect the release:
+    /// it fails like a confirm that cannot write.
+    fn arm_watch(&mut self) -> Result<(), StepError> {
+        if !super::watch::wanted(&self.journal) {
+            return Ok(());
+        }
+        let t = Instant::now();
+        let release = self.journal.release.clone();
+        let h = self
+            .journal
+            .spec
+            .health
+            .clone()
+            .unwrap_or_else(|| unreachable!());
+        if let Err(e) = super::watch::arm(&self.layout, &self.journal) {
+            let msg = format!(
+                "could not save the watch of release {release}: {}",
+                crate::release::layout::describe_io(&self.layout.root, &e)
+            );
+            self.step(Stage::Health, t, Err(msg.clone()));
+            return Err(StepError::Io(msg));
+        }
+        let msg = format!(
+            "release {release} is under watch for {}: {} failed checks in a row roll it back",
+            super::watch::human_ms(h.watch_ms),
+            h.watch_failures.max(1)
+        );
+        self.events.send(Stage::Health, msg.clone());
+        self.step(Stage::Health, t, Ok(msg));
+        Ok(())
     }
 
     /// Runs the `hooks` command `which` (if configured) in `release`'s dir with the deploy

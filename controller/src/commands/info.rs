@@ -72,6 +72,10 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                             .unwrap_or("-".into()),
                         health,
                         last,
+                        s.watch
+                            .as_ref()
+                            .map(watch_cell)
+                            .unwrap_or_else(|| "-".into()),
                         s.lock
                             .as_ref()
                             .map(|l| format!("locked by {}", l.holder))
@@ -164,6 +168,7 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                 "VERSION",
                 "HEALTH",
                 "LAST DEPLOY",
+                "WATCH",
                 "LOCK",
             ],
             What::Releases => &["HOST", "RELEASE", "VERSION", "STATUS", "CURRENT", "CREATED"],
@@ -174,4 +179,24 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
         crate::out!("{}", table(header, &rows));
     }
     Ok(code)
+}
+
+/// The WATCH cell of `status`: the watch after go-live of the last deploy.
+fn watch_cell(w: &proto::WatchStatus) -> String {
+    use proto::WatchState::*;
+    let r = &w.release;
+    match w.state {
+        Watching => format!(
+            "watching {r}: {} left, {}/{} failed",
+            humantime::format_duration(std::time::Duration::from_secs(
+                w.remaining_ms.div_ceil(1000)
+            )),
+            w.failures,
+            w.max_failures
+        ),
+        Passed => format!("passed ({r})"),
+        RolledBack => format!("ROLLED BACK {r} by watch"),
+        RollbackFailed => format!("ROLLBACK FAILED ({r}, by watch)"),
+        Ended => format!("ended early ({r})"),
+    }
 }

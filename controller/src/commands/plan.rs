@@ -767,6 +767,7 @@ pub async fn promote(cli: &Cli, args: PromoteArgs) -> Result<u8, Failure> {
         lock_wait: args.lock_wait,
         force: false,
         no_delta: false,
+        wait: false,
     };
     plan_deploy(&to_env, &push, file.path(), &mut plan).await;
     if let Some(a) = &mut plan.artifact {

@@ -84,6 +84,7 @@ pub async fn run(cli: &Cli, args: PromoteArgs) -> Result<u8, Failure> {
         lock_wait: args.lock_wait,
         force: false,
         no_delta: false,
+        wait: false,
     };
     let delivery = Delivery {
         expect_content: Some(content),

@@ -39,6 +39,8 @@ pub struct PushArgs {
     pub force: bool,
     /// Always upload the whole artifact.
     pub no_delta: bool,
+    /// `--wait`: wait for the watch after go-live (`health.watch`) to end.
+    pub wait: bool,
 }
 
 /// What a push carries besides the artifact: the content the agent must find in it,
@@ -213,9 +215,34 @@ pub async fn deploy(
         &progress,
     )
     .await;
+    let (release, mut rollout) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            close_all(conns).await;
+            return Err(e);
+        }
+    };
+    let mut code = report::rollout_exit_code(&rollout.hosts, rollout.failure.is_some());
+    let watch = env.health.as_ref().map_or(Duration::ZERO, |h| h.watch);
+    let live: Vec<String> = rollout
+        .hosts
+        .iter()
+        .filter(|h| h.outcome == Some(proto::Outcome::Live))
+        .map(|h| h.host.clone())
+        .collect();
+    let watched = if args.wait && !watch.is_zero() && !live.is_empty() {
+        let w = wait_for_watch(&env, &release, &live, &mut conns, &progress).await;
+        code = code.max(watch_exit_code(&w));
+        for (host, end) in &w {
+            if let Some(h) = rollout.hosts.iter_mut().find(|h| &h.host == host) {
+                h.watch = Some(end.result());
+            }
+        }
+        Some(w)
+    } else {
+        None
+    };
     close_all(conns).await;
-    let (release, rollout) = result?;
-    let code = report::rollout_exit_code(&rollout.hosts, rollout.failure.is_some());
     report::print_deploy(
         "push",
         &env,
@@ -226,7 +253,153 @@ pub async fn deploy(
         args.json,
         Some(&rollout),
     );
+    if !args.json && !watch.is_zero() && !live.is_empty() {
+        match &watched {
+            None => crate::out!(
+                "release {release} is under watch for {} on {} host(s): {} failed health \
+                 checks in a row roll it back (`deployctl status {}` shows it; push --wait \
+                 waits for it)",
+                humantime::format_duration(watch),
+                live.len(),
+                env.health.as_ref().map_or(3, |h| h.watch_failures),
+                env.name
+            ),
+            Some(w) => {
+                for (host, end) in w {
+                    crate::out!("{host}: watch of release {release}: {end}");
+                }
+            }
+        }
+    }
     Ok(code)
+}
+
+/// How the watch of the release ended on one host, as `push --wait` saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEnd {
+    Passed,
+    RolledBack(String),
+    RollbackFailed(String),
+    /// A newer push or rollback ended it.
+    Ended(String),
+    /// The host could not tell (lost connection, watch gone, out of time).
+    Unknown(String),
+}
+
+impl WatchEnd {
+    /// What `--json` shows under the host's `watch`.
+    pub fn result(&self) -> crate::outcome::WatchResult {
+        let (state, note) = match self {
+            WatchEnd::Passed => ("passed", None),
+            WatchEnd::RolledBack(n) => ("rolled_back", Some(n)),
+            WatchEnd::RollbackFailed(n) => ("rollback_failed", Some(n)),
+            WatchEnd::Ended(n) => ("ended", Some(n)),
+            WatchEnd::Unknown(n) => ("unknown", Some(n)),
+        };
+        crate::outcome::WatchResult {
+            state,
+            note: note.filter(|n| !n.is_empty()).cloned(),
+        }
+    }
+}
+
+impl std::fmt::Display for WatchEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WatchEnd::Passed => write!(f, "passed"),
+            WatchEnd::RolledBack(why) => write!(f, "ROLLED BACK: {why}"),
+            WatchEnd::RollbackFailed(why) => write!(f, "ROLLBACK FAILED: {why}"),
+            WatchEnd::Ended(why) => write!(f, "ended early: {why}"),
+            WatchEnd::Unknown(why) => write!(f, "unknown: {why}"),
+        }
+    }
+}
+
+/// 1 if the watch rolled back on any host, 5 if a rollback failed or the end is
+/// unknown, else 0.
+pub fn watch_exit_code(ends: &[(String, WatchEnd)]) -> u8 {
+    ends.iter()
+        .map(|(_, e)| match e {
+            WatchEnd::Passed | WatchEnd::Ended(_) => exit::OK,
+            WatchEnd::RolledBack(_) => exit::DEPLOY_FAILED,
+            WatchEnd::RollbackFailed(_) | WatchEnd::Unknown(_) => exit::NEEDS_HUMAN,
+        })
+        .max()
+        .unwrap_or(exit::OK)
+}
+
+/// `push --wait`: asks each host that went live for its watch until it ended there. The
+/// wait is bounded by the watch, plus the time a check and a rollback may take.
+async fn wait_for_watch(
+    env: &Environment,
+    release: &str,
+    hosts: &[String],
+    conns: &mut [HostConn],
+    progress: &Progress,
+) -> Vec<(String, WatchEnd)> {
+    let Some(h) = env.health.as_ref() else {
+        return Vec::new();
+    };
+    let bound = h.watch
+        + h.request_timeout
+        + (h.interval + h.request_timeout) * (h.retries + 1)
+        + env.release.timeout * 2
+        + Duration::from_secs(30);
+    let deadline = Instant::now() + bound;
+    let poll = h
+        .interval
+        .clamp(Duration::from_millis(100), Duration::from_secs(2));
+    progress.info(&format!(
+        "waiting for the watch of release {release} ({}) on {} host(s)",
+        humantime::format_duration(h.watch),
+        hosts.len()
+    ));
+    let mut ends = Vec::new();
+    for c in conns.iter_mut().filter(|c| hosts.contains(&c.name)) {
+        let end = loop {
+            let asked = c
+                .client
+                .call_within(
+                    proto::Status {
+                        app: app_ref(env),
+                        health: None,
+                    },
+                    Duration::from_secs(30),
+                    |_| {},
+                )
+                .await;
+            let status = match asked {
+                Ok(s) => s,
+                Err(e) => break WatchEnd::Unknown(format!("status failed: {e}")),
+            };
+            let note = |w: &proto::WatchStatus| w.note.clone().unwrap_or_default();
+            match status.watch {
+                Some(w) if w.release != release => {
+                    break WatchEnd::Ended(format!("release {} is watched now", w.release));
+                }
+                Some(w) => match w.state {
+                    proto::WatchState::Watching => {}
+                    proto::WatchState::Passed => break WatchEnd::Passed,
+                    proto::WatchState::RolledBack => break WatchEnd::RolledBack(note(&w)),
+                    proto::WatchState::RollbackFailed => {
+                        break WatchEnd::RollbackFailed(note(&w));
+                    }
+                    proto::WatchState::Ended => break WatchEnd::Ended(note(&w)),
+                },
+                None => break WatchEnd::Unknown("the agent keeps no watch of it".into()),
+            }
+            if Instant::now() >= deadline {
+                break WatchEnd::Unknown(format!(
+                    "still under watch after {}",
+                    humantime::format_duration(bound)
+                ));
+            }
+            tokio::time::sleep(poll).await;
+        };
+        progress.line(&c.name, &format!("watch: {end}"));
+        ends.push((c.name.clone(), end));
+    }
+    ends
 }
 
 async fn push_all(

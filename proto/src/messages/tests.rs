@@ -78,6 +78,8 @@ fn health() -> HealthSpec {
         retries: 12,
         interval_ms: 5000,
         request_timeout_ms: 3000,
+        watch_ms: 0,
+        watch_failures: 0,
     }
 }
 
@@ -488,6 +490,7 @@ fn status() {
             last: Some(history_entry()),
             lock: Some(lock_info()),
             health: Some(health_report()),
+            watch: None,
         }),
         json!({"type": "status", "params": {
             "current": release_info_json(),
@@ -496,6 +499,56 @@ fn status() {
             "health": health_report_json(),
         }}),
     );
+}
+
+#[test]
+fn health_watch_and_watch_status() {
+    // The watch keys travel only when set: a spec without them is the old wire format.
+    let watched = HealthSpec {
+        watch_ms: 300_000,
+        watch_failures: 3,
+        ..health()
+    };
+    let mut json = health_json();
+    json["watch_ms"] = json!(300_000);
+    json["watch_failures"] = json!(3);
+    golden(watched, json);
+    golden(
+        Response::Status(StatusReply {
+            current: None,
+            last: None,
+            lock: None,
+            health: None,
+            watch: Some(WatchStatus {
+                release: "20261122214501".into(),
+                state: WatchState::Watching,
+                until: "2026-11-22T21:50:01Z".into(),
+                remaining_ms: 120_000,
+                failures: 1,
+                max_failures: 3,
+                note: None,
+            }),
+        }),
+        json!({"type": "status", "params": {
+            "current": null, "last": null, "lock": null, "health": null,
+            "watch": {
+                "release": "20261122214501",
+                "state": "watching",
+                "until": "2026-11-22T21:50:01Z",
+                "remaining_ms": 120000,
+                "failures": 1,
+                "max_failures": 3,
+            },
+        }}),
+    );
+    for (state, name) in [
+        (WatchState::Passed, "passed"),
+        (WatchState::RolledBack, "rolled_back"),
+        (WatchState::RollbackFailed, "rollback_failed"),
+        (WatchState::Ended, "ended"),
+    ] {
+        golden(state, json!(name));
+    }
 }
 
 #[test]

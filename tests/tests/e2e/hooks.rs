@@ -547,3 +547,27 @@ fn a_webhook_answering_500_is_retried_without_holding_up_the_deploy() {
     assert_eq!(rx.requests().len(), 2);
     no_secret_anywhere(&site, &out);
 }
+
+// See: merging the watch (#13) with the webhooks (#17): `.deploy/watch.json` keeps the
+// deploy's spec for the watch's rollback, and held the webhook URL until the watch
+// stopped saving it.
+#[test]
+fn a_release_under_watch_keeps_the_webhook_only_in_the_store() {
+    let rx = Receiver::start(&[], None);
+    // The receiver answers 200 to any path: it is the health URL too.
+    // (`site` closes the url's quote itself: the `#` comments that one out.)
+    let health = format!(
+        "http://127.0.0.1:{}/up\"\nwatch = \"10m\"\nwatch_failures = 3\n#",
+        rx.port
+    );
+    let site = site("shared = []", Some(&rx.url()), Some(&health));
+    let d = site.deploy_to.clone();
+    let v1 = artifact(&site, "v1", &[file("VERSION", "v1")]);
+    let out = push(&site, &v1, "v1");
+    out.assert_success();
+    assert!(
+        d.join(".deploy/watch.json").is_file(),
+        "the release is not under watch:\n{out}"
+    );
+    no_secret_anywhere(&site, &out);
+}

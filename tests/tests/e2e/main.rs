@@ -26,3 +26,4 @@ mod support;
 mod ux_messages;
 mod ux_more;
 mod vm;
+mod watch;

@@ -247,7 +247,7 @@ fn kill(pid: u32, signal: &str) {
         .status();
 }
 
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     // A zombie (reaped by init later) counts as gone.
     fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
@@ -361,7 +361,7 @@ request_timeout = "1s"
         http_get(self.port, path)
     }
 
-    fn history(&self) -> Vec<serde_json::Value> {
+    pub(crate) fn history(&self) -> Vec<serde_json::Value> {
         let out = self.site.run(&["history", "test", "--json"]);
         out.assert_success();
         out.json()["hosts"][0]["history"]
@@ -451,7 +451,7 @@ pub(crate) fn assert_serves(port: u16, version: &str) {
 }
 
 #[track_caller]
-fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+pub(crate) fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
         if Instant::now() >= deadline {
@@ -470,13 +470,13 @@ pub(crate) fn all_output(out: &Output) -> String {
 // ---------------------------------------------------------------------------------------------
 
 /// A `deployctl` child process, output to files; killed (by PID) on drop if still running.
-struct Bg {
+pub(crate) struct Bg {
     child: Child,
     stdout: PathBuf,
     stderr: PathBuf,
 }
 
-fn spawn_deployctl(site: &Site, name: &str, args: &[&str]) -> Bg {
+pub(crate) fn spawn_deployctl(site: &Site, name: &str, args: &[&str]) -> Bg {
     let stdout = site.env.path(&format!("{name}.stdout"));
     let stderr = site.env.path(&format!("{name}.stderr"));
     let mut cmd = Command::new(bin("deployctl"));
@@ -511,7 +511,7 @@ impl Bg {
     }
 
     /// Waits for the exit; panics with the output so far after `timeout`.
-    fn wait(&mut self, timeout: Duration) -> Output {
+    pub(crate) fn wait(&mut self, timeout: Duration) -> Output {
         use std::os::unix::process::ExitStatusExt;
         let deadline = Instant::now() + timeout;
         loop {
