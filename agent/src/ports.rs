@@ -239,6 +239,7 @@ pub fn register(app: &AppRef, spec: &ReleaseSpec) -> Result<Option<u16>, String>
                 // The values to mask are secrets: they stay in memory only.
                 spec: Some(ReleaseSpec {
                     redact: Vec::new(),
+                    cutover: None,
                     ..spec.clone()
                 }),
                 expire_error: None,
@@ -292,6 +293,7 @@ pub(crate) mod tests {
                 ttl_ms,
             }),
             redact: Vec::new(),
+            cutover: None,
         }
     }
 

@@ -239,6 +239,24 @@ pub struct ReleaseSpec {
     /// its own log, in events, step reports and history. Never written to disk.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub redact: Vec<String>,
+    /// Set with `[cutover]` (release strategy): the release starts on the idle slot
+    /// beside the serving one, and `restart` is not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutover: Option<CutoverSpec>,
+}
+
+/// Blue/green slots for the release strategy (`[cutover]`): two ports, the commands
+/// that start and stop a slot and point the proxy at one, and the drain time. Each
+/// command gets `DEPLOY_PORT` (the slot it is about) and `DEPLOY_PREVIOUS_PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutoverSpec {
+    /// Exactly two distinct ports; the first cutover deploy uses the first.
+    pub ports: [u16; 2],
+    pub start: String,
+    pub stop: String,
+    pub switch: String,
+    /// How long the old slot keeps running after `switch`.
+    pub drain_ms: u64,
 }
 
 /// The review-app settings of an environment, sent with every push so the agent can

@@ -1119,6 +1119,7 @@ mod tests {
                 compose: None,
                 instance: None,
                 redact: Vec::new(),
+                cutover: None,
             },
             phase: Phase::Prepared,
             error: None,

@@ -369,6 +369,7 @@ fn spec() -> proto::ReleaseSpec {
         compose: None,
         instance: None,
         redact: Vec::new(),
+        cutover: None,
     }
 }
 
