@@ -482,8 +482,10 @@ pub struct InstancesConfig {
 }
 
 /// `[cutover]`: blue/green slots for the release strategy. Present when any of its keys
-/// is set; `ports`, `start`, `stop` and `switch` are then required. `release.restart`,
-/// `strategy = "compose"` and `instances = true` are refused beside it (exit 2).
+/// is set; `ports`, `start`, `stop` and `switch` are then required. `strategy =
+/// "compose"`, `instances = true`, and a `release.restart` written at the same level
+/// (the same environment, or both in `[defaults]`) are refused beside it (exit 2); a
+/// `restart` inherited from `[defaults.release]` is not used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CutoverConfig {
     /// Exactly two distinct ports (1-65535).
@@ -901,10 +903,18 @@ impl Config {
         let instances = l.instances(&r)?;
         let cutover = l.cutover.resolve(&r)?;
         if let Some(key) = l.cutover.first_key() {
-            let clash = if let (Some(v), true) = (&l.release.restart, cutover.is_some()) {
+            // A `restart` written beside `[cutover]` (same environment, or both in
+            // [defaults]) is a mistake; one inherited from [defaults.release] is not used.
+            let level = |k: &str, table: &str| k.split_once(table).map(|(l, _)| l.to_owned());
+            let clash = if let Some(v) = l
+                .release
+                .restart
+                .as_ref()
+                .filter(|v| level(&v.key, ".release.") == level(&key.key, ".cutover."))
+            {
                 Some(v.invalid(
                     "not used with [cutover] (the new slot is started with `cutover.start`); \
-                     remove `restart` from this environment and from [defaults.release]",
+                     remove `restart` here",
                 ))
             } else if strategy == Strategy::Compose {
                 Some(key.invalid(
@@ -2592,6 +2602,13 @@ batch = "50%"
         assert_eq!(c.drain, Duration::from_secs(2));
         let prod = config.environment("prod").unwrap().cutover.unwrap();
         assert_eq!(prod.drain, Duration::from_secs(10));
+        // A `restart` inherited from [defaults.release] is not used: not refused.
+        let inherited = format!(
+            "{MINI}[environments.staging.cutover]\nports = [1, 2]\nstart = \"a\"\nstop = \"b\"\n\
+             switch = \"c\"\n[defaults.release]\nrestart = \"r\"\n"
+        );
+        let env = parse(&inherited).unwrap().environment("staging").unwrap();
+        assert!(env.cutover.is_some());
         // Without the table: none.
         assert_eq!(
             parse(MINI).unwrap().environment("staging").unwrap().cutover,
@@ -2672,6 +2689,11 @@ batch = "50%"
         for (extra, needle, words) in [
             (
                 "[environments.staging.release]\nrestart = \"r\"\n",
+                "restart",
+                "not used with [cutover]",
+            ),
+            (
+                "[defaults.cutover]\ndrain = \"1s\"\n[defaults.release]\nrestart = \"r\"\n",
                 "restart",
                 "not used with [cutover]",
             ),
