@@ -2609,6 +2609,19 @@ batch = "50%"
         );
         let env = parse(&inherited).unwrap().environment("staging").unwrap();
         assert!(env.cutover.is_some());
+        // Both in [defaults]: refused.
+        let both = format!(
+            "{MINI}[defaults.cutover]\nports = [1, 2]\nstart = \"a\"\nstop = \"b\"\n\
+             switch = \"c\"\n[defaults.release]\nrestart = \"r\"\n"
+        );
+        let err = parse(&both)
+            .and_then(|c| c.environment("staging"))
+            .unwrap_err();
+        assert_err(
+            &err,
+            line_of(&both, "restart"),
+            &["`defaults.release.restart`", "not used with [cutover]"],
+        );
         // Without the table: none.
         assert_eq!(
             parse(MINI).unwrap().environment("staging").unwrap().cutover,
@@ -2689,11 +2702,6 @@ batch = "50%"
         for (extra, needle, words) in [
             (
                 "[environments.staging.release]\nrestart = \"r\"\n",
-                "restart",
-                "not used with [cutover]",
-            ),
-            (
-                "[defaults.cutover]\ndrain = \"1s\"\n[defaults.release]\nrestart = \"r\"\n",
                 "restart",
                 "not used with [cutover]",
             ),
