@@ -780,6 +780,7 @@ impl Session {
             phase: Phase::Uploading,
             error: None,
             origin: p.origin.clone(),
+            slots: None,
         };
         journal
             .save(&layout)
@@ -844,6 +845,7 @@ impl Session {
             phase: Phase::Switching,
             error: None,
             origin: None,
+            slots: None,
         };
         Ok((Run::new(layout, journal, Events::new(etx), lock), erx))
     }

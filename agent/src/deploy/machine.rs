@@ -5,11 +5,16 @@
 //! [`recovery`] where to start.
 //!
 //! ```text
-//! Prepare -> Migrate -> Switch -> Restart -> Check -> Confirm -> live
+//! Prepare -> Migrate -> Switch -> Restart -> [StartSlot] -> Check -> [Route -> Drain]
+//!   -> Confirm -> live
 //!    \          \          \         \         \         \
 //!     +----------+----------+-> failed  +---------+---------+-> roll back
 //!       (current never moved)             (current moved)
 //! ```
+//!
+//! The bracketed steps are `[cutover]`'s (blue/green slots); `Restart` is the plain
+//! deploy's. A step that does not apply to a run ([`Step::cutover`]) is passed over as
+//! succeeded, without writing its phase.
 //!
 //! To add a step (a zero-downtime cutover's "start the idle slot", a post-go-live
 //! "watch", a hook): add a [`Step`] variant, its [`Phase`] if recovery must know it, a
@@ -34,6 +39,14 @@ pub enum Step {
     Check,
     /// Marks the release live, prunes old releases, records the URL it passed.
     Confirm,
+    /// `[cutover]`: `stop` the idle slot (clears leftovers), then `start` the new release
+    /// on it. The check after it is on the new slot's port.
+    StartSlot,
+    /// `[cutover]`: `switch`, the proxy to the new slot; then the serving slot is saved.
+    Route,
+    /// `[cutover]`: wait `drain`, then `stop` the old slot. A failed stop does not undo
+    /// the deploy (the proxy is on the new slot): it is reported and the deploy goes on.
+    Drain,
 }
 
 /// Where a step's result leads.
@@ -76,13 +89,28 @@ pub const TABLE: &[Transition] = &[
     },
     Transition {
         step: Step::Restart,
+        ok: Next::Do(Step::StartSlot),
+        failed: Next::RollBack,
+    },
+    Transition {
+        step: Step::StartSlot,
         ok: Next::Do(Step::Check),
         failed: Next::RollBack,
     },
     Transition {
         step: Step::Check,
-        ok: Next::Do(Step::Confirm),
+        ok: Next::Do(Step::Route),
         failed: Next::RollBack,
+    },
+    Transition {
+        step: Step::Route,
+        ok: Next::Do(Step::Drain),
+        failed: Next::RollBack,
+    },
+    Transition {
+        step: Step::Drain,
+        ok: Next::Do(Step::Confirm),
+        failed: Next::Do(Step::Confirm),
     },
     Transition {
         step: Step::Confirm,
@@ -92,14 +120,32 @@ pub const TABLE: &[Transition] = &[
 ];
 
 impl Step {
-    pub const ALL: [Step; 6] = [
+    /// In the order a run visits them.
+    pub const ALL: [Step; 9] = [
         Step::Prepare,
         Step::Migrate,
         Step::Switch,
         Step::Restart,
+        Step::StartSlot,
         Step::Check,
+        Step::Route,
+        Step::Drain,
         Step::Confirm,
     ];
+
+    /// `Some(true)`: only with `[cutover]`; `Some(false)`: only without; `None`: always.
+    pub fn cutover(self) -> Option<bool> {
+        match self {
+            Step::StartSlot | Step::Route | Step::Drain => Some(true),
+            Step::Restart => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Whether the step acts in a run with (`cutover`) or without `[cutover]`.
+    pub fn applies(self, cutover: bool) -> bool {
+        self.cutover().is_none_or(|c| c == cutover)
+    }
 
     /// The phase written to the journal before the step acts; `None` keeps the phase
     /// before it (confirming is still `Checking`: recovery checks again, then confirms).
@@ -111,6 +157,9 @@ impl Step {
             Step::Restart => Some(Phase::Restarting),
             Step::Check => Some(Phase::Checking),
             Step::Confirm => None,
+            Step::StartSlot => Some(Phase::Starting),
+            Step::Route => Some(Phase::Routing),
+            Step::Drain => Some(Phase::Draining),
         }
     }
 
@@ -206,6 +255,26 @@ pub const RECOVERY: &[RecoveryRow] = &[
         moved: Moved::Any,
         then: Recovery::FinishRollBack,
     },
+    // `[cutover]`. Starting again stops the new slot first: whatever the dead agent's
+    // `start` left there goes.
+    RecoveryRow {
+        phase: Phase::Starting,
+        moved: Moved::Any,
+        then: Recovery::Resume(Step::StartSlot),
+    },
+    // The proxy may or may not have moved: check the new slot again, then switch (again);
+    // a failed check switches the proxy back to the old slot, which still runs.
+    RecoveryRow {
+        phase: Phase::Routing,
+        moved: Moved::Any,
+        then: Recovery::Resume(Step::Check),
+    },
+    // The proxy is on the new slot (saved): wait the drain again, stop the old slot.
+    RecoveryRow {
+        phase: Phase::Draining,
+        moved: Moved::Any,
+        then: Recovery::Resume(Step::Drain),
+    },
 ];
 
 /// What recovery does for a journal in `phase`, `moved` saying whether `current` points
@@ -229,7 +298,7 @@ pub fn recovery(phase: Phase, moved: bool) -> Recovery {
 mod tests {
     use super::*;
 
-    const PHASES: [Phase; 7] = [
+    const PHASES: [Phase; 10] = [
         Phase::Uploading,
         Phase::Prepared,
         Phase::Migrating,
@@ -237,6 +306,9 @@ mod tests {
         Phase::Restarting,
         Phase::Checking,
         Phase::RollingBack,
+        Phase::Starting,
+        Phase::Routing,
+        Phase::Draining,
     ];
 
     #[test]
@@ -251,10 +323,17 @@ mod tests {
             (Migrate, false, Fail),
             (Switch, true, Do(Restart)),
             (Switch, false, Fail),
-            (Restart, true, Do(Check)),
+            (Restart, true, Do(StartSlot)),
             (Restart, false, RollBack),
-            (Check, true, Do(Confirm)),
+            (StartSlot, true, Do(Check)),
+            (StartSlot, false, RollBack),
+            (Check, true, Do(Route)),
             (Check, false, RollBack),
+            (Route, true, Do(Drain)),
+            (Route, false, RollBack),
+            // The proxy is on the new slot: a failed stop of the old one does not undo it.
+            (Drain, true, Do(Confirm)),
+            (Drain, false, Do(Confirm)),
             (Confirm, true, Live),
             (Confirm, false, RollBack),
         ];
@@ -275,7 +354,13 @@ mod tests {
     fn a_failure_rolls_back_exactly_when_current_may_have_moved() {
         // Before the switch (and a failed switch) nothing moved: failed, not rolled back.
         for step in Step::ALL {
-            let moved = matches!(step, Step::Restart | Step::Check | Step::Confirm);
+            if step == Step::Drain {
+                continue; // never fails the deploy (see the table test)
+            }
+            let moved = matches!(
+                step,
+                Step::Restart | Step::StartSlot | Step::Check | Step::Route | Step::Confirm
+            );
             let expect = if moved { Next::RollBack } else { Next::Fail };
             assert_eq!(next(step, false), expect, "{step:?}");
         }
@@ -291,6 +376,24 @@ mod tests {
         }
         assert_eq!(seen, Step::ALL);
         assert_eq!(at, Next::Live);
+        // What each kind of run acts in, in order.
+        let acts = |cutover: bool| -> Vec<Step> {
+            seen.iter()
+                .copied()
+                .filter(|s| s.applies(cutover))
+                .collect()
+        };
+        use Step::*;
+        assert_eq!(
+            acts(false),
+            [Prepare, Migrate, Switch, Restart, Check, Confirm]
+        );
+        assert_eq!(
+            acts(true),
+            [
+                Prepare, Migrate, Switch, StartSlot, Check, Route, Drain, Confirm
+            ]
+        );
         // A rollback starts at the switch.
         assert_eq!(Step::start(Phase::Switching), Step::Switch);
     }
@@ -314,6 +417,12 @@ mod tests {
             (Phase::Checking, true, Resume(Step::Check)),
             (Phase::RollingBack, false, FinishRollBack),
             (Phase::RollingBack, true, FinishRollBack),
+            (Phase::Starting, false, Resume(Step::StartSlot)),
+            (Phase::Starting, true, Resume(Step::StartSlot)),
+            (Phase::Routing, false, Resume(Step::Check)),
+            (Phase::Routing, true, Resume(Step::Check)),
+            (Phase::Draining, false, Resume(Step::Drain)),
+            (Phase::Draining, true, Resume(Step::Drain)),
         ];
         assert_eq!(expected.len(), PHASES.len() * 2);
         for (phase, moved, then) in expected {
@@ -329,6 +438,36 @@ mod tests {
             for &m in cases {
                 assert_eq!(recovery(row.phase, m), row.then, "{row:?}");
             }
+        }
+    }
+
+    #[test]
+    fn a_cutover_recovery_never_routes_the_proxy_to_an_unchecked_slot() {
+        // From every cutover phase, the steps recovery runs reach `Route` only through
+        // `Check`, and stop the old slot (`Drain`) only after `Route`.
+        for phase in [Phase::Starting, Phase::Routing, Phase::Draining] {
+            let Recovery::Resume(mut step) = recovery(phase, true) else {
+                panic!("{phase:?} resumes");
+            };
+            let mut seen = vec![];
+            loop {
+                if step.applies(true) {
+                    seen.push(step);
+                }
+                match next(step, true) {
+                    Next::Do(s) => step = s,
+                    _ => break,
+                }
+            }
+            let pos = |s: Step| seen.iter().position(|x| *x == s);
+            if let Some(r) = pos(Step::Route) {
+                assert!(
+                    pos(Step::Check).is_some_and(|c| c < r),
+                    "{phase:?}: {seen:?}"
+                );
+            }
+            assert!(pos(Step::Drain).is_some(), "{phase:?}: {seen:?}");
+            assert_eq!(seen.last(), Some(&Step::Confirm), "{phase:?}");
         }
     }
 
