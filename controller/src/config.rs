@@ -14,7 +14,7 @@
 //! 4. the top level (`deploy_to` only),
 //! 5. the built-in default (documented on each [`Environment`] field).
 //!
-//! Tables (`release`, `health`, `rollout`, `verify`, `compose`) merge key by key, so
+//! Tables (`release`, `health`, `rollout`, `verify`, `compose`, `cutover`) merge key by key, so
 //! `[environments.x.health] url = "..."` keeps the default `retries`. Arrays replace,
 //! they are not concatenated. Command-line flags are applied by the caller afterwards:
 //! every field of [`Environment`] is public.
