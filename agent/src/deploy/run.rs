@@ -737,7 +737,17 @@ impl Run {
         let (Some(c), Some(s)) = (self.journal.spec.cutover.clone(), self.journal.slots) else {
             return Ok(());
         };
+        // Waited on the first cutover deploy too: the deploy ends once the proxy's
+        // reload has had `drain` to take effect.
         let Some(old) = s.old else {
+            self.events.send(
+                Stage::Switch,
+                format!(
+                    "waiting {}ms for the proxy (no old slot to stop)",
+                    c.drain_ms
+                ),
+            );
+            tokio::time::sleep(Duration::from_millis(c.drain_ms)).await;
             return Ok(());
         };
         self.events.send(

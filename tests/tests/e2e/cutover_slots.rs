@@ -113,9 +113,11 @@ fn cutover_deploys_a_broken_one_and_a_rollback_fail_no_request_under_load() {
     rig.configure_restart("");
     rig.push_ok("v1");
     let load = start_load(rig.nginx.port, "/api/v1/status/");
+    let t = Instant::now();
     for v in ["v2", "v3"] {
         rig.push_ok(v);
     }
+    let plain = t.elapsed() / 2;
     let baseline = load.stop();
     assert!(
         baseline.failed > 0,
@@ -131,7 +133,7 @@ fn cutover_deploys_a_broken_one_and_a_rollback_fail_no_request_under_load() {
     for i in 1..=10 {
         rig.push_ok(&format!("c{i}"));
     }
-    let ten = t.elapsed();
+    let each = t.elapsed() / 10;
     let serving = assert_one_slot_serves(&rig, ports, "c10");
     let before = current(&rig);
 
@@ -156,13 +158,23 @@ fn cutover_deploys_a_broken_one_and_a_rollback_fail_no_request_under_load() {
     assert_one_slot_serves(&rig, ports, "c9");
     let report = load.stop();
     println!(
-        "cutover: {} failed requests over 10 cutover deploys ({:.1} s each), a broken deploy \
+        "cutover: {} failed requests over 10 cutover deploys ({:.2} s each), a broken deploy \
          and a rollback, at 150 requests/s through nginx\n{report}\nanswers: {:?}\n\
-         baseline (plain restart, 2 deploys): {} failed\n{baseline}",
+         baseline (plain restart, 2 deploys, {:.2} s each): {} failed\n{baseline}",
         report.failed,
-        ten.as_secs_f64() / 10.0,
+        each.as_secs_f64(),
         report.served,
+        plain.as_secs_f64(),
         baseline.failed,
+    );
+    // One line for bench/cutover.
+    println!(
+        "BENCH cutover plain_deploys=2 plain_failed={} plain_deploy_s={:.2} \
+         cutover_deploys=12 cutover_failed={} cutover_deploy_s={:.2} drain_s=1",
+        baseline.failed,
+        plain.as_secs_f64(),
+        report.failed,
+        each.as_secs_f64(),
     );
     assert_eq!(
         report.failed,
