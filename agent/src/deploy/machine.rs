@@ -195,6 +195,17 @@ pub enum Recovery {
     FinishRollBack,
 }
 
+#[cfg(test)]
+impl Recovery {
+    /// The step a `Resume` goes on from; panics on the others.
+    pub(crate) fn step(self) -> Step {
+        match self {
+            Recovery::Resume(step) => step,
+            other => panic!("{other:?} does not resume a step"),
+        }
+    }
+}
+
 /// Whether `current` points at the journal's release, for the rows that care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Moved {

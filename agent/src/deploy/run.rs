@@ -85,6 +85,10 @@ pub struct Run {
     started: Instant,
     /// The compose command, once detected.
     compose: Option<Compose>,
+    /// `[cutover]`: the proxy may have been switched to the new slot without
+    /// `slot.json` saying so (a `switch` ran, or the agent died in one): a rollback
+    /// then points it at the old slot again.
+    pub proxy_maybe_moved: bool,
     /// Held until the run ends.
     _lock: Arc<LockGuard>,
 }
@@ -92,6 +96,7 @@ pub struct Run {
 impl Run {
     pub fn new(layout: Layout, mut journal: Journal, events: Events, lock: Arc<LockGuard>) -> Self {
         let events = events.with_redact(&journal.spec.redact);
+        let phase = journal.phase;
         // `[cutover]`: the new release goes on the slot that does not serve. Fixed here
         // and kept in the journal, so recovery acts on the same two ports.
         if let (Some(c), None) = (&journal.spec.cutover, journal.slots) {
@@ -108,6 +113,7 @@ impl Run {
             health: None,
             started: Instant::now(),
             compose: None,
+            proxy_maybe_moved: matches!(phase, Phase::Routing | Phase::RollingBack),
             _lock: lock,
         }
     }
@@ -711,6 +717,7 @@ impl Run {
         let (Some(c), Some(s)) = (self.journal.spec.cutover.clone(), self.journal.slots) else {
             return Ok(());
         };
+        self.proxy_maybe_moved = true;
         self.slot_command(Stage::Switch, &c.switch, release, s.new, s.old)
             .await?;
         let t = Instant::now();
@@ -888,7 +895,6 @@ impl Run {
 
     /// `current` points at the new release, which failed: go back to `previous`.
     pub async fn roll_back(mut self, error: String) -> DeployReport {
-        let was = self.journal.phase;
         self.journal.error = Some(error.clone());
         let _ = self.persist(Phase::RollingBack);
         let release = self.journal.release.clone();
@@ -897,7 +903,7 @@ impl Run {
         // about the check itself (see `judge_the_check`).
         let mut check_note: Option<String> = None;
         let outcome = if let Some(slots) = self.journal.slots {
-            self.slots_back(&error, slots, was).await
+            self.slots_back(&error, slots).await
         } else {
             match self.journal.previous.clone() {
                 Some(prev) => {
@@ -1008,10 +1014,11 @@ impl Run {
     /// `[cutover]`: back to the previous release after the new one failed. `current`
     /// goes back; if the proxy was switched to the new slot, the previous release is
     /// started again on its slot, checked, and the proxy switched back to it; if the
-    /// switch was under way (`was` routing, or unknown after a restart), the proxy is
+    /// switch was under way ([`Run::proxy_maybe_moved`]: it ran or failed, or the agent
+    /// died in it or while rolling back), the proxy is
     /// pointed at the old slot again; then the new slot is stopped. The old slot was
     /// never stopped before the switch, so until then nothing was refused.
-    async fn slots_back(&mut self, error: &str, s: Slots, was: Phase) -> Outcome {
+    async fn slots_back(&mut self, error: &str, s: Slots) -> Outcome {
         let Some(c) = self.journal.spec.cutover.clone() else {
             return Outcome::RollbackFailed;
         };
@@ -1083,7 +1090,7 @@ impl Run {
                     }
                 }
             }
-            (Some(old), Some(p)) if matches!(was, Phase::Routing | Phase::RollingBack) => {
+            (Some(old), Some(p)) if self.proxy_maybe_moved => {
                 // The switch may have half happened: point the proxy at the old slot.
                 match self
                     .slot_command(Stage::Rollback, &c.switch, p, old, Some(s.new))
@@ -1581,6 +1588,44 @@ mod tests {
                 format!("stop 4002 4001 {b}"),
                 format!("start 4002 4001 {b}"),
                 format!("stop 4002 4001 {b}"),
+            ]
+        );
+        assert_eq!(Serving::load(&layout).map(|s| s.port), Some(4001));
+        assert_eq!(layout.current_release().as_deref(), Some(a));
+    }
+
+    #[tokio::test]
+    async fn recovery_in_the_switch_with_a_failing_slot_puts_the_proxy_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = ("20260101000000", "20260102000000");
+        let report = cutover_run(dir.path(), a, None, "true").await.start().await;
+        assert_eq!(report.outcome, Outcome::Live, "{:?}", report.error);
+        slots_log(dir.path());
+        let layout = Layout::new(dir.path());
+        std::fs::create_dir_all(layout.release(b)).unwrap();
+        switch::switch(&layout, b).unwrap();
+        // The agent died in `switch` (phase routing); the new slot no longer answers.
+        let run = cutover_run(dir.path(), b, Some(a), "true").await;
+        let mut journal = run.journal.clone();
+        journal.phase = Phase::Routing;
+        journal.spec.health = Some(proto::HealthSpec {
+            url: "http://127.0.0.1:1/${DEPLOY_PORT}".into(),
+            expect_status: 200,
+            retries: 1,
+            interval_ms: 0,
+            request_timeout_ms: 200,
+        });
+        let run = Run::new(layout.clone(), journal, Events::none(), run._lock.clone());
+        let report = run
+            .drive(machine::recovery(Phase::Routing, true).step())
+            .await;
+        assert_eq!(report.outcome, Outcome::RolledBack, "{:?}", report.error);
+        // The proxy may have moved: it is pointed at the old slot, then the new one stops.
+        assert_eq!(
+            slots_log(dir.path()),
+            [
+                format!("switch 4001 4002 {a}"),
+                format!("stop 4002 4001 {b}")
             ]
         );
         assert_eq!(Serving::load(&layout).map(|s| s.port), Some(4001));
