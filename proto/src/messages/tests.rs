@@ -404,6 +404,30 @@ fn rollback() {
 }
 
 #[test]
+fn cutover_spec() {
+    // Absent: the spec's wire form is unchanged (see `spec_json`).
+    let mut spec = spec();
+    spec.restart = None;
+    spec.cutover = Some(CutoverSpec {
+        ports: [4001, 4002],
+        start: "sudo systemctl start myapp@${DEPLOY_PORT}".into(),
+        stop: "sudo systemctl stop myapp@${DEPLOY_PORT}".into(),
+        switch: "bin/point-proxy ${DEPLOY_PORT}".into(),
+        drain_ms: 10_000,
+    });
+    let mut spec_json = spec_json();
+    spec_json["restart"] = json!(null);
+    spec_json["cutover"] = json!({
+        "ports": [4001, 4002],
+        "start": "sudo systemctl start myapp@${DEPLOY_PORT}",
+        "stop": "sudo systemctl stop myapp@${DEPLOY_PORT}",
+        "switch": "bin/point-proxy ${DEPLOY_PORT}",
+        "drain_ms": 10000,
+    });
+    golden(spec, spec_json);
+}
+
+#[test]
 fn deploy_report() {
     golden(
         Response::Deploy(DeployReport {
@@ -793,28 +817,4 @@ fn delta_offer_and_need() {
         Response::DeltaNeed(DeltaNeed { files: vec![0, 7] }),
         json!({"type": "delta_need", "params": {"files": [0, 7]}}),
     );
-}
-
-#[test]
-fn cutover_spec() {
-    // Absent: the spec's wire form is unchanged (see `spec_json`).
-    let mut spec = spec();
-    spec.restart = None;
-    spec.cutover = Some(CutoverSpec {
-        ports: [4001, 4002],
-        start: "sudo systemctl start myapp@${DEPLOY_PORT}".into(),
-        stop: "sudo systemctl stop myapp@${DEPLOY_PORT}".into(),
-        switch: "bin/point-proxy ${DEPLOY_PORT}".into(),
-        drain_ms: 10_000,
-    });
-    let mut spec_json = spec_json();
-    spec_json["restart"] = json!(null);
-    spec_json["cutover"] = json!({
-        "ports": [4001, 4002],
-        "start": "sudo systemctl start myapp@${DEPLOY_PORT}",
-        "stop": "sudo systemctl stop myapp@${DEPLOY_PORT}",
-        "switch": "bin/point-proxy ${DEPLOY_PORT}",
-        "drain_ms": 10000,
-    });
-    golden(spec, spec_json);
 }
