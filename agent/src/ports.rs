@@ -241,6 +241,7 @@ pub fn register(app: &AppRef, spec: &ReleaseSpec) -> Result<Option<u16>, String>
                 spec: Some(ReleaseSpec {
                     redact: Vec::new(),
                     notify: None,
+                    cutover: None,
                     ..spec.clone()
                 }),
                 expire_error: None,
@@ -296,6 +297,7 @@ pub(crate) mod tests {
             redact: Vec::new(),
             hooks: None,
             notify: None,
+            cutover: None,
         }
     }
 

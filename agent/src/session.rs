@@ -853,6 +853,7 @@ impl Session {
             phase: Phase::Uploading,
             error: None,
             origin: p.origin.clone(),
+            slots: None,
         };
         journal
             .save(&layout)
@@ -934,6 +935,7 @@ impl Session {
             phase: Phase::Switching,
             error: None,
             origin: None,
+            slots: None,
         };
         Ok((Run::new(layout, journal, Events::new(etx), lock), erx))
     }
@@ -1030,6 +1032,12 @@ impl Session {
             Some(mut spec) if current.is_some() => {
                 spec.retries = 1;
                 spec.url = crate::ports::expand(&s.app, &spec.url);
+                // With `[cutover]`, `${DEPLOY_PORT}` is the slot the proxy is on.
+                if let Some(serving) = crate::deploy::journal::Serving::load(&layout) {
+                    spec.url = spec
+                        .url
+                        .replace("${DEPLOY_PORT}", &serving.port.to_string());
+                }
                 Some(crate::health::wait_healthy(&spec, |_, _| {}).await)
             }
             _ => None,

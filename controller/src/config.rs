@@ -14,7 +14,7 @@
 //! 4. the top level (`deploy_to` only),
 //! 5. the built-in default (documented on each [`Environment`] field).
 //!
-//! Tables (`release`, `health`, `rollout`, `verify`, `compose`) merge key by key, so
+//! Tables (`release`, `health`, `rollout`, `verify`, `compose`, `cutover`) merge key by key, so
 //! `[environments.x.health] url = "..."` keeps the default `retries`. Arrays replace,
 //! they are not concatenated. Command-line flags are applied by the caller afterwards:
 //! every field of [`Environment`] is public.
@@ -529,6 +529,25 @@ pub struct InstancesConfig {
     pub url_template: Option<String>,
 }
 
+/// `[cutover]`: blue/green slots for the release strategy. Present when any of its keys
+/// is set; `ports`, `start`, `stop` and `switch` are then required. `strategy =
+/// "compose"`, `instances = true`, and a `release.restart` written at the same level
+/// (the same environment, or both in `[defaults]`) are refused beside it (exit 2); a
+/// `restart` inherited from `[defaults.release]` is not used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CutoverConfig {
+    /// Exactly two distinct ports (1-65535).
+    pub ports: [u16; 2],
+    /// Starts the slot `${DEPLOY_PORT}`; returns once it is launched.
+    pub start: String,
+    /// Stops the slot `${DEPLOY_PORT}`; must succeed when nothing runs there.
+    pub stop: String,
+    /// Points the proxy at `${DEPLOY_PORT}`.
+    pub switch: String,
+    /// How long the old slot keeps running after the switch. Default `10s`.
+    pub drain: Duration,
+}
+
 /// One environment, fully resolved. CLI flags may overwrite fields after resolution.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Environment {
@@ -584,6 +603,8 @@ pub struct Environment {
     pub instances: Option<InstancesConfig>,
     /// `[notify]`: present when at least one webhook is set.
     pub notify: Option<NotifyConfig>,
+    /// `[cutover]`: blue/green slots. Default: none (a plain `restart`).
+    pub cutover: Option<CutoverConfig>,
     /// The review-app instance this run is about (`--instance NAME`), checked against
     /// `instances`. Never set from the file.
     pub instance: Option<String>,
@@ -931,6 +952,38 @@ impl Config {
         let compose = l.compose.resolve(&r, &self.app)?;
         let instances = l.instances(&r)?;
         let notify = l.notify.resolve(&r)?;
+        let cutover = l.cutover.resolve(&r)?;
+        if let Some(key) = l.cutover.first_key() {
+            // A `restart` written beside `[cutover]` (same environment, or both in
+            // [defaults]) is a mistake; one inherited from [defaults.release] is not used.
+            let level = |k: &str, table: &str| k.split_once(table).map(|(l, _)| l.to_owned());
+            let clash = if let Some(v) = l
+                .release
+                .restart
+                .as_ref()
+                .filter(|v| level(&v.key, ".release.") == level(&key.key, ".cutover."))
+            {
+                Some(v.invalid(
+                    "not used with [cutover] (the new slot is started with `cutover.start`); \
+                     remove `restart` here",
+                ))
+            } else if strategy == Strategy::Compose {
+                Some(key.invalid(
+                    "[cutover] is for the release strategy; compose uses \
+                     `compose.zero_downtime`",
+                ))
+            } else if instances.is_some() {
+                Some(key.invalid(
+                    "[cutover] cannot be combined with `instances = true`: review-app \
+                     instances keep their own port from `instance_ports`",
+                ))
+            } else {
+                None
+            };
+            if let Some(e) = clash {
+                return Err(e);
+            }
+        }
 
         Ok(Environment {
             name: name.to_string(),
@@ -960,6 +1013,7 @@ impl Config {
             compose,
             instances,
             notify,
+            cutover,
             instance: None,
             promote_from,
             secrets: secrets.unwrap_or_default(),
@@ -1135,6 +1189,86 @@ impl ComposeLayer {
             pull: r.boolean(&self.pull, true),
             compose_command: r.opt_string(&self.compose_command)?,
         })
+    }
+}
+
+impl CutoverLayer {
+    /// The first key set (by line), to name where `[cutover]` is; `None` when unset.
+    fn first_key(&self) -> Option<Val<()>> {
+        [
+            self.ports.as_ref().map(|v| v.with(())),
+            self.start.as_ref().map(|v| v.with(())),
+            self.stop.as_ref().map(|v| v.with(())),
+            self.switch.as_ref().map(|v| v.with(())),
+            self.drain.as_ref().map(|v| v.with(())),
+        ]
+        .into_iter()
+        .flatten()
+        .min_by_key(|v| v.at.line())
+    }
+
+    fn resolve(&self, r: &Resolver<'_>) -> Result<Option<CutoverConfig>, ConfigError> {
+        let Some(first) = self.first_key() else {
+            return Ok(None);
+        };
+        let required = |v: &Opt<String>, name: &str, example: &str| match v {
+            Some(_) => Ok(r.opt_string(v)?.unwrap_or_default()),
+            None => Err(ConfigError::Invalid {
+                at: first.at.clone(),
+                key: first
+                    .key
+                    .rsplit_once('.')
+                    .map_or("cutover".into(), |(t, _)| format!("{t}.{name}")),
+                message: format!("[cutover] needs `{name}`, e.g. {name} = {example:?}"),
+            }),
+        };
+        let ports = match &self.ports {
+            None => {
+                return Err(ConfigError::Invalid {
+                    at: first.at.clone(),
+                    key: first
+                        .key
+                        .rsplit_once('.')
+                        .map_or("cutover".into(), |(t, _)| format!("{t}.ports")),
+                    message: "[cutover] needs `ports`, two ports, e.g. ports = [4001, 4002]".into(),
+                });
+            }
+            Some(v) => {
+                let ok = |n: i64| u16::try_from(n).ok().filter(|p| *p > 0);
+                match v.v.as_slice() {
+                    [a, b] => match (ok(*a), ok(*b)) {
+                        (Some(a), Some(b)) if a != b => [a, b],
+                        (Some(_), Some(_)) => {
+                            return Err(
+                                v.invalid(format!("the two ports must differ, got {a} twice"))
+                            );
+                        }
+                        _ => return Err(v.invalid("ports must be between 1 and 65535")),
+                    },
+                    other => {
+                        return Err(v.invalid(format!(
+                            "needs exactly two ports (one per slot), got {}",
+                            other.len()
+                        )));
+                    }
+                }
+            }
+        };
+        Ok(Some(CutoverConfig {
+            ports,
+            start: required(
+                &self.start,
+                "start",
+                "sudo systemctl start myapp@${DEPLOY_PORT}",
+            )?,
+            stop: required(
+                &self.stop,
+                "stop",
+                "sudo systemctl stop myapp@${DEPLOY_PORT}",
+            )?,
+            switch: required(&self.switch, "switch", "bin/point-proxy ${DEPLOY_PORT}")?,
+            drain: r.duration(&self.drain, Duration::from_secs(10), true)?,
+        }))
     }
 }
 
@@ -1364,6 +1498,7 @@ layers! {
         verify: VerifyLayer,
         compose: ComposeLayer,
         notify: NotifyLayer,
+        cutover: CutoverLayer,
     }
 
     struct ReleaseLayer {
@@ -1419,6 +1554,14 @@ layers! {
         project: Opt<String>,
         pull: Opt<bool>,
         compose_command: Opt<String>,
+    }
+
+    struct CutoverLayer {
+        ports: Opt<Vec<i64>>,
+        start: Opt<String>,
+        stop: Opt<String>,
+        switch: Opt<String>,
+        drain: Opt<Dur>,
     }
 }
 
@@ -2666,6 +2809,153 @@ batch = "50%"
         assert!(err.to_string().contains("no environments"), "{err}");
         let err = parse_err("app = \"a\"\ndeploy_to = \"/srv/a\"\n[defaults]\nhosts = [\"h\"]\n");
         assert_err(&err, 4, &["`defaults.hosts`", "per environment"]);
+    }
+
+    #[test]
+    fn cutover_merges_key_by_key_and_is_checked() {
+        let text = format!(
+            "{MINI}[defaults.cutover]\nports = [4001, 4002]\nstart = \"s ${{DEPLOY_PORT}}\"\n\
+             stop = \"t ${{DEPLOY_PORT}}\"\nswitch = \"w ${{DEPLOY_PORT}}\"\n\
+             [environments.staging.cutover]\ndrain = \"2s\"\n[environments.prod]\n\
+             hosts = [\"p\"]\n"
+        );
+        let config = parse(&text).unwrap();
+        let c = config.environment("staging").unwrap().cutover.unwrap();
+        assert_eq!(c.ports, [4001, 4002]);
+        assert_eq!(c.start, "s ${DEPLOY_PORT}");
+        assert_eq!(c.drain, Duration::from_secs(2));
+        let prod = config.environment("prod").unwrap().cutover.unwrap();
+        assert_eq!(prod.drain, Duration::from_secs(10));
+        // A `restart` inherited from [defaults.release] is not used: not refused.
+        let inherited = format!(
+            "{MINI}[environments.staging.cutover]\nports = [1, 2]\nstart = \"a\"\nstop = \"b\"\n\
+             switch = \"c\"\n[defaults.release]\nrestart = \"r\"\n"
+        );
+        let env = parse(&inherited).unwrap().environment("staging").unwrap();
+        assert!(env.cutover.is_some());
+        // Both in [defaults]: refused.
+        let both = format!(
+            "{MINI}[defaults.cutover]\nports = [1, 2]\nstart = \"a\"\nstop = \"b\"\n\
+             switch = \"c\"\n[defaults.release]\nrestart = \"r\"\n"
+        );
+        let err = parse(&both)
+            .and_then(|c| c.environment("staging"))
+            .unwrap_err();
+        assert_err(
+            &err,
+            line_of(&both, "restart"),
+            &["`defaults.release.restart`", "not used with [cutover]"],
+        );
+        // Without the table: none.
+        assert_eq!(
+            parse(MINI).unwrap().environment("staging").unwrap().cutover,
+            None
+        );
+
+        let full = "[environments.staging.cutover]\nports = [4001, 4002]\nstart = \"a\"\n\
+                    stop = \"b\"\nswitch = \"c\"\n";
+        for (replace, with, key, needle, words) in [
+            (
+                "ports = [4001, 4002]",
+                "ports = [4001]",
+                "cutover.ports",
+                "ports",
+                "exactly two",
+            ),
+            (
+                "ports = [4001, 4002]",
+                "ports = [4001, 4001]",
+                "cutover.ports",
+                "ports",
+                "differ",
+            ),
+            (
+                "ports = [4001, 4002]",
+                "ports = [0, 4002]",
+                "cutover.ports",
+                "ports",
+                "65535",
+            ),
+            (
+                "switch = \"c\"\n",
+                "",
+                "cutover.switch",
+                "ports",
+                "needs `switch`",
+            ),
+            (
+                "start = \"a\"\n",
+                "",
+                "cutover.start",
+                "ports",
+                "needs `start`",
+            ),
+            (
+                "stop = \"b\"\n",
+                "",
+                "cutover.stop",
+                "ports",
+                "needs `stop`",
+            ),
+            (
+                "ports = [4001, 4002]\n",
+                "",
+                "cutover.ports",
+                "start",
+                "needs `ports`",
+            ),
+            (
+                "switch = \"c\"",
+                "switch = \"c\"\ndrain = \"x\"",
+                "cutover.drain",
+                "drain",
+                "bad duration",
+            ),
+        ] {
+            let text = format!("{MINI}{}", full.replace(replace, with));
+            let err = parse(&text)
+                .and_then(|c| c.environment("staging"))
+                .expect_err(&text);
+            assert_err(
+                &err,
+                line_of(&text, needle),
+                &[&format!("`environments.staging.{key}`"), words],
+            );
+        }
+        // What cannot go with it, named at its own line.
+        for (extra, needle, words) in [
+            (
+                "[environments.staging.release]\nrestart = \"r\"\n",
+                "restart",
+                "not used with [cutover]",
+            ),
+            (
+                "strategy = \"compose\"\n",
+                "ports = [4001",
+                "compose.zero_downtime",
+            ),
+            (
+                "instances = true\ninstance_ports = \"4100-4199\"\n",
+                "ports = [4001",
+                "review-app",
+            ),
+        ] {
+            let text = if extra.starts_with('[') {
+                format!("{MINI}{full}{extra}")
+            } else {
+                format!(
+                    "{}{full}",
+                    MINI.replace(
+                        "hosts = [\"staging-1\"]\n",
+                        &format!("hosts = [\"staging-1\"]\n{extra}")
+                    )
+                )
+            };
+            let err = parse(&text)
+                .and_then(|c| c.environment("staging"))
+                .expect_err(&text);
+            assert_err(&err, line_of(&text, needle), &[words]);
+        }
     }
 
     #[test]

@@ -39,6 +39,16 @@ interval = "5s"
 # watch = "5m"                      # keep checking after go-live; the agent rolls back
 # watch_failures = 3                # after this many failed checks in a row
 
+# Zero-downtime deploys (docs/cutover.md): the new release starts on the idle slot beside
+# the serving one, is checked there (put ${DEPLOY_PORT} in health.url), then `switch`
+# points the proxy at it; the old slot drains, then stops. `restart` is then not used.
+# [defaults.cutover]
+# ports = [4001, 4002]
+# start = "systemctl start APP@${DEPLOY_PORT}"
+# stop = "systemctl stop APP@${DEPLOY_PORT}"
+# switch = "printf 'server 127.0.0.1:%s;\n' ${DEPLOY_PORT} > /srv/APP/proxy/upstream.conf.new && mv /srv/APP/proxy/upstream.conf.new /srv/APP/proxy/upstream.conf && systemctl reload nginx"
+# drain = "10s"
+
 [environments.staging]
 hosts = ["staging-1"]               # [user@]host[:port], or "local"
 
@@ -132,5 +142,33 @@ mod tests {
     fn names_from_dirs() {
         assert_eq!(safe_name("My.App"), "myapp");
         assert_eq!(safe_name("_x-1"), "x-1");
+    }
+
+    #[test]
+    fn the_cutover_block_loads_once_uncommented() {
+        let text = TEMPLATE.replace("APP", "myapp");
+        let mut out = String::new();
+        let mut inside = false;
+        for line in text.lines() {
+            if line == "# [defaults.cutover]" {
+                inside = true;
+            } else if !line.starts_with('#') {
+                inside = false;
+            }
+            let line = match line.strip_prefix("# ") {
+                Some(l) if inside => l,
+                _ => line,
+            };
+            // The plain restart would be refused beside it at the same level.
+            if !line.starts_with("restart =") {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        let home = |k: &str| (k == "HOME").then(|| "/home/u".to_owned());
+        let config = Config::parse(&out, "deploy.toml", &home).unwrap();
+        let c = config.environment("staging").unwrap().cutover.unwrap();
+        assert_eq!(c.ports, [4001, 4002]);
+        assert!(c.switch.contains("${DEPLOY_PORT}"), "{}", c.switch);
     }
 }

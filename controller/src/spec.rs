@@ -26,6 +26,13 @@ pub fn release_spec(env: &Environment) -> ReleaseSpec {
         health: health_spec(env),
         max_unpacked_bytes: env.release.max_unpacked_bytes,
         compose: None,
+        cutover: env.cutover.as_ref().map(|c| proto::CutoverSpec {
+            ports: c.ports,
+            start: c.start.clone(),
+            stop: c.stop.clone(),
+            switch: c.switch.clone(),
+            drain_ms: c.drain.as_millis() as u64,
+        }),
         // The agent gives a new instance a port from the pool, and expires idle ones.
         instance: env
             .instances

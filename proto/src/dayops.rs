@@ -169,6 +169,7 @@ mod tests {
             redact: vec!["hunter2-secret".into()],
             hooks: None,
             notify: None,
+            cutover: None,
         }
     }
 

@@ -260,6 +260,10 @@ pub struct ReleaseSpec {
     /// `[notify]`: where the agent posts each outcome.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<NotifySpec>,
+    /// Set with `[cutover]` (release strategy): the release starts on the idle slot
+    /// beside the serving one, and `restart` is not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutover: Option<CutoverSpec>,
 }
 
 /// Commands the agent runs in the release dir with the deploy variables. `before_switch`
@@ -294,6 +298,20 @@ impl std::fmt::Debug for NotifySpec {
             .field("environment", &self.environment)
             .finish()
     }
+}
+
+/// Blue/green slots for the release strategy (`[cutover]`): two ports, the commands
+/// that start and stop a slot and point the proxy at one, and the drain time. Each
+/// command gets `DEPLOY_PORT` (the slot it is about) and `DEPLOY_PREVIOUS_PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutoverSpec {
+    /// Exactly two distinct ports; the first cutover deploy uses the first.
+    pub ports: [u16; 2],
+    pub start: String,
+    pub stop: String,
+    pub switch: String,
+    /// How long the old slot keeps running after `switch`.
+    pub drain_ms: u64,
 }
 
 /// The review-app settings of an environment, sent with every push so the agent can

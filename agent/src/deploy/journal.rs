@@ -26,6 +26,12 @@ pub enum Phase {
     Checking,
     /// Going back to `previous`.
     RollingBack,
+    /// `[cutover]`: stopping the idle slot and starting the new release on it.
+    Starting,
+    /// `[cutover]`: the proxy's `switch` to the new slot (it may or may not have moved).
+    Routing,
+    /// `[cutover]`: the proxy is on the new slot; the old one drains, then stops.
+    Draining,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +51,66 @@ pub struct Journal {
     /// Where the release came from (`promote`, `--force`), for the history.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<proto::Origin>,
+    /// `[cutover]`: the slot this run starts its release on, and the one serving when it
+    /// began (none on the first cutover deploy). Fixed when the run is created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<Slots>,
+}
+
+/// The two ports of a cutover run: `new` (the release being deployed) and `old` (what
+/// served before, if anything).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slots {
+    pub new: u16,
+    pub old: Option<u16>,
+}
+
+/// `<deploy_to>/.deploy/slot.json`: the slot the proxy was last switched to, written
+/// after each successful `switch` (write temp, fsync, rename).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Serving {
+    pub port: u16,
+    /// The release running on it.
+    pub release: String,
+}
+
+impl Serving {
+    pub fn path(layout: &Layout) -> PathBuf {
+        layout.state().join("slot.json")
+    }
+
+    pub fn load(layout: &Layout) -> Option<Serving> {
+        let text = std::fs::read_to_string(Self::path(layout)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    pub fn save(&self, layout: &Layout) -> std::io::Result<()> {
+        std::fs::create_dir_all(layout.state())?;
+        write_atomic(&Self::path(layout), &serde_json::to_vec_pretty(self)?)
+    }
+}
+
+impl Slots {
+    /// The slots of a run with `ports`, given what serves now: the new release goes on
+    /// the other port; the first cutover deploy uses the first port.
+    pub fn choose(ports: [u16; 2], serving: Option<u16>) -> Slots {
+        match serving {
+            Some(p) if p == ports[0] => Slots {
+                new: ports[1],
+                old: Some(p),
+            },
+            Some(p) if p == ports[1] => Slots {
+                new: ports[0],
+                old: Some(p),
+            },
+            // Not one of the ports (they changed in deploy.toml): start on the first;
+            // the proxy's old upstream is not ours to stop.
+            _ => Slots {
+                new: ports[0],
+                old: None,
+            },
+        }
+    }
 }
 
 impl Journal {

@@ -5,11 +5,16 @@
 //! [`recovery`] where to start.
 //!
 //! ```text
-//! Prepare -> Migrate -> BeforeSwitch -> Switch -> Restart -> Check -> Confirm -> Watch -> AfterLive -> live
-//!    \          \            \            \         \         \         \        \        (either way)
-//!     +----------+------------+------------+-> failed  +---------+---------+--------+-> roll back
-//!       (current never moved)                            (current moved)
+//! Prepare -> Migrate -> BeforeSwitch -> Switch -> Restart -> [StartSlot] -> Check
+//!   -> [Route -> Drain] -> Confirm -> Watch -> AfterLive -> live
+//!    \          \            \            \         \          \             \
+//!     +----------+------------+------------+-> failed  +----------+-------------+-> roll back
+//!       (current never moved)                            (current moved, until Confirm/Watch)
 //! ```
+//!
+//! The bracketed steps are `[cutover]`'s (blue/green slots); `Restart` is the plain
+//! deploy's. A step that does not apply to a run ([`Step::cutover`]) is passed over as
+//! succeeded, without writing its phase. `Drain` and `AfterLive` never fail the deploy.
 //!
 //! The `on_failure` hook runs at every end but live ([`runs_on_failure`]), before the
 //! outcome is recorded; it never changes it.
@@ -42,6 +47,14 @@ pub enum Step {
     Check,
     /// Marks the release live, prunes old releases, records the URL it passed.
     Confirm,
+    /// `[cutover]`: `stop` the idle slot (clears leftovers), then `start` the new release
+    /// on it. The check after it is on the new slot's port.
+    StartSlot,
+    /// `[cutover]`: `switch`, the proxy to the new slot; then the serving slot is saved.
+    Route,
+    /// `[cutover]`: wait `drain`, then `stop` the old slot. A failed stop does not undo
+    /// the deploy (the proxy is on the new slot): it is reported and the deploy goes on.
+    Drain,
     /// The `after_live` hook (skipped without one): reported, the release stays live
     /// whatever it does.
     AfterLive,
@@ -96,13 +109,28 @@ pub const TABLE: &[Transition] = &[
     },
     Transition {
         step: Step::Restart,
+        ok: Next::Do(Step::StartSlot),
+        failed: Next::RollBack,
+    },
+    Transition {
+        step: Step::StartSlot,
         ok: Next::Do(Step::Check),
         failed: Next::RollBack,
     },
     Transition {
         step: Step::Check,
-        ok: Next::Do(Step::Confirm),
+        ok: Next::Do(Step::Route),
         failed: Next::RollBack,
+    },
+    Transition {
+        step: Step::Route,
+        ok: Next::Do(Step::Drain),
+        failed: Next::RollBack,
+    },
+    Transition {
+        step: Step::Drain,
+        ok: Next::Do(Step::Confirm),
+        failed: Next::Do(Step::Confirm),
     },
     Transition {
         step: Step::Confirm,
@@ -122,17 +150,35 @@ pub const TABLE: &[Transition] = &[
 ];
 
 impl Step {
-    pub const ALL: [Step; 9] = [
+    /// In the order a run visits them.
+    pub const ALL: [Step; 12] = [
         Step::Prepare,
         Step::Migrate,
         Step::BeforeSwitch,
         Step::Switch,
         Step::Restart,
+        Step::StartSlot,
         Step::Check,
+        Step::Route,
+        Step::Drain,
         Step::Confirm,
         Step::Watch,
         Step::AfterLive,
     ];
+
+    /// `Some(true)`: only with `[cutover]`; `Some(false)`: only without; `None`: always.
+    pub fn cutover(self) -> Option<bool> {
+        match self {
+            Step::StartSlot | Step::Route | Step::Drain => Some(true),
+            Step::Restart => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Whether the step acts in a run with (`cutover`) or without `[cutover]`.
+    pub fn applies(self, cutover: bool) -> bool {
+        self.cutover().is_none_or(|c| c == cutover)
+    }
 
     /// The phase written to the journal before the step acts; `None` keeps the phase
     /// before it (confirming is still `Checking`: recovery checks again, then confirms;
@@ -150,6 +196,9 @@ impl Step {
             Step::AfterLive => None,
             // The watch keeps its own state (`.deploy/watch.json`): the deploy is over.
             Step::Watch => None,
+            Step::StartSlot => Some(Phase::Starting),
+            Step::Route => Some(Phase::Routing),
+            Step::Drain => Some(Phase::Draining),
         }
     }
 
@@ -196,6 +245,17 @@ pub enum Recovery {
     Resume(Step),
     /// Finishes going back to the previous release.
     FinishRollBack,
+}
+
+#[cfg(test)]
+impl Recovery {
+    /// The step a `Resume` goes on from; panics on the others.
+    pub(crate) fn step(self) -> Step {
+        match self {
+            Recovery::Resume(step) => step,
+            other => panic!("{other:?} does not resume a step"),
+        }
+    }
 }
 
 /// Whether `current` points at the journal's release, for the rows that care.
@@ -258,6 +318,26 @@ pub const RECOVERY: &[RecoveryRow] = &[
         moved: Moved::Any,
         then: Recovery::FinishRollBack,
     },
+    // `[cutover]`. Starting again stops the new slot first: whatever the dead agent's
+    // `start` left there goes.
+    RecoveryRow {
+        phase: Phase::Starting,
+        moved: Moved::Any,
+        then: Recovery::Resume(Step::StartSlot),
+    },
+    // The proxy may or may not have moved: check the new slot again, then switch (again);
+    // a failed check switches the proxy back to the old slot, which still runs.
+    RecoveryRow {
+        phase: Phase::Routing,
+        moved: Moved::Any,
+        then: Recovery::Resume(Step::Check),
+    },
+    // The proxy is on the new slot (saved): wait the drain again, stop the old slot.
+    RecoveryRow {
+        phase: Phase::Draining,
+        moved: Moved::Any,
+        then: Recovery::Resume(Step::Drain),
+    },
 ];
 
 /// What recovery does for a journal in `phase`, `moved` saying whether `current` points
@@ -281,7 +361,7 @@ pub fn recovery(phase: Phase, moved: bool) -> Recovery {
 mod tests {
     use super::*;
 
-    const PHASES: [Phase; 7] = [
+    const PHASES: [Phase; 10] = [
         Phase::Uploading,
         Phase::Prepared,
         Phase::Migrating,
@@ -289,6 +369,9 @@ mod tests {
         Phase::Restarting,
         Phase::Checking,
         Phase::RollingBack,
+        Phase::Starting,
+        Phase::Routing,
+        Phase::Draining,
     ];
 
     #[test]
@@ -305,10 +388,17 @@ mod tests {
             (BeforeSwitch, false, Fail),
             (Switch, true, Do(Restart)),
             (Switch, false, Fail),
-            (Restart, true, Do(Check)),
+            (Restart, true, Do(StartSlot)),
             (Restart, false, RollBack),
-            (Check, true, Do(Confirm)),
+            (StartSlot, true, Do(Check)),
+            (StartSlot, false, RollBack),
+            (Check, true, Do(Route)),
             (Check, false, RollBack),
+            (Route, true, Do(Drain)),
+            (Route, false, RollBack),
+            // The proxy is on the new slot: a failed stop of the old one does not undo it.
+            (Drain, true, Do(Confirm)),
+            (Drain, false, Do(Confirm)),
             (Confirm, true, Do(Watch)),
             (Confirm, false, RollBack),
             (Watch, true, Do(AfterLive)),
@@ -334,9 +424,17 @@ mod tests {
         // Before the switch (and a failed switch) nothing moved: failed, not rolled back.
         // After the release is confirmed live, nothing fails it any more.
         for step in Step::ALL {
+            if step == Step::Drain {
+                continue; // never fails the deploy (see the table test)
+            }
             let moved = matches!(
                 step,
-                Step::Restart | Step::Check | Step::Confirm | Step::Watch
+                Step::Restart
+                    | Step::StartSlot
+                    | Step::Check
+                    | Step::Route
+                    | Step::Confirm
+                    | Step::Watch
             );
             let expect = if step == Step::AfterLive {
                 Next::Live
@@ -359,6 +457,44 @@ mod tests {
         }
         assert_eq!(seen, Step::ALL);
         assert_eq!(at, Next::Live);
+        // What each kind of run acts in, in order.
+        let acts = |cutover: bool| -> Vec<Step> {
+            seen.iter()
+                .copied()
+                .filter(|s| s.applies(cutover))
+                .collect()
+        };
+        use Step::*;
+        assert_eq!(
+            acts(false),
+            [
+                Prepare,
+                Migrate,
+                BeforeSwitch,
+                Switch,
+                Restart,
+                Check,
+                Confirm,
+                Watch,
+                AfterLive
+            ]
+        );
+        assert_eq!(
+            acts(true),
+            [
+                Prepare,
+                Migrate,
+                BeforeSwitch,
+                Switch,
+                StartSlot,
+                Check,
+                Route,
+                Drain,
+                Confirm,
+                Watch,
+                AfterLive
+            ]
+        );
         // A rollback starts at the switch.
         assert_eq!(Step::start(Phase::Switching), Step::Switch);
     }
@@ -397,6 +533,12 @@ mod tests {
             (Phase::Checking, true, Resume(Step::Check)),
             (Phase::RollingBack, false, FinishRollBack),
             (Phase::RollingBack, true, FinishRollBack),
+            (Phase::Starting, false, Resume(Step::StartSlot)),
+            (Phase::Starting, true, Resume(Step::StartSlot)),
+            (Phase::Routing, false, Resume(Step::Check)),
+            (Phase::Routing, true, Resume(Step::Check)),
+            (Phase::Draining, false, Resume(Step::Drain)),
+            (Phase::Draining, true, Resume(Step::Drain)),
         ];
         assert_eq!(expected.len(), PHASES.len() * 2);
         for (phase, moved, then) in expected {
@@ -442,6 +584,39 @@ mod tests {
                 Outcome::Failed | Outcome::RolledBack | Outcome::RollbackFailed
             );
             assert_eq!(runs_on_failure(outcome), expect, "{outcome:?}");
+        }
+    }
+
+    #[test]
+    fn a_cutover_recovery_never_routes_the_proxy_to_an_unchecked_slot() {
+        // From every cutover phase, the steps recovery runs reach `Route` only through
+        // `Check`, and stop the old slot (`Drain`) only after `Route`.
+        for phase in [Phase::Starting, Phase::Routing, Phase::Draining] {
+            let Recovery::Resume(mut step) = recovery(phase, true) else {
+                panic!("{phase:?} resumes");
+            };
+            let mut seen = vec![];
+            loop {
+                if step.applies(true) {
+                    seen.push(step);
+                }
+                match next(step, true) {
+                    Next::Do(s) => step = s,
+                    _ => break,
+                }
+            }
+            let pos = |s: Step| seen.iter().position(|x| *x == s);
+            if let Some(r) = pos(Step::Route) {
+                assert!(
+                    pos(Step::Check).is_some_and(|c| c < r),
+                    "{phase:?}: {seen:?}"
+                );
+            }
+            assert!(pos(Step::Drain).is_some(), "{phase:?}: {seen:?}");
+            assert!(
+                pos(Step::Confirm).is_some_and(|c| pos(Step::Drain).is_some_and(|d| d < c)),
+                "{phase:?}: {seen:?}"
+            );
         }
     }
 

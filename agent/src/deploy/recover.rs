@@ -10,6 +10,13 @@
 //! | restarting | runs `restart` again, then checks health |
 //! | checking | checks health again |
 //! | rolling back | switches back to the previous release, restarts, checks |
+//! | starting (`[cutover]`) | stops the new slot, starts it again, checks, switches the proxy, drains |
+//! | routing (`[cutover]`) | checks the new slot again, then switches the proxy (again) and drains |
+//! | draining (`[cutover]`) | waits the drain again, stops the old slot |
+//!
+//! A `[cutover]` rollback puts the proxy back on the old slot when it may have moved
+//! (and starts the previous release there again if the proxy was already switched), then
+//! stops the new slot: one slot serves, with the proxy on it.
 //!
 //! Whatever the health check says decides: healthy is confirmed, anything else is
 //! rolled back, exactly as if the agent had never stopped. The hooks run as in any run,

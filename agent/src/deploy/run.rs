@@ -21,7 +21,7 @@ use proto::{Action, DeployReport, Event, HistoryEntry, Outcome, ReleaseStatus, S
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::error::StepError;
-use super::journal::{Journal, Phase};
+use super::journal::{Journal, Phase, Serving, Slots};
 use super::machine::{self, Next, Step};
 use crate::command_env::command_env;
 use crate::compose::{self, Compose, PROBE_TIMEOUT, Project};
@@ -86,13 +86,26 @@ pub struct Run {
     started: Instant,
     /// The compose command, once detected.
     compose: Option<Compose>,
+    /// `[cutover]`: the proxy may have been switched to the new slot without
+    /// `slot.json` saying so (a `switch` ran, or the agent died in one): a rollback
+    /// then points it at the old slot again.
+    pub proxy_maybe_moved: bool,
     /// Held until the run ends.
     _lock: Arc<LockGuard>,
 }
 
 impl Run {
-    pub fn new(layout: Layout, journal: Journal, events: Events, lock: Arc<LockGuard>) -> Self {
+    pub fn new(layout: Layout, mut journal: Journal, events: Events, lock: Arc<LockGuard>) -> Self {
         let events = events.with_redact(&journal.spec.redact);
+        let phase = journal.phase;
+        // `[cutover]`: the new release goes on the slot that does not serve. Fixed here
+        // and kept in the journal, so recovery acts on the same two ports.
+        if let (Some(c), None) = (&journal.spec.cutover, journal.slots) {
+            journal.slots = Some(Slots::choose(
+                c.ports,
+                Serving::load(&layout).map(|s| s.port),
+            ));
+        }
         Self {
             layout,
             journal,
@@ -101,11 +114,38 @@ impl Run {
             health: None,
             started: Instant::now(),
             compose: None,
+            proxy_maybe_moved: matches!(phase, Phase::Routing | Phase::RollingBack),
             _lock: lock,
         }
     }
 
+    /// [`Run::env`] for a command about the slot `port`, the other being `other`.
+    fn env_at(&self, release: &str, port: u16, other: Option<u16>) -> BTreeMap<String, String> {
+        let mut env = self.env(release);
+        env.insert("DEPLOY_PORT".into(), port.to_string());
+        env.insert(
+            "DEPLOY_PREVIOUS_PORT".into(),
+            other.map(|p| p.to_string()).unwrap_or_default(),
+        );
+        env
+    }
+
+    /// The environment of a command of this run: with `[cutover]`, `DEPLOY_PORT` is the
+    /// new slot and `DEPLOY_PREVIOUS_PORT` the old one (empty when none served) unless
+    /// the command is about another slot ([`Run::env_at`]).
     fn env(&self, release: &str) -> BTreeMap<String, String> {
+        let mut env = self.plain_env(release);
+        if let Some(s) = self.journal.slots {
+            env.insert("DEPLOY_PORT".into(), s.new.to_string());
+            env.insert(
+                "DEPLOY_PREVIOUS_PORT".into(),
+                s.old.map(|p| p.to_string()).unwrap_or_default(),
+            );
+        }
+        env
+    }
+
+    fn plain_env(&self, release: &str) -> BTreeMap<String, String> {
         let j = &self.journal;
         // The version of the release this command runs for (on a rollback, the old one).
         let version = if release == j.release {
@@ -134,14 +174,38 @@ impl Run {
         command: &str,
         release: &str,
     ) -> Result<(), StepError> {
-        self.events.send(stage, format!("running `{command}`"));
         let env = self.env(release);
+        self.command_with(stage, command, release, env).await
+    }
+
+    /// A `[cutover]` command about the slot `port` (`other` being the other one).
+    async fn slot_command(
+        &mut self,
+        stage: Stage,
+        command: &str,
+        release: &str,
+        port: u16,
+        other: Option<u16>,
+    ) -> Result<(), StepError> {
+        let env = self.env_at(release, port, other);
+        self.command_with(stage, command, release, env).await
+    }
+
+    async fn command_with(
+        &mut self,
+        stage: Stage,
+        command: &str,
+        release: &str,
+        env: BTreeMap<String, String>,
+    ) -> Result<(), StepError> {
+        self.events.send(stage, format!("running `{command}`"));
         let dir = self.layout.release(release);
         let log = self.layout.logs().join(format!(
             "{}.{}.log",
             self.journal.release,
             stage_name(stage)
         ));
+        // A release dir that is gone (a rollback target pruned meanwhile) fails to spawn.
         let timeout = Duration::from_millis(self.journal.spec.command_timeout_ms.max(1));
         let result = exec::run(exec::Command {
             stage,
@@ -499,10 +563,19 @@ impl Run {
     }
 
     async fn check_health(&mut self) -> Result<(), StepError> {
+        let port = self.journal.slots.map(|s| s.new);
+        self.check_health_on(port).await
+    }
+
+    /// The health check; with `[cutover]`, `${DEPLOY_PORT}` in its URL is `port`.
+    async fn check_health_on(&mut self, port: Option<u16>) -> Result<(), StepError> {
         let Some(mut spec) = self.journal.spec.health.clone() else {
             return Ok(());
         };
         spec.url = ports::expand(&self.journal.app, &spec.url);
+        if let Some(port) = port {
+            spec.url = spec.url.replace("${DEPLOY_PORT}", &port.to_string());
+        }
         let t = Instant::now();
         self.events.send(
             Stage::Health,
@@ -560,7 +633,17 @@ impl Run {
     /// The one driver loop: writes the step's phase to the journal, acts, and goes where
     /// [`machine::next`] says, until the deploy is live, failed or rolled back.
     pub async fn drive(mut self, mut step: Step) -> DeployReport {
+        let cutover = self.journal.slots.is_some();
         loop {
+            if !step.applies(cutover) {
+                match machine::next(step, true) {
+                    Next::Do(s) => {
+                        step = s;
+                        continue;
+                    }
+                    _ => return self.finish(Outcome::Live, None),
+                }
+            }
             let result = match step.phase() {
                 Some(phase) => self.persist(phase),
                 None => Ok(()),
@@ -605,6 +688,15 @@ impl Run {
                 result
             }
             Step::Confirm => self.confirm(),
+            Step::StartSlot => {
+                let result = self.start_slot(&release).await;
+                result.map_err(|e| e.context("the new slot did not start"))
+            }
+            Step::Route => self
+                .route(&release)
+                .await
+                .map_err(|e| e.context("switching the proxy failed")),
+            Step::Drain => self.drain().await,
             Step::Watch => self.arm_watch(),
             Step::AfterLive => self
                 .hook(Hook::AfterLive, &release, Some(Outcome::Live))
@@ -716,6 +808,91 @@ impl Run {
         let release = self.journal.release.clone();
         // A failed hook is in the steps and the events; nothing else changes.
         let _ = self.hook(Hook::OnFailure, &release, Some(outcome)).await;
+    }
+
+    /// `[cutover]`: `stop` on the new slot (whatever is left there), then `start` the
+    /// release on it.
+    async fn start_slot(&mut self, release: &str) -> Result<(), StepError> {
+        let (Some(c), Some(s)) = (self.journal.spec.cutover.clone(), self.journal.slots) else {
+            return Ok(());
+        };
+        self.events.send(
+            Stage::Restart,
+            format!("starting release {release} on the idle slot {}", s.new),
+        );
+        self.slot_command(Stage::Restart, &c.stop, release, s.new, s.old)
+            .await
+            .map_err(|e| e.context(format!("stopping the idle slot {}", s.new)))?;
+        self.slot_command(Stage::Restart, &c.start, release, s.new, s.old)
+            .await
+    }
+
+    /// `[cutover]`: points the proxy at the new slot and saves it as the serving one.
+    async fn route(&mut self, release: &str) -> Result<(), StepError> {
+        let (Some(c), Some(s)) = (self.journal.spec.cutover.clone(), self.journal.slots) else {
+            return Ok(());
+        };
+        self.proxy_maybe_moved = true;
+        self.slot_command(Stage::Switch, &c.switch, release, s.new, s.old)
+            .await?;
+        let t = Instant::now();
+        let serving = Serving {
+            port: s.new,
+            release: release.to_owned(),
+        };
+        if let Err(e) = serving.save(&self.layout) {
+            let msg = format!(
+                "could not save the serving slot in {}: {e}",
+                Serving::path(&self.layout).display()
+            );
+            self.step(Stage::Switch, t, Err(msg.clone()));
+            return Err(StepError::Io(msg));
+        }
+        self.events
+            .send(Stage::Switch, format!("the proxy is on slot {}", s.new));
+        Ok(())
+    }
+
+    /// `[cutover]`: waits `drain`, then stops the old slot. A failed stop is reported;
+    /// the deploy goes on (the table says so).
+    async fn drain(&mut self) -> Result<(), StepError> {
+        let (Some(c), Some(s)) = (self.journal.spec.cutover.clone(), self.journal.slots) else {
+            return Ok(());
+        };
+        // Waited on the first cutover deploy too: the deploy ends once the proxy's
+        // reload has had `drain` to take effect.
+        let Some(old) = s.old else {
+            self.events.send(
+                Stage::Switch,
+                format!(
+                    "waiting {}ms for the proxy (no old slot to stop)",
+                    c.drain_ms
+                ),
+            );
+            tokio::time::sleep(Duration::from_millis(c.drain_ms)).await;
+            return Ok(());
+        };
+        self.events.send(
+            Stage::Switch,
+            format!("slot {old} drains for {}ms, then stops", c.drain_ms),
+        );
+        tokio::time::sleep(Duration::from_millis(c.drain_ms)).await;
+        let prev = self.journal.previous.clone();
+        let release = prev.unwrap_or_else(|| self.journal.release.clone());
+        let result = self
+            .slot_command(Stage::Switch, &c.stop, &release, old, Some(s.new))
+            .await;
+        if let Err(e) = &result {
+            self.events.send(
+                Stage::Switch,
+                format!(
+                    "the old slot {old} did not stop ({e}); the proxy is on slot {} and \
+                     the next deploy stops {old} before starting on it",
+                    s.new
+                ),
+            );
+        }
+        result
     }
 
     /// A review-app instance gets (or keeps) its port before any command runs; then the
@@ -841,65 +1018,69 @@ impl Run {
         // Set when the previous release failed the health check too: what that says
         // about the check itself (see `judge_the_check`).
         let mut check_note: Option<String> = None;
-        let outcome = match self.journal.previous.clone() {
-            Some(prev) => {
-                self.events.send(
-                    Stage::Rollback,
-                    format!("{error}; switching back to {prev}"),
-                );
-                match switch::switch(&self.layout, &prev) {
-                    Err(e) => {
-                        let msg = format!("could not switch back to {prev}: {e}");
-                        self.step(Stage::Rollback, t, Err(msg));
-                        Outcome::RollbackFailed
-                    }
-                    Ok(()) => {
-                        self.step(
-                            Stage::Rollback,
-                            t,
-                            Ok(format!("current -> releases/{prev}")),
-                        );
-                        let restart_ok = self.restart(&prev).await.is_ok();
-                        if restart_ok && self.check_health().await.is_ok() {
-                            Outcome::RolledBack
-                        } else if restart_ok
-                            && let Some((outcome, why)) = self.judge_the_check(&prev).await
-                        {
-                            check_note = Some(why);
-                            if outcome == Outcome::RollbackFailed {
-                                self.diagnose(&prev, Stage::Health).await;
-                            }
-                            outcome
-                        } else {
-                            let stage = if restart_ok {
-                                Stage::Health
-                            } else {
-                                Stage::Restart
-                            };
-                            self.diagnose(&prev, stage).await;
+        let outcome = if let Some(slots) = self.journal.slots {
+            self.slots_back(&error, slots).await
+        } else {
+            match self.journal.previous.clone() {
+                Some(prev) => {
+                    self.events.send(
+                        Stage::Rollback,
+                        format!("{error}; switching back to {prev}"),
+                    );
+                    match switch::switch(&self.layout, &prev) {
+                        Err(e) => {
+                            let msg = format!("could not switch back to {prev}: {e}");
+                            self.step(Stage::Rollback, t, Err(msg));
                             Outcome::RollbackFailed
+                        }
+                        Ok(()) => {
+                            self.step(
+                                Stage::Rollback,
+                                t,
+                                Ok(format!("current -> releases/{prev}")),
+                            );
+                            let restart_ok = self.restart(&prev).await.is_ok();
+                            if restart_ok && self.check_health().await.is_ok() {
+                                Outcome::RolledBack
+                            } else if restart_ok
+                                && let Some((outcome, why)) = self.judge_the_check(&prev).await
+                            {
+                                check_note = Some(why);
+                                if outcome == Outcome::RollbackFailed {
+                                    self.diagnose(&prev, Stage::Health).await;
+                                }
+                                outcome
+                            } else {
+                                let stage = if restart_ok {
+                                    Stage::Health
+                                } else {
+                                    Stage::Restart
+                                };
+                                self.diagnose(&prev, stage).await;
+                                Outcome::RollbackFailed
+                            }
                         }
                     }
                 }
-            }
-            None => {
-                // First deploy: going back means no `current` at all, as before.
-                self.events.send(
-                    Stage::Rollback,
-                    format!("{error}; no previous release, removing current"),
-                );
-                match std::fs::remove_file(self.layout.current()) {
-                    Ok(()) => {
-                        self.step(Stage::Rollback, t, Ok("removed current".into()));
-                        // A compose project that did not run before does not run after.
-                        match self.compose_down(&release).await {
-                            Ok(()) => Outcome::RolledBack,
-                            Err(_) => Outcome::RollbackFailed,
+                None => {
+                    // First deploy: going back means no `current` at all, as before.
+                    self.events.send(
+                        Stage::Rollback,
+                        format!("{error}; no previous release, removing current"),
+                    );
+                    match std::fs::remove_file(self.layout.current()) {
+                        Ok(()) => {
+                            self.step(Stage::Rollback, t, Ok("removed current".into()));
+                            // A compose project that did not run before does not run after.
+                            match self.compose_down(&release).await {
+                                Ok(()) => Outcome::RolledBack,
+                                Err(_) => Outcome::RollbackFailed,
+                            }
                         }
-                    }
-                    Err(e) => {
-                        self.step(Stage::Rollback, t, Err(format!("remove current: {e}")));
-                        Outcome::RollbackFailed
+                        Err(e) => {
+                            self.step(Stage::Rollback, t, Err(format!("remove current: {e}")));
+                            Outcome::RollbackFailed
+                        }
                     }
                 }
             }
@@ -945,6 +1126,122 @@ impl Run {
         }
         self.on_failure(outcome).await;
         self.finish(outcome, Some(error))
+    }
+
+    /// `[cutover]`: back to the previous release after the new one failed. `current`
+    /// goes back; if the proxy was switched to the new slot, the previous release is
+    /// started again on its slot, checked, and the proxy switched back to it; if the
+    /// switch was under way ([`Run::proxy_maybe_moved`]: it ran or failed, or the agent
+    /// died in it or while rolling back), the proxy is
+    /// pointed at the old slot again; then the new slot is stopped. The old slot was
+    /// never stopped before the switch, so until then nothing was refused.
+    async fn slots_back(&mut self, error: &str, s: Slots) -> Outcome {
+        let Some(c) = self.journal.spec.cutover.clone() else {
+            return Outcome::RollbackFailed;
+        };
+        let release = self.journal.release.clone();
+        let prev = self.journal.previous.clone();
+        let t = Instant::now();
+        let mut ok = true;
+        match &prev {
+            Some(p) => {
+                self.events
+                    .send(Stage::Rollback, format!("{error}; switching back to {p}"));
+                match switch::switch(&self.layout, p) {
+                    Ok(()) => self.step(Stage::Rollback, t, Ok(format!("current -> releases/{p}"))),
+                    Err(e) => {
+                        self.step(
+                            Stage::Rollback,
+                            t,
+                            Err(format!("could not switch back to {p}: {e}")),
+                        );
+                        ok = false;
+                    }
+                }
+            }
+            None => {
+                self.events.send(
+                    Stage::Rollback,
+                    format!("{error}; no previous release, removing current"),
+                );
+                match std::fs::remove_file(self.layout.current()) {
+                    Ok(()) => self.step(Stage::Rollback, t, Ok("removed current".into())),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        self.step(Stage::Rollback, t, Err(format!("remove current: {e}")));
+                        ok = false;
+                    }
+                }
+            }
+        }
+        let routed =
+            Serving::load(&self.layout).is_some_and(|x| x.port == s.new && x.release == release);
+        match (s.old, &prev) {
+            (Some(old), Some(p)) if routed => {
+                // The proxy is on the failed release: the previous one comes back on its
+                // slot first (it may have been stopped after the drain).
+                let back = async {
+                    self.slot_command(Stage::Rollback, &c.stop, p, old, Some(s.new))
+                        .await?;
+                    self.slot_command(Stage::Rollback, &c.start, p, old, Some(s.new))
+                        .await?;
+                    self.check_health_on(Some(old)).await?;
+                    self.slot_command(Stage::Rollback, &c.switch, p, old, Some(s.new))
+                        .await
+                };
+                match back.await {
+                    Ok(()) => {
+                        let _ = Serving {
+                            port: old,
+                            release: p.clone(),
+                        }
+                        .save(&self.layout);
+                    }
+                    Err(e) => {
+                        self.events.send(
+                            Stage::Rollback,
+                            format!("the old slot {old} did not come back: {e}"),
+                        );
+                        // The new slot keeps serving rather than nothing.
+                        return Outcome::RollbackFailed;
+                    }
+                }
+            }
+            (Some(old), Some(p)) if self.proxy_maybe_moved => {
+                // The switch may have half happened: point the proxy at the old slot.
+                match self
+                    .slot_command(Stage::Rollback, &c.switch, p, old, Some(s.new))
+                    .await
+                {
+                    Ok(()) => {
+                        let _ = Serving {
+                            port: old,
+                            release: p.clone(),
+                        }
+                        .save(&self.layout);
+                    }
+                    Err(_) => ok = false,
+                }
+            }
+            _ => {}
+        }
+        // The new slot goes.
+        if self
+            .slot_command(Stage::Rollback, &c.stop, &release, s.new, s.old)
+            .await
+            .is_err()
+        {
+            ok = false;
+        }
+        if routed && s.old.is_none() {
+            // The first cutover deploy: nothing serves any more, as `current` is gone.
+            let _ = std::fs::remove_file(Serving::path(&self.layout));
+        }
+        if ok {
+            Outcome::RolledBack
+        } else {
+            Outcome::RollbackFailed
+        }
     }
 
     /// The previous release `prev` was switched back to and failed this deploy's health
@@ -1270,10 +1567,12 @@ mod tests {
                 redact: Vec::new(),
                 hooks: None,
                 notify: None,
+                cutover: None,
             },
             phase: Phase::Prepared,
             error: None,
             origin: None,
+            slots: None,
         };
         let info = proto::LockInfo {
             holder: "t".into(),
@@ -1385,6 +1684,164 @@ mod tests {
         assert_eq!(hooks_log(&layout), "before_switch \nafter_live live\n");
         let last = report.steps.last().unwrap();
         assert_eq!((last.stage, last.success), (Stage::Hook, false));
+    }
+
+    /// A cutover spec whose commands log `name DEPLOY_PORT DEPLOY_PREVIOUS_PORT release`
+    /// to `<deploy_to>/slots.log`; `start` runs `start_tail` after logging.
+    fn cutover(start_tail: &str) -> proto::CutoverSpec {
+        let log = |name: &str| {
+            format!(
+                "echo {name} $DEPLOY_PORT \"$DEPLOY_PREVIOUS_PORT\" $DEPLOY_RELEASE >> \"$DEPLOY_TO/slots.log\""
+            )
+        };
+        proto::CutoverSpec {
+            ports: [4001, 4002],
+            start: format!("{} && {start_tail}", log("start")),
+            stop: log("stop"),
+            switch: log("switch"),
+            drain_ms: 10,
+        }
+    }
+
+    async fn cutover_run(dir: &Path, id: &str, previous: Option<&str>, start_tail: &str) -> Run {
+        let (_, mut run) = prepared_run(dir, id, "true", "exit 99").await;
+        run.journal.spec.restart = None;
+        run.journal.spec.cutover = Some(cutover(start_tail));
+        run.journal.previous = previous.map(str::to_owned);
+        // What `Run::new` does with the spec the session gives it.
+        let layout = run.layout.clone();
+        run.journal.slots = Some(Slots::choose(
+            [4001, 4002],
+            Serving::load(&layout).map(|s| s.port),
+        ));
+        run
+    }
+
+    fn slots_log(dir: &Path) -> Vec<String> {
+        let text = std::fs::read_to_string(dir.join("slots.log")).unwrap_or_default();
+        let lines = text.lines().map(str::to_owned).collect();
+        let _ = std::fs::remove_file(dir.join("slots.log"));
+        lines
+    }
+
+    #[tokio::test]
+    async fn a_cutover_starts_beside_switches_drains_and_stops_the_old_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = ("20260101000000", "20260102000000");
+        let report = cutover_run(dir.path(), a, None, "true").await.start().await;
+        assert_eq!(report.outcome, Outcome::Live, "{:?}", report.error);
+        // The first cutover deploy: the first port, no previous port, no old slot.
+        assert_eq!(
+            slots_log(dir.path()),
+            [
+                format!("stop 4001  {a}"),
+                format!("start 4001  {a}"),
+                format!("switch 4001  {a}")
+            ]
+        );
+        let layout = Layout::new(dir.path());
+        assert_eq!(Serving::load(&layout).map(|s| s.port), Some(4001));
+
+        std::fs::create_dir_all(layout.release(b)).unwrap();
+        let report = cutover_run(dir.path(), b, Some(a), "true")
+            .await
+            .start()
+            .await;
+        assert_eq!(report.outcome, Outcome::Live, "{:?}", report.error);
+        assert_eq!(
+            slots_log(dir.path()),
+            [
+                format!("stop 4002 4001 {b}"),
+                format!("start 4002 4001 {b}"),
+                format!("switch 4002 4001 {b}"),
+                // The old slot stops with its own port, in its own release.
+                format!("stop 4001 4002 {a}"),
+            ]
+        );
+        assert_eq!(
+            Serving::load(&layout),
+            Some(Serving {
+                port: 4002,
+                release: b.into()
+            })
+        );
+        assert_eq!(layout.current_release().as_deref(), Some(b));
+    }
+
+    #[tokio::test]
+    async fn a_new_slot_that_fails_never_gets_the_proxy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = ("20260101000000", "20260102000000");
+        let report = cutover_run(dir.path(), a, None, "true").await.start().await;
+        assert_eq!(report.outcome, Outcome::Live, "{:?}", report.error);
+        slots_log(dir.path());
+        let layout = Layout::new(dir.path());
+        std::fs::create_dir_all(layout.release(b)).unwrap();
+        let report = cutover_run(dir.path(), b, Some(a), "exit 7")
+            .await
+            .start()
+            .await;
+        assert_eq!(report.outcome, Outcome::RolledBack, "{:?}", report.error);
+        assert!(
+            report
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("the new slot did not start"),
+            "{:?}",
+            report.error
+        );
+        // No switch: the old slot served throughout; the new slot is stopped.
+        assert_eq!(
+            slots_log(dir.path()),
+            [
+                format!("stop 4002 4001 {b}"),
+                format!("start 4002 4001 {b}"),
+                format!("stop 4002 4001 {b}"),
+            ]
+        );
+        assert_eq!(Serving::load(&layout).map(|s| s.port), Some(4001));
+        assert_eq!(layout.current_release().as_deref(), Some(a));
+    }
+
+    #[tokio::test]
+    async fn recovery_in_the_switch_with_a_failing_slot_puts_the_proxy_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = ("20260101000000", "20260102000000");
+        let report = cutover_run(dir.path(), a, None, "true").await.start().await;
+        assert_eq!(report.outcome, Outcome::Live, "{:?}", report.error);
+        slots_log(dir.path());
+        let layout = Layout::new(dir.path());
+        std::fs::create_dir_all(layout.release(b)).unwrap();
+        switch::switch(&layout, b).unwrap();
+        // The agent died in `switch` (phase routing); the new slot no longer answers.
+        let run = cutover_run(dir.path(), b, Some(a), "true").await;
+        let mut journal = run.journal.clone();
+        journal.phase = Phase::Routing;
+        journal.spec.health = Some(proto::HealthSpec {
+            url: "http://127.0.0.1:1/${DEPLOY_PORT}".into(),
+            expect_status: 200,
+            retries: 1,
+            interval_ms: 0,
+            request_timeout_ms: 200,
+            watch_ms: 0,
+            watch_failures: 0,
+        });
+        let run = Run::new(layout.clone(), journal, Events::none(), run._lock.clone());
+        let report = run
+            .drive(machine::recovery(Phase::Routing, true).step())
+            .await;
+        assert_eq!(report.outcome, Outcome::RolledBack, "{:?}", report.error);
+        // The proxy may have moved: it is pointed at the old slot, then the new one stops.
+        assert_eq!(
+            slots_log(dir.path()),
+            [
+                format!("switch 4001 4002 {a}"),
+                format!("stop 4002 4001 {b}")
+            ]
+        );
+        assert_eq!(Serving::load(&layout).map(|s| s.port), Some(4001));
+        assert_eq!(layout.current_release().as_deref(), Some(a));
     }
 
     #[test]

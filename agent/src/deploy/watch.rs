@@ -307,7 +307,7 @@ async fn watch(
     let Some(mut spec) = first.journal.spec.health.clone() else {
         return;
     };
-    spec.url = crate::ports::expand(&first.journal.app, &spec.url);
+    spec.url = url(&first.journal, &spec.url);
     spec.retries = 1;
     let interval = Duration::from_millis(spec.interval_ms.max(50));
     loop {
@@ -445,9 +445,52 @@ async fn roll_back(
     true
 }
 
+/// The URL the watch polls: a review app's port, or with `[cutover]` the port of the
+/// slot the watched release went live on (`${DEPLOY_PORT}` in the health URL).
+fn url(journal: &Journal, url: &str) -> String {
+    let url = crate::ports::expand(&journal.app, url);
+    match journal.slots {
+        Some(s) => url.replace("${DEPLOY_PORT}", &s.new.to_string()),
+        None => url,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // See: merging the watch with the cutover (#13): the watch polled the literal
+    // `${DEPLOY_PORT}` of a cutover health URL, failed, and rolled back a healthy release.
+    #[test]
+    fn a_cutover_release_is_watched_on_its_own_slot() {
+        let mut journal: Journal = serde_json::from_value(serde_json::json!({
+            "action": "deploy",
+            "app": {"name": "a", "deploy_to": "/srv/a"},
+            "release": "20260101000000",
+            "version": null,
+            "previous": null,
+            "holder": "t",
+            "started": "2026-01-01T00:00:00Z",
+            "skip_migrations": false,
+            "error": null,
+            "spec": {"shared": [], "migrate": null, "restart": null, "stop": null,
+                "command_timeout_ms": 1000, "keep_releases": 5, "health": null,
+                "max_unpacked_bytes": 1024, "compose": null},
+            "phase": "prepared",
+        }))
+        .unwrap();
+        let template = "http://127.0.0.1:${DEPLOY_PORT}/up";
+        journal.slots = Some(super::super::journal::Slots {
+            new: 4002,
+            old: Some(4001),
+        });
+        assert_eq!(url(&journal, template), "http://127.0.0.1:4002/up");
+        journal.slots = None;
+        assert_eq!(
+            url(&journal, "http://127.0.0.1:4000/up"),
+            "http://127.0.0.1:4000/up"
+        );
+    }
 
     #[test]
     fn consecutive_failures_roll_back_and_a_pass_resets_the_count() {

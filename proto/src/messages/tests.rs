@@ -51,6 +51,7 @@ fn spec() -> ReleaseSpec {
         redact: Vec::new(),
         hooks: None,
         notify: None,
+        cutover: None,
     }
 }
 
@@ -404,6 +405,30 @@ fn rollback() {
             "app": app_json(), "to": "v1", "holder": "alice@laptop", "spec": spec_json(),
         }}),
     );
+}
+
+#[test]
+fn cutover_spec() {
+    // Absent: the spec's wire form is unchanged (see `spec_json`).
+    let mut spec = spec();
+    spec.restart = None;
+    spec.cutover = Some(CutoverSpec {
+        ports: [4001, 4002],
+        start: "sudo systemctl start myapp@${DEPLOY_PORT}".into(),
+        stop: "sudo systemctl stop myapp@${DEPLOY_PORT}".into(),
+        switch: "bin/point-proxy ${DEPLOY_PORT}".into(),
+        drain_ms: 10_000,
+    });
+    let mut spec_json = spec_json();
+    spec_json["restart"] = json!(null);
+    spec_json["cutover"] = json!({
+        "ports": [4001, 4002],
+        "start": "sudo systemctl start myapp@${DEPLOY_PORT}",
+        "stop": "sudo systemctl stop myapp@${DEPLOY_PORT}",
+        "switch": "bin/point-proxy ${DEPLOY_PORT}",
+        "drain_ms": 10000,
+    });
+    golden(spec, spec_json);
 }
 
 #[test]

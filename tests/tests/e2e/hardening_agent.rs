@@ -371,6 +371,7 @@ fn spec() -> proto::ReleaseSpec {
         redact: Vec::new(),
         hooks: None,
         notify: None,
+        cutover: None,
     }
 }
 
