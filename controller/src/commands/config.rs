@@ -9,7 +9,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::cli::Cli;
-use crate::config::{Batch, Config, Environment, Host, OnFailure, SshConfigSource, Strategy};
+use crate::config::{
+    Batch, Config, Environment, Host, LogsConfig, OnFailure, SshConfigSource, Strategy,
+};
 use crate::exit::{self, Failure};
 
 /// One `[section]` (or the top, `""`) and its keys, in the order they are documented.
@@ -173,6 +175,22 @@ fn sections(env: &Environment, var: &dyn Fn(&str) -> Option<String>) -> Vec<Sect
         ("stop", json!(r.stop)),
         ("timeout", dur(r.timeout)),
         ("max_unpacked_size", json!(r.max_unpacked_bytes)),
+        (
+            "logs",
+            match &r.logs {
+                None => Value::Null,
+                Some(LogsConfig::Unit(u)) => json!({ "unit": u }),
+                Some(LogsConfig::Files(f)) => json!({ "files": f }),
+            },
+        ),
+        (
+            "hooks",
+            json!({
+                "before_switch": r.hooks.before_switch,
+                "after_live": r.hooks.after_live,
+                "on_failure": r.hooks.on_failure,
+            }),
+        ),
     ];
     let health = match &env.health {
         Some(h) => vec![
@@ -181,6 +199,8 @@ fn sections(env: &Environment, var: &dyn Fn(&str) -> Option<String>) -> Vec<Sect
             ("retries", json!(h.retries)),
             ("interval", dur(h.interval)),
             ("request_timeout", dur(h.request_timeout)),
+            ("watch", dur(h.watch)),
+            ("watch_failures", json!(h.watch_failures)),
         ],
         None => vec![("url", Value::Null)],
     };
@@ -232,6 +252,28 @@ fn sections(env: &Environment, var: &dyn Fn(&str) -> Option<String>) -> Vec<Sect
                 ("pull", json!(c.pull)),
                 ("compose_command", json!(c.compose_command)),
             ]),
+        ));
+    }
+    if let Some(c) = &env.cutover {
+        out.push((
+            "cutover",
+            owned(vec![
+                ("ports", json!(c.ports)),
+                ("start", json!(c.start)),
+                ("stop", json!(c.stop)),
+                ("switch", json!(c.switch)),
+                ("drain", dur(c.drain)),
+            ]),
+        ));
+    }
+    if let Some(n) = &env.notify {
+        // Webhook URLs carry tokens (Slack's do): how many, never what.
+        out.push((
+            "notify",
+            owned(vec![(
+                "webhooks",
+                Value::Array(n.webhooks.iter().map(|_| json!("***")).collect()),
+            )]),
         ));
     }
     if let Some(i) = &env.instances {

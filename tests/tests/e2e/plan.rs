@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use deployctl_e2e::{Output, SshdOptions, TestEnv, bin, deployctl};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::support::Site;
@@ -385,6 +386,10 @@ secrets = ["API_TOKEN"]
 
 [defaults.release]
 migrate = "bin/migrate"
+hooks = { after_live = "bin/announce" }
+
+[defaults.notify]
+webhook = "https://hooks.example.com/services/T0/B0/xoxb-hook-token-77"
 
 [environments.prod]
 hosts = ["web-1.example.com", "deploy@web-2.example.com:2222"]
@@ -392,6 +397,13 @@ keep_releases = 9
 
 [environments.prod.health]
 url = "http://127.0.0.1:${APP_PORT}/health?token=${API_TOKEN}"
+watch = "2m"
+
+[environments.prod.cutover]
+ports = [4001, 4002]
+start = "sudo systemctl start shop@${DEPLOY_PORT}"
+stop = "sudo systemctl stop shop@${DEPLOY_PORT}"
+switch = "bin/route ${DEPLOY_PORT}"
 "#,
     );
     let secret = "s3cr3t-token-value-4242";
@@ -408,6 +420,10 @@ url = "http://127.0.0.1:${APP_PORT}/health?token=${API_TOKEN}"
         assert!(
             !out.stdout.contains(secret) && !out.stderr.contains(secret),
             "the secret leaked: {out}"
+        );
+        assert!(
+            !out.stdout.contains("xoxb-hook-token-77") && !out.stderr.contains("xoxb"),
+            "the webhook URL leaked: {out}"
         );
     }
     let t = &text.stdout;
@@ -434,6 +450,16 @@ url = "http://127.0.0.1:${APP_PORT}/health?token=${API_TOKEN}"
     );
     assert_eq!(doc["hosts"][1], "deploy@web-2.example.com:2222", "{doc}");
     assert_eq!(doc["secret_values"]["API_TOKEN"], "***", "{doc}");
+    // The keys of the cutover, the watch, hooks and notifications are shown too.
+    assert_eq!(doc["health"]["watch"], "2m", "{doc}");
+    assert_eq!(
+        doc["release"]["hooks"]["after_live"], "bin/announce",
+        "{doc}"
+    );
+    assert_eq!(doc["cutover"]["ports"], json!([4001, 4002]), "{doc}");
+    assert_eq!(doc["cutover"]["drain"], "10s", "{doc}");
+    assert_eq!(doc["notify"]["webhooks"], json!(["***"]), "{doc}");
+    assert!(t.contains("[cutover]"), "{text}");
 
     let out = deployctl(env.root(), &["config", "nope"], &vars);
     out.assert_exit(2);
