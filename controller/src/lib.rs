@@ -29,6 +29,7 @@ pub mod report;
 pub mod rollout;
 pub mod ssh;
 pub mod transport;
+pub mod window;
 
 use cli::{Cli, Command};
 use exit::Failure;

@@ -116,18 +116,14 @@ async fn gate(
     let mut conns = connect_all(&from_env, &keys, &quiet).await?;
     let mut proof: Option<proto::ReleaseInfo> = None;
     let mut missing = Vec::new();
-    for c in conns.iter_mut() {
-        let list = c
-            .client
-            .call_within(
-                proto::Releases {
-                    app: app_ref(&from_env),
-                },
-                QUICK_REPLY,
-                |_| {},
-            )
-            .await
-            .map_err(|e| agent_failure(&c.name, e))?;
+    let limit = from_env.max_parallel.max(1) as usize;
+    let lists =
+        crate::window::call_all(&mut conns, limit, Some(QUICK_REPLY), |_| proto::Releases {
+            app: app_ref(&from_env),
+        })
+        .await;
+    for (c, list) in conns.iter().zip(lists) {
+        let list = list.map_err(|e| agent_failure(&c.name, e))?;
         match list.releases.into_iter().rev().find(|r| {
             r.content.as_deref() == Some(digest.as_str()) && r.status == proto::ReleaseStatus::Live
         }) {
@@ -231,7 +227,7 @@ async fn push_all(
     artifact: &Path,
     size: u64,
     delivery: &Delivery,
-    conns: &mut [HostConn],
+    conns: &mut Vec<HostConn>,
     progress: &Progress,
 ) -> Result<(String, RolloutReport), Failure> {
     lock_all(conns, env, args.version.clone(), args.lock_wait, progress).await?;
@@ -286,7 +282,7 @@ async fn push_all(
     ));
     let holder = holder();
     let spec = super::release_spec(env);
-    let report = rollout::run(env, conns, progress, |c| {
+    let report = rollout::run(env, conns, progress, |mut c| {
         let req = Push {
             app: app_ref(env),
             release: release.clone(),
@@ -302,7 +298,10 @@ async fn push_all(
         let progress = progress.clone();
         let scan = scan.clone();
         let env_name = env.name.clone();
-        Box::pin(async move { push_one(c, req, &artifact, size, scan, &progress, &env_name).await })
+        Box::pin(async move {
+            let r = push_one(&mut c, req, &artifact, size, scan, &progress, &env_name).await;
+            (c, r)
+        })
     })
     .await;
     Ok((release, report))
@@ -687,16 +686,17 @@ async fn upload_delta(
 /// ids stay unique and sort in deploy order even for pushes within the same second.
 /// Also says whether any host already has a release (then a delta upload may pay).
 async fn next_release_id(
-    conns: &mut [HostConn],
+    conns: &mut Vec<HostConn>,
     env: &Environment,
 ) -> Result<(String, bool), Failure> {
     let mut newest: Option<String> = None;
-    for c in conns.iter_mut() {
-        let list = c
-            .client
-            .call_within(proto::Releases { app: app_ref(env) }, QUICK_REPLY, |_| {})
-            .await
-            .map_err(|e| agent_failure(&c.name, e))?;
+    let limit = env.max_parallel.max(1) as usize;
+    let lists = crate::window::call_all(conns, limit, Some(QUICK_REPLY), |_| proto::Releases {
+        app: app_ref(env),
+    })
+    .await;
+    for (c, list) in conns.iter().zip(lists) {
+        let list = list.map_err(|e| agent_failure(&c.name, e))?;
         if let Some(last) = list.releases.last()
             && newest.as_deref().is_none_or(|n| last.id.as_str() > n)
         {
