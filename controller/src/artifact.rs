@@ -2,6 +2,8 @@
 //! computed the way the agent computes it from what it unpacks, so the two can be
 //! compared without uploading anything.
 
+pub mod share;
+
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Component, Path};

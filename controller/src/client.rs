@@ -17,6 +17,10 @@ use crate::transport::Io;
 /// A send (one control message, or one [`proto::CHUNK_SIZE`] chunk of an upload) that makes
 /// no progress for this long counts as a lost connection.
 pub const SEND_STALL: Duration = Duration::from_secs(30);
+/// The most file data in one WebSocket frame: with the frame's header (8 bytes, masked,
+/// at most 64 KiB) it fits the 32 KiB packets OpenSSH's channels take, so a frame goes out
+/// in one write.
+pub const FRAME_DATA: usize = 32 * 1024 - 8;
 /// The WebSocket and `Hello` handshake must end within this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest wait for an answer when the caller sets no limit of its own.
@@ -236,22 +240,34 @@ impl AgentClient {
     /// events go to `on_event`; an error from the agent (it refused the upload, or is
     /// shutting down) or the connection closing ends the send at once, and so does a
     /// send that makes no progress for [`SEND_STALL`].
+    ///
+    /// The chunk goes out as frames of at most [`FRAME_DATA`] bytes (slices of it, not
+    /// copies), each of which fits one SSH packet: a larger frame would be written a packet
+    /// at a time, and its buffer shifted after each write.
     pub async fn send_data(
         &mut self,
-        chunk: Vec<u8>,
+        chunk: impl Into<bytes::Bytes>,
         on_event: &mut impl FnMut(Event),
     ) -> Result<(), ClientError> {
-        let r = self.send_data_inner(chunk, on_event).await;
+        let r = self.send_data_inner(chunk.into(), on_event).await;
         self.note(r)
     }
 
     async fn send_data_inner(
         &mut self,
-        chunk: Vec<u8>,
+        chunk: bytes::Bytes,
         on_event: &mut impl FnMut(Event),
     ) -> Result<(), ClientError> {
         let Connection { tx, rx } = &mut self.conn;
-        let send = tx.send_data(chunk);
+        let send = async {
+            let mut at = 0;
+            while at < chunk.len() {
+                let to = (at + FRAME_DATA).min(chunk.len());
+                tx.send_data(chunk.slice(at..to)).await?;
+                at = to;
+            }
+            Ok::<(), codec::CodecError>(())
+        };
         tokio::pin!(send);
         let stall = tokio::time::sleep(SEND_STALL);
         tokio::pin!(stall);

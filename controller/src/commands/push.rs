@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::{agent_failure, app_ref, close_all, connect_all, find_keys, holder, lock_all};
 use crate::artifact::Scan;
+use crate::artifact::share::Feed;
 use crate::cli::Cli;
 use crate::client::{ClientError, QUICK_REPLY};
 use crate::config::{Environment, Strategy};
@@ -282,6 +283,8 @@ async fn push_all(
     ));
     let holder = holder();
     let spec = super::release_spec(env);
+    // One read and one hash of the artifact, shared by the hosts that upload it at once.
+    let feed = crate::artifact::share::Feed::new(artifact);
     let report = rollout::run(env, conns, progress, |mut c| {
         let req = Push {
             app: app_ref(env),
@@ -298,8 +301,12 @@ async fn push_all(
         let progress = progress.clone();
         let scan = scan.clone();
         let env_name = env.name.clone();
+        let feed = feed.clone();
         Box::pin(async move {
-            let r = push_one(&mut c, req, &artifact, size, scan, &progress, &env_name).await;
+            let r = push_one(
+                &mut c, req, &artifact, &feed, size, scan, &progress, &env_name,
+            )
+            .await;
             (c, r)
         })
     })
@@ -307,10 +314,12 @@ async fn push_all(
     Ok((release, report))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn push_one(
     conn: &mut HostConn,
     req: Push,
     artifact: &Path,
+    feed: &Feed,
     size: u64,
     scan: Option<Arc<Scan>>,
     progress: &Progress,
@@ -324,7 +333,7 @@ async fn push_one(
         env: env_name,
         progress,
     };
-    let result = match upload_and_deploy(conn, req, artifact, size, scan, &up).await {
+    let result = match upload_and_deploy(conn, req, artifact, feed, size, scan, &up).await {
         Ok(report) => {
             // TIME in the table is the host's whole push, upload included (the agent's
             // report counts from the end of the upload; it keeps that in `report`).
@@ -399,6 +408,7 @@ async fn upload_and_deploy(
     conn: &mut HostConn,
     req: Push,
     artifact: &Path,
+    feed: &Feed,
     size: u64,
     scan: Option<Arc<Scan>>,
     up: &Upload<'_>,
@@ -432,16 +442,14 @@ async fn upload_and_deploy(
             "delta: the host has none of these files; full upload",
         );
     }
-    // Read and hash on a blocking thread, a few chunks ahead, so the SSH channel never
-    // waits for the disk or the hash.
-    let file = std::fs::File::open(artifact)
-        .map_err(|e| Failure::usage(format!("artifact {}: {e}", artifact.display())))?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
-    let reader = tokio::task::spawn_blocking(move || read_ahead(file, tx));
+    // The chunks come from the push's one read of the artifact (read and hashed ahead,
+    // off this task), or from this host's own read when it starts late.
+    let mut source = feed.source();
+    let read_failed = |e: String| Failure::usage(format!("{}: {e}", artifact.display()));
     let bar = progress.upload_bar(&host, size);
     let t = Instant::now();
     let mut sent: u64 = 0;
-    while let Some(buf) = rx.recv().await {
+    while let Some(buf) = source.next().await.map_err(read_failed)? {
         sent += buf.len() as u64;
         conn.client
             .send_data(buf, &mut |ev| progress.line(&host, &ev.message))
@@ -451,10 +459,7 @@ async fn upload_and_deploy(
             b.set_position(sent);
         }
     }
-    let hasher = reader
-        .await
-        .map_err(|e| Failure::usage(format!("reading {}: {e}", artifact.display())))?
-        .map_err(|e| Failure::usage(format!("reading {}: {e}", artifact.display())))?;
+    let (sha256, _) = source.finish().await.map_err(read_failed)?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -468,7 +473,7 @@ async fn upload_and_deploy(
             mib((sent as f64 / secs) as u64)
         ),
     );
-    finish_upload(conn, hex::encode(hasher.finalize()), sent, up).await
+    finish_upload(conn, sha256, sent, up).await
 }
 
 /// Ends an upload and waits for the agent's report, showing its progress, for at most
@@ -505,35 +510,6 @@ async fn finish_upload(
         other => up.lost_after_handoff(other),
     })?;
     Ok(report)
-}
-
-/// Reads `file` in chunks into `tx`, hashing as it goes.
-fn read_ahead(
-    mut file: std::fs::File,
-    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
-) -> std::io::Result<Sha256> {
-    use std::io::Read;
-    let mut hasher = Sha256::new();
-    loop {
-        let mut buf = vec![0u8; proto::CHUNK_SIZE];
-        let mut filled = 0;
-        while filled < buf.len() {
-            let n = file.read(&mut buf[filled..])?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
-        if filled == 0 {
-            return Ok(hasher);
-        }
-        buf.truncate(filled);
-        hasher.update(&buf);
-        if tx.blocking_send(buf).is_err() {
-            // the upload stopped; its error is reported by the sender side
-            return Ok(hasher);
-        }
-    }
 }
 
 /// Awaits `work`, calling `show(seconds so far)` on each tick meanwhile: every 100 ms
