@@ -2,17 +2,24 @@
 //! step, what a release records about its compose project, and which services need a
 //! closer look after a failure.
 //!
-//! Everything here is pure (argv in, argv out) so it is unit-tested without Docker;
-//! [`crate::deploy`] runs the argvs through [`crate::exec`]. Commands run without a
+//! Everything here but [`detect`] is pure (argv in, argv out) so it is unit-tested
+//! without Docker; [`crate::deploy`] and [`crate::instances`] run the argvs through
+//! [`crate::exec`]. Commands run without a
 //! shell, in the release dir, so `-f` and `--env-file` take plain file names.
 //!
 //! v1 (`docker-compose`) and v2 (`docker compose`) take the same global flags
 //! (`-p`, `-f`, `--env-file`, before the subcommand) and the same subcommand flags for
 //! what we use, so the two differ only in the program prefix. Detection tries v2 first.
 
+use std::future::Future;
 use std::path::Path;
 
-use proto::ComposeSpec;
+use proto::{ComposeSpec, StepReport};
+
+use crate::exec::{self, ExecError};
+
+/// Limit for commands that only look (`docker info`, `version`, `ps`, `logs`).
+pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How many log lines per service a failure report carries.
 pub const LOG_LINES: u32 = 50;
@@ -263,6 +270,47 @@ pub fn display(argv: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Which compose to run: `configured` (`compose_command`), or the first of v2 and v1
+/// whose `version` answers. `probe` runs an argv the way its caller runs commands (its
+/// log, stage, timeout). On failure: why, naming each candidate's error, and the last
+/// failed probe's report. The one detection for the deploy and for destroy.
+pub async fn detect<F, Fut>(
+    configured: Option<&str>,
+    mut probe: F,
+) -> Result<Compose, (String, Option<StepReport>)>
+where
+    F: FnMut(Vec<String>) -> Fut,
+    Fut: Future<Output = Result<StepReport, (StepReport, ExecError)>>,
+{
+    let candidates = match configured {
+        Some(cmd) => vec![Compose::from_command(cmd).map_err(|e| (e, None))?],
+        None => Compose::candidates().to_vec(),
+    };
+    let mut tried = Vec::new();
+    let mut last = None;
+    for c in candidates {
+        match probe(c.version()).await {
+            Ok(_) => return Ok(c),
+            Err((step, e)) => {
+                tried.push(exec::with_output(&e.to_string(), &step.output));
+                last = Some(step);
+            }
+        }
+    }
+    let why = match configured {
+        Some(cmd) => format!(
+            "compose_command `{cmd}` does not work on this host: {}",
+            tried.join("; ")
+        ),
+        None => format!(
+            "neither `docker compose` (v2) nor `docker-compose` (v1) works on this host \
+             ({}); install one, or set compose_command",
+            tried.join("; ")
+        ),
+    };
+    Err((why, last))
 }
 
 #[cfg(test)]

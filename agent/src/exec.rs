@@ -72,6 +72,28 @@ pub async fn run(cmd: Command<'_>) -> Result<StepReport, (StepReport, ExecError)
     }
 }
 
+/// `error`, plus the last lines a failed command printed (compose's own message), on
+/// one line: this is the summary that history, status and annotations show; the whole
+/// output stays in the step's report.
+pub fn with_output(error: &str, output: &str) -> String {
+    let lines: Vec<&str> = output
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        return error.to_owned();
+    }
+    let mut tail = lines[lines.len().saturating_sub(4)..].join(" | ");
+    if tail.len() > 600 {
+        let cut = (tail.len() - 600..tail.len())
+            .find(|i| tail.is_char_boundary(*i))
+            .unwrap_or(0);
+        tail.replace_range(..cut, "...");
+    }
+    format!("{error}: {tail}")
+}
+
 async fn run_inner(cmd: &Command<'_>) -> Result<(), ExecError> {
     use std::os::unix::process::ExitStatusExt;
     let spawn_err = |source| ExecError::Spawn {
@@ -212,6 +234,20 @@ pub fn tail(path: &Path, max: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_summary_is_one_line_with_the_end_of_the_output() {
+        assert_eq!(with_output("`x` failed", "\n  \n"), "`x` failed");
+        let out = "Pulling web ...\n\nERROR: for web  boom\n  in \"./a.yml\", line 3\n";
+        assert_eq!(
+            with_output("pull failed", out),
+            "pull failed: Pulling web ... | ERROR: for web  boom | in \"./a.yml\", line 3"
+        );
+        let long = format!("{}\n", "é".repeat(1000));
+        let s = with_output("e", &long);
+        assert!(s.len() < 700 && s.starts_with("e: ...é"), "{s}");
+        assert!(!s.contains('\n'));
+    }
 
     fn cmd<'a>(
         command: &'a str,

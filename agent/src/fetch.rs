@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
-use crate::release::layout::{Layout, valid_release_id};
+use crate::release::layout::{Layout, release_id_problem};
 
 /// Sends the release; the outer error ends the session, the inner one answers the
 /// request (it may come after some data frames: the controller discards them).
@@ -27,11 +27,8 @@ pub async fn send<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    if !valid_release_id(release) {
-        return Ok(Err(ProtoError::new(
-            ErrorCode::BadRequest,
-            format!("release id {release:?} is not YYYYMMDDHHMMSS"),
-        )));
+    if let Some(problem) = release_id_problem(release) {
+        return Ok(Err(ProtoError::new(ErrorCode::BadRequest, problem)));
     }
     let Some(info) = layout.read_meta(release) else {
         return Ok(Err(ProtoError::new(

@@ -16,12 +16,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::config::SessionLimits;
+use crate::context::{SessionSlot, Shared, SlotState};
+use crate::deploy::journal::{Journal, Phase};
 use crate::deploy::{Events, Run};
-use crate::journal::{self, Journal, Phase};
+use crate::history;
 use crate::lock::LockGuard;
-use crate::release::layout::{Layout, valid_release_id};
+use crate::release::layout::{Layout, release_id_problem};
 use crate::release::unpack;
-use crate::server::{SessionSlot, Shared, SlotState};
 
 type Reply = Result<Response, ProtoError>;
 /// A run ready to start, and the receiving end of its progress.
@@ -363,7 +364,7 @@ impl Session {
                     .map(|l| Response::Releases(ReleasesReply { releases: l.list() })),
                 Request::History(h) => self.layout(&h.app).map(|l| {
                     let (entries, skipped_lines) =
-                        journal::read_history_counted(&l, h.limit as usize);
+                        history::read_history_counted(&l, h.limit as usize);
                     Response::History(HistoryReply {
                         entries,
                         skipped_lines,
@@ -421,7 +422,7 @@ impl Session {
             )
             .with("deploy_to", &app.deploy_to));
         };
-        crate::instances::layout_of(&real, app.instance.as_deref())
+        crate::ports::layout_of(&real, app.instance.as_deref())
     }
 
     fn check(&self, deploy_to: Option<&str>) -> Response {
@@ -471,7 +472,7 @@ impl Session {
         let info = LockInfo {
             holder: l.holder,
             version: l.version,
-            since: journal::now_rfc3339(),
+            since: history::now_rfc3339(),
         };
         let guard = self
             .shared
@@ -503,7 +504,7 @@ impl Session {
         let info = LockInfo {
             holder: holder.to_owned(),
             version,
-            since: journal::now_rfc3339(),
+            since: history::now_rfc3339(),
         };
         self.shared
             .locks
@@ -529,9 +530,12 @@ impl Session {
         };
         let (layout, lock, mut journal) = prepared;
         let partial = layout.partial(&p.release);
-        let cleanup = |layout: &Layout| {
-            let _ = std::fs::remove_dir_all(layout.partial(&p.release));
-            let _ = Journal::clear(layout);
+        // Every way out of here but a finished release removes the partial dir and the
+        // journal, before the lock (declared earlier) is freed.
+        let mut upload = UploadGuard {
+            layout: layout.clone(),
+            release: p.release.clone(),
+            keep: false,
         };
         // Unpack on a blocking thread while the frames arrive.
         let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
@@ -568,7 +572,6 @@ impl Session {
                     None => {
                         drop(tx.take());
                         let _ = worker.await;
-                        cleanup(&layout);
                         tracing::info!(
                             app = %p.app.name,
                             "upload stalled for {stall:?}; discarded, lock freed"
@@ -579,7 +582,6 @@ impl Session {
                 _ = self.shared.shutdown_signal() => {
                     drop(tx.take());
                     let _ = worker.await;
-                    cleanup(&layout);
                     tracing::info!(
                         app = %p.app.name,
                         release = %p.release,
@@ -618,7 +620,6 @@ impl Session {
                     _ => {
                         drop(tx.take());
                         let _ = worker.await;
-                        cleanup(&layout);
                         return Ok(Err(bad("expected data or upload_end during an upload")));
                     }
                 },
@@ -626,7 +627,6 @@ impl Session {
                     // The controller went away mid-upload: leave nothing behind.
                     drop(tx.take());
                     let _ = worker.await;
-                    cleanup(&layout);
                     return Err(e.into());
                 }
             }
@@ -635,7 +635,6 @@ impl Session {
         let (result, (sha256, size)) = match worker.await {
             Ok(r) => r,
             Err(e) => {
-                cleanup(&layout);
                 return Ok(Err(ProtoError::new(
                     ErrorCode::Internal,
                     format!("unpack task: {e}"),
@@ -645,7 +644,6 @@ impl Session {
         let unpacked = match result {
             Ok(u) => u,
             Err(e) => {
-                cleanup(&layout);
                 let mut err = if e.is_refusal() {
                     ProtoError::new(
                         ErrorCode::BadArtifact,
@@ -664,7 +662,6 @@ impl Session {
             }
         };
         if sha256 != end.sha256 || size != end.size {
-            cleanup(&layout);
             return Ok(Err(ProtoError::new(
                 ErrorCode::ChecksumMismatch,
                 format!(
@@ -689,7 +686,6 @@ impl Session {
                 match built {
                     Ok(offer) => (offer.entries, offer.artifact_sha256),
                     Err(e) => {
-                        cleanup(&layout);
                         return Ok(Err(ProtoError::new(
                             ErrorCode::BadArtifact,
                             format!("delta upload refused: {e}; nothing was changed"),
@@ -703,7 +699,6 @@ impl Session {
         if let Some(expected) = &p.expect_content
             && *expected != content
         {
-            cleanup(&layout);
             return Ok(Err(ProtoError::new(
                 ErrorCode::BadArtifact,
                 format!(
@@ -716,7 +711,7 @@ impl Session {
             id: p.release.clone(),
             version: p.version.clone(),
             sha256: Some(sha256),
-            created: journal::now_rfc3339(),
+            created: history::now_rfc3339(),
             status: ReleaseStatus::Prepared,
             current: false,
             content: Some(content),
@@ -726,10 +721,10 @@ impl Session {
             .and_then(|_| std::fs::rename(&partial, layout.release(&p.release)))
             .and_then(|_| journal.set(&layout, Phase::Prepared));
         if let Err(e) = finalize {
-            cleanup(&layout);
             let _ = std::fs::remove_dir_all(layout.release(&p.release));
             return Ok(Err(io_err("cannot finish the release dir", e)));
         }
+        upload.keep = true;
         let (etx, erx) = mpsc::unbounded_channel();
         Ok(Ok((Run::new(layout, journal, Events::new(etx), lock), erx)))
     }
@@ -742,11 +737,8 @@ impl Session {
         if let Some(v) = &p.version {
             proto::label::validate_label(v).map_err(bad)?;
         }
-        if !valid_release_id(&p.release) {
-            return Err(bad(format!(
-                "release id {:?} is not YYYYMMDDHHMMSS",
-                p.release
-            )));
+        if let Some(problem) = release_id_problem(&p.release) {
+            return Err(bad(problem));
         }
         let lock = self
             .lock_for(&p.app, &layout, &p.holder, p.version.clone())
@@ -782,7 +774,7 @@ impl Session {
             version: p.version.clone(),
             previous: rollback_target(&layout),
             holder: p.holder.clone(),
-            started: journal::now_rfc3339(),
+            started: history::now_rfc3339(),
             skip_migrations: p.skip_migrations,
             spec: p.spec.clone(),
             phase: Phase::Uploading,
@@ -846,7 +838,7 @@ impl Session {
             version: target.version.clone(),
             previous: rollback_target(&layout).or(current),
             holder: r.holder,
-            started: journal::now_rfc3339(),
+            started: history::now_rfc3339(),
             skip_migrations: true,
             spec: r.spec,
             phase: Phase::Switching,
@@ -866,12 +858,7 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let task = self.shared.tasks.spawn(async move {
-            match run.journal.phase {
-                Phase::Switching => run.activate().await,
-                _ => run.deploy().await,
-            }
-        });
+        let task = self.shared.tasks.spawn(run.start());
         tokio::pin!(task);
         loop {
             tokio::select! {
@@ -930,7 +917,7 @@ impl Session {
             // health check of whatever still runs happens to answer.
             spec if missing.is_some() => Some(proto::HealthReport {
                 url: spec
-                    .map(|spec| crate::instances::expand(&s.app, &spec.url))
+                    .map(|spec| crate::ports::expand(&s.app, &spec.url))
                     .unwrap_or_default(),
                 healthy: false,
                 attempts: 0,
@@ -940,13 +927,13 @@ impl Session {
             }),
             Some(mut spec) if current.is_some() => {
                 spec.retries = 1;
-                spec.url = crate::instances::expand(&s.app, &spec.url);
+                spec.url = crate::ports::expand(&s.app, &spec.url);
                 Some(crate::health::wait_healthy(&spec, |_, _| {}).await)
             }
             _ => None,
         };
-        let mut last = journal::read_history(&layout, 1).pop();
-        if let Some(problem) = crate::recover::unreadable_journal(&layout) {
+        let mut last = history::read_history(&layout, 1).pop();
+        if let Some(problem) = crate::deploy::recover::unreadable_journal(&layout) {
             // A journal recovery could not read: the deploy it describes is unfinished.
             last = Some(proto::HistoryEntry {
                 action: Action::Deploy,
@@ -968,6 +955,24 @@ impl Session {
             lock: self.shared.locks.holder(&layout.root),
             health,
         }))
+    }
+}
+
+/// An upload in progress: dropped without [`UploadGuard::keep`] set, it removes the
+/// partial release dir and the journal, so no exit path of a push can forget them.
+struct UploadGuard {
+    layout: Layout,
+    release: String,
+    /// Set once the upload is a release: then nothing is removed.
+    keep: bool,
+}
+
+impl Drop for UploadGuard {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(self.layout.partial(&self.release));
+            let _ = Journal::clear(&self.layout);
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use agent::config::{AgentConfig, Overrides};
-use agent::server::Shared;
+use agent::context::Shared;
 use proto::codec;
 use proto::{
     AppRef, ErrorCode, Hello, Lock, PROTOCOL_VERSION, Push, ReleaseSpec, Request, Response,

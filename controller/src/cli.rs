@@ -1,11 +1,9 @@
 //! The command line. Parsing only: the work is in [`crate::commands`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueHint};
-use clap_complete::ArgValueCandidates;
-
-use crate::completion::environment_names;
+use clap_complete::{ArgValueCandidates, CompletionCandidate};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -303,4 +301,14 @@ pub fn check_label(label: Option<&str>) -> Result<(), crate::exit::Failure> {
             .map_err(|e| crate::exit::Failure::usage(format!("--version: {e}"))),
         None => Ok(()),
     }
+}
+
+/// The environments of the config deployctl would read: `$DEPLOYCTL_CONFIG`, else
+/// `./deploy.toml`. Nothing (no error) when it is missing or does not parse.
+pub fn environment_names() -> Vec<CompletionCandidate> {
+    let path = std::env::var_os("DEPLOYCTL_CONFIG").unwrap_or_else(|| "deploy.toml".into());
+    crate::config::environments_in(Path::new(&path))
+        .into_iter()
+        .map(CompletionCandidate::new)
+        .collect()
 }

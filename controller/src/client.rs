@@ -9,10 +9,13 @@
 use std::time::Duration;
 
 use proto::codec::{self, Connection, Frame};
-use proto::{Event, Hello, HelloReply, PROTOCOL_VERSION, ProtoError, Request, Response, Rpc};
+use proto::{
+    ErrorCode, Event, Hello, HelloReply, PROTOCOL_VERSION, ProtoError, Request, Response, Rpc,
+};
 use tokio::time::Instant;
 
-use crate::transport::Io;
+use crate::exit::{self, Failure};
+use crate::io::Io;
 
 /// A send (one control message, or one [`proto::CHUNK_SIZE`] chunk of an upload) that makes
 /// no progress for this long counts as a lost connection.
@@ -321,6 +324,26 @@ impl AgentClient {
         }
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.conn.tx.close()).await;
     }
+}
+
+/// Maps an agent error to an exit code and message.
+pub fn agent_failure(host: &str, e: ClientError) -> Failure {
+    let code = match &e {
+        ClientError::Agent(p) => match p.code {
+            ErrorCode::Locked => exit::LOCKED,
+            ErrorCode::PathNotAllowed | ErrorCode::BadRequest | ErrorCode::NotFound => exit::USAGE,
+            // The agent is stopping: it took nothing on (an upload is discarded).
+            ErrorCode::VersionMismatch | ErrorCode::ShuttingDown => exit::CONNECT,
+            ErrorCode::RollbackFailed => exit::NEEDS_HUMAN,
+            _ => exit::DEPLOY_FAILED,
+        },
+        _ => exit::CONNECT,
+    };
+    let mut msg = format!("{host}: {e}");
+    if code == exit::LOCKED {
+        msg.push_str("; retry later, or pass --lock-wait 5m to wait for it");
+    }
+    Failure::new(code, msg)
 }
 
 #[cfg(test)]

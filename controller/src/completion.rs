@@ -4,13 +4,14 @@
 //! offer hidden commands. [`complete_if_asked`] answers those calls before clap parses.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::CommandFactory;
+use clap_complete::Shell;
 use clap_complete::env::Shells;
-use clap_complete::{CompletionCandidate, Shell};
 
 use crate::cli::Cli;
+use crate::config::environments_in;
 
 /// The environment variable the shell scripts set when they ask for completions.
 const VAR: &str = "COMPLETE";
@@ -41,31 +42,6 @@ pub fn write_script(shell: Shell, out: &mut dyn Write) -> std::io::Result<()> {
         script = script.replace(" -o bashdefault", "");
     }
     out.write_all(script.as_bytes())
-}
-
-/// The environments of the config deployctl would read: `$DEPLOYCTL_CONFIG`, else
-/// `./deploy.toml`. Nothing (no error) when it is missing or does not parse.
-pub fn environment_names() -> Vec<CompletionCandidate> {
-    let path = std::env::var_os("DEPLOYCTL_CONFIG").unwrap_or_else(|| "deploy.toml".into());
-    environments_in(Path::new(&path))
-        .into_iter()
-        .map(CompletionCandidate::new)
-        .collect()
-}
-
-/// The names under `[environments]` in the file at `path`, sorted; empty when the file is
-/// missing or does not parse (the config loader reports those properly).
-pub fn environments_in(path: &Path) -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Vec::new();
-    };
-    let Ok(doc) = text.parse::<toml::Table>() else {
-        return Vec::new();
-    };
-    doc.get("environments")
-        .and_then(toml::Value::as_table)
-        .map(|envs| envs.keys().cloned().collect())
-        .unwrap_or_default()
 }
 
 /// For a command line that lacks its environment: the environments the config defines

@@ -37,15 +37,26 @@
 //!
 //! Every [`ConfigError`] names the key and where its value came from: `deploy.toml:12`,
 //! or the `DEPLOYCTL_*` variable that set it.
+//!
+//! # Reading
+//!
+//! serde reads the file into `Layer`s (`deny_unknown_fields`: an unknown key is an error
+//! with a "did you mean"); each value keeps its dotted key and line. A key is declared
+//! once, as a field in the `layers!` list, which also gives the key-by-key merge; its
+//! default and checks are in `Config::resolve`, and a `DEPLOYCTL_*` override of it is a
+//! row of [`ENV_OVERRIDES`] (read by serde too, as the type the field wants).
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv6Addr;
-use std::ops::{Range, RangeInclusive};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::str::FromStr;
 use std::time::Duration;
 
+use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
@@ -144,6 +155,15 @@ pub enum Location {
     BuiltIn,
 }
 
+impl Location {
+    fn line(&self) -> Option<usize> {
+        match self {
+            Location::Line { line, .. } => Some(*line),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -209,10 +229,7 @@ impl ConfigError {
             ConfigError::Syntax { at, .. }
             | ConfigError::UnknownKey { at, .. }
             | ConfigError::Invalid { at, .. }
-            | ConfigError::UnsetVar { at, .. } => match at {
-                Location::Line { line, .. } => Some(*line),
-                _ => None,
-            },
+            | ConfigError::UnsetVar { at, .. } => at.line(),
             _ => None,
         }
     }
@@ -573,22 +590,20 @@ impl Config {
         origin: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let walker = Walker { file: origin, text };
+        let mut source = Source::new(origin, text);
         let doc = DeTable::parse(text).map_err(|e| match e.span() {
             Some(span) => ConfigError::Syntax {
-                message: format!("{} (in `{}`)", e.message(), walker.line_text(span.start)),
-                at: walker.at(span),
+                message: format!("{} (in `{}`)", e.message(), source.line_text(span.start)),
+                at: source.at(span.start),
             },
             None => ConfigError::Syntax {
-                at: walker.whole_file(),
+                at: source.whole_file(),
                 message: e.message().to_string(),
             },
         })?;
-        let doc = doc.get_ref();
-        let raw = walker.walk(doc)?;
-
+        source.index(doc.get_ref(), "");
         let mut names = BTreeSet::new();
-        collect_refs_table(doc, &mut names);
+        collect_refs_table(doc.get_ref(), &mut names);
         names.extend(["USER", "HOME"].map(String::from));
         names.extend(ENV_OVERRIDES.iter().map(|(var, _)| var.to_string()));
         let vars = names
@@ -599,16 +614,43 @@ impl Config {
             })
             .collect();
 
+        let source = Rc::new(source);
+        let raw: RawFile = source.read(doc)?;
+        // `[defaults]` is a layer like any environment, but these keys belong to one.
+        let d = &raw.defaults;
+        let per_env = "not allowed in [defaults]: set it per environment";
+        let refused = [
+            d.deploy_to.as_ref().map(|v| {
+                v.invalid("not allowed in [defaults]: set it at the top level or per environment")
+            }),
+            d.hosts.as_ref().map(|v| v.invalid(per_env)),
+            d.promote_from.as_ref().map(|v| v.invalid(per_env)),
+        ];
+        if let Some(e) = refused.into_iter().flatten().min_by_key(ConfigError::line) {
+            return Err(e);
+        }
+        let mut environments = BTreeMap::new();
+        for (name, layer) in raw.environments {
+            let at = source.at(name.span().start);
+            let name = name.into_inner();
+            check_name(&name).map_err(|m| ConfigError::Invalid {
+                at: at.clone(),
+                key: format!("environments.{name}"),
+                message: format!("bad environment name: {m}"),
+            })?;
+            environments.insert(name, RawEnv { layer, at });
+        }
+
         let mut config = Config {
             app: String::new(),
             path: PathBuf::from(origin),
             deploy_to: raw.deploy_to,
             defaults: raw.defaults,
-            environments: raw.environments,
+            environments,
             vars,
         };
         let app = raw.app.ok_or_else(|| ConfigError::Invalid {
-            at: walker.whole_file(),
+            at: source.whole_file(),
             key: "app".into(),
             message: "missing: set `app = \"NAME\"` at the top level".into(),
         })?;
@@ -616,7 +658,7 @@ impl Config {
         check_name(&config.app).map_err(|m| app.invalid(m))?;
         if config.environments.is_empty() {
             return Err(ConfigError::Invalid {
-                at: walker.whole_file(),
+                at: source.whole_file(),
                 key: "environments".into(),
                 message: "no environments: add an [environments.NAME] table".into(),
             });
@@ -659,7 +701,9 @@ impl Config {
         let mut layer = Layer::default();
         for (var, key) in ENV_OVERRIDES {
             match self.var(var) {
-                Some(value) if !value.is_empty() => set_override(&mut layer, var, key, value)?,
+                Some(value) if !value.is_empty() => {
+                    layer = layer.merge(override_layer(var, key, value)?);
+                }
                 _ => {}
             }
         }
@@ -745,7 +789,7 @@ impl Config {
         };
         let accept_new_host_keys = r.boolean(&l.accept_new_host_keys, false);
         let ssh_config = match &l.ssh_config {
-            Some(v) => match &v.v {
+            Some(v) => match &v.v.0 {
                 None => SshConfigSource::Off,
                 Some(s) => SshConfigSource::Given(r.path(&v.with(s.clone()))?),
             },
@@ -830,132 +874,12 @@ impl Config {
             }
         })?;
 
-        let rl = &l.release;
-        let release = ReleaseConfig {
-            artifact: r.opt_string(&rl.artifact)?.map(PathBuf::from),
-            shared: r.list(&rl.shared, check_relative)?.unwrap_or_default(),
-            migrate: r.opt_string(&rl.migrate)?,
-            restart: r.opt_string(&rl.restart)?,
-            stop: r.opt_string(&rl.stop)?,
-            timeout: r.duration(&rl.timeout, Duration::from_secs(300), false)?,
-            max_unpacked_bytes: match &rl.max_unpacked_size {
-                None => DEFAULT_MAX_UNPACKED_BYTES,
-                Some(v) => {
-                    let size = match &v.v {
-                        Scalar::Int(n) => u64::try_from(*n).map_err(|_| "negative".to_string()),
-                        Scalar::Str(s) => parse_size(&r.expand(&v.with(s.clone()))?),
-                    };
-                    match size {
-                        Ok(0) => return Err(v.invalid("must be more than 0")),
-                        Ok(n) => n,
-                        Err(m) => return Err(v.invalid(m)),
-                    }
-                }
-            },
-        };
-
-        let hl = &l.health;
-        let health_url = r.opt_string(&hl.url)?;
-        if let (Some(url), Some(v)) = (&health_url, &hl.url) {
-            check_url(url).map_err(|m| v.invalid(m))?;
-        }
-        let health = HealthConfig {
-            url: health_url.clone().unwrap_or_default(),
-            expect_status: r.status(&hl.expect_status)?,
-            retries: r.uint(&hl.retries, 12, 1)?,
-            interval: r.duration(&hl.interval, Duration::from_secs(5), true)?,
-            request_timeout: r.duration(&hl.request_timeout, Duration::from_secs(3), false)?,
-        };
-        let health = health_url.map(|_| health);
-
-        let ro = &l.rollout;
-        let rollout = RolloutConfig {
-            batch: match &ro.batch {
-                None => Batch::Percent(100),
-                Some(v) => {
-                    let batch = match &v.v {
-                        Scalar::Int(n) => parse_batch(&n.to_string()),
-                        Scalar::Str(s) => parse_batch(&r.expand(&v.with(s.clone()))?),
-                    };
-                    batch.map_err(|m| v.invalid(m))?
-                }
-            },
-            canary: r.boolean(&ro.canary, false),
-            on_failure: match &ro.on_failure {
-                None => OnFailure::RollbackAll,
-                Some(v) => match r.expand(v)?.as_str() {
-                    "rollback-all" => OnFailure::RollbackAll,
-                    "stop" => OnFailure::Stop,
-                    other => {
-                        return Err(v.invalid(format!(
-                            "unknown on_failure `{other}` (expected \"rollback-all\" or \"stop\")"
-                        )));
-                    }
-                },
-            },
-        };
-
-        let vl = &l.verify;
-        let urls = r.list(&vl.urls, check_url)?.unwrap_or_default();
-        let verify = VerifyConfig {
-            retries: r.uint(&vl.retries, 9, 1)?,
-            interval: r.duration(&vl.interval, Duration::from_secs(5), true)?,
-            expect_status: r.status(&vl.expect_status)?,
-            request_timeout: r.duration(&vl.request_timeout, Duration::from_secs(10), false)?,
-            urls,
-        };
-        let verify = (!verify.urls.is_empty()).then_some(verify);
-
-        let cl = &l.compose;
-        let files = match r.list(&cl.files, |f| {
-            if f.is_empty() {
-                Err("empty file name".to_string())
-            } else {
-                Ok(())
-            }
-        })? {
-            None => vec![PathBuf::from("docker-compose.yml")],
-            Some(files) if files.is_empty() => {
-                let v = cl.files.as_ref().expect("list came from a value");
-                return Err(v.invalid("needs at least one compose file"));
-            }
-            Some(files) => files.into_iter().map(PathBuf::from).collect(),
-        };
-        let project = match &cl.project {
-            None => self.app.clone(),
-            Some(v) => {
-                let p = r.expand(v)?;
-                check_name(&p).map_err(|m| v.invalid(m))?;
-                p
-            }
-        };
-        let compose = ComposeConfig {
-            files,
-            env_file: r.opt_string(&cl.env_file)?.map(PathBuf::from),
-            project,
-            pull: r.boolean(&cl.pull, true),
-            compose_command: r.opt_string(&cl.compose_command)?,
-        };
-
-        let instances = match &l.instances {
-            Some(v) if v.v => {
-                let ports_val = l.instance_ports.as_ref().ok_or_else(|| {
-                    v.invalid("`instances = true` needs `instance_ports`, e.g. \"4100-4199\"")
-                })?;
-                let ports =
-                    parse_port_range(&r.expand(ports_val)?).map_err(|m| ports_val.invalid(m))?;
-                let ttl = match &l.instance_ttl {
-                    None => None,
-                    Some(_) => Some(r.duration(&l.instance_ttl, Duration::ZERO, false)?),
-                };
-                Some(InstancesConfig {
-                    ports,
-                    ttl,
-                    url_template: r.opt_string(&l.url_template)?,
-                })
-            }
-            _ => None,
-        };
+        let release = l.release.resolve(&r)?;
+        let health = l.health.resolve(&r)?;
+        let rollout = l.rollout.resolve(&r)?;
+        let verify = l.verify.resolve(&r)?;
+        let compose = l.compose.resolve(&r, &self.app)?;
+        let instances = l.instances(&r)?;
 
         Ok(Environment {
             name: name.to_string(),
@@ -987,6 +911,156 @@ impl Config {
             instance: None,
             promote_from,
             secrets: secrets.unwrap_or_default(),
+        })
+    }
+}
+
+// Each table's defaults and checks, resolved from the merged layer.
+
+impl ReleaseLayer {
+    fn resolve(&self, r: &Resolver<'_>) -> Result<ReleaseConfig, ConfigError> {
+        Ok(ReleaseConfig {
+            artifact: r.opt_string(&self.artifact)?.map(PathBuf::from),
+            shared: r.list(&self.shared, check_relative)?.unwrap_or_default(),
+            migrate: r.opt_string(&self.migrate)?,
+            restart: r.opt_string(&self.restart)?,
+            stop: r.opt_string(&self.stop)?,
+            timeout: r.duration(&self.timeout, Duration::from_secs(300), false)?,
+            max_unpacked_bytes: match &self.max_unpacked_size {
+                None => DEFAULT_MAX_UNPACKED_BYTES,
+                Some(v) => {
+                    let size = match &v.v {
+                        Scalar::Int(n) => u64::try_from(*n).map_err(|_| "negative".to_string()),
+                        Scalar::Str(s) => parse_size(&r.expand(&v.with(s.clone()))?),
+                    };
+                    match size {
+                        Ok(0) => return Err(v.invalid("must be more than 0")),
+                        Ok(n) => n,
+                        Err(m) => return Err(v.invalid(m)),
+                    }
+                }
+            },
+        })
+    }
+}
+
+impl HealthLayer {
+    fn resolve(&self, r: &Resolver<'_>) -> Result<Option<HealthConfig>, ConfigError> {
+        let health_url = r.opt_string(&self.url)?;
+        if let (Some(url), Some(v)) = (&health_url, &self.url) {
+            check_url(url).map_err(|m| v.invalid(m))?;
+        }
+        let health = HealthConfig {
+            url: health_url.clone().unwrap_or_default(),
+            expect_status: r.status(&self.expect_status)?,
+            retries: r.uint(&self.retries, 12, 1)?,
+            interval: r.duration(&self.interval, Duration::from_secs(5), true)?,
+            request_timeout: r.duration(&self.request_timeout, Duration::from_secs(3), false)?,
+        };
+        Ok(health_url.map(|_| health))
+    }
+}
+
+impl RolloutLayer {
+    fn resolve(&self, r: &Resolver<'_>) -> Result<RolloutConfig, ConfigError> {
+        Ok(RolloutConfig {
+            batch: match &self.batch {
+                None => Batch::Percent(100),
+                Some(v) => {
+                    let batch = match &v.v {
+                        Scalar::Int(n) => parse_batch(&n.to_string()),
+                        Scalar::Str(s) => parse_batch(&r.expand(&v.with(s.clone()))?),
+                    };
+                    batch.map_err(|m| v.invalid(m))?
+                }
+            },
+            canary: r.boolean(&self.canary, false),
+            on_failure: match &self.on_failure {
+                None => OnFailure::RollbackAll,
+                Some(v) => match r.expand(v)?.as_str() {
+                    "rollback-all" => OnFailure::RollbackAll,
+                    "stop" => OnFailure::Stop,
+                    other => {
+                        return Err(v.invalid(format!(
+                            "unknown on_failure `{other}` (expected \"rollback-all\" or \"stop\")"
+                        )));
+                    }
+                },
+            },
+        })
+    }
+}
+
+impl VerifyLayer {
+    fn resolve(&self, r: &Resolver<'_>) -> Result<Option<VerifyConfig>, ConfigError> {
+        let urls = r.list(&self.urls, check_url)?.unwrap_or_default();
+        let verify = VerifyConfig {
+            retries: r.uint(&self.retries, 9, 1)?,
+            interval: r.duration(&self.interval, Duration::from_secs(5), true)?,
+            expect_status: r.status(&self.expect_status)?,
+            request_timeout: r.duration(&self.request_timeout, Duration::from_secs(10), false)?,
+            urls,
+        };
+        Ok((!verify.urls.is_empty()).then_some(verify))
+    }
+}
+
+impl ComposeLayer {
+    /// `app` is the project's default name.
+    fn resolve(&self, r: &Resolver<'_>, app: &str) -> Result<ComposeConfig, ConfigError> {
+        let files = match r.list(&self.files, |f| {
+            if f.is_empty() {
+                Err("empty file name".to_string())
+            } else {
+                Ok(())
+            }
+        })? {
+            None => vec![PathBuf::from("docker-compose.yml")],
+            Some(files) if files.is_empty() => {
+                let v = self.files.as_ref().expect("list came from a value");
+                return Err(v.invalid("needs at least one compose file"));
+            }
+            Some(files) => files.into_iter().map(PathBuf::from).collect(),
+        };
+        let project = match &self.project {
+            None => app.to_string(),
+            Some(v) => {
+                let p = r.expand(v)?;
+                check_name(&p).map_err(|m| v.invalid(m))?;
+                p
+            }
+        };
+        Ok(ComposeConfig {
+            files,
+            env_file: r.opt_string(&self.env_file)?.map(PathBuf::from),
+            project,
+            pull: r.boolean(&self.pull, true),
+            compose_command: r.opt_string(&self.compose_command)?,
+        })
+    }
+}
+
+impl Layer {
+    /// Review apps: `instances`, `instance_ports`, `instance_ttl`, `url_template`.
+    fn instances(&self, r: &Resolver<'_>) -> Result<Option<InstancesConfig>, ConfigError> {
+        Ok(match &self.instances {
+            Some(v) if v.v => {
+                let ports_val = self.instance_ports.as_ref().ok_or_else(|| {
+                    v.invalid("`instances = true` needs `instance_ports`, e.g. \"4100-4199\"")
+                })?;
+                let ports =
+                    parse_port_range(&r.expand(ports_val)?).map_err(|m| ports_val.invalid(m))?;
+                let ttl = match &self.instance_ttl {
+                    None => None,
+                    Some(_) => Some(r.duration(&self.instance_ttl, Duration::ZERO, false)?),
+                };
+                Some(InstancesConfig {
+                    ports,
+                    ttl,
+                    url_template: r.opt_string(&self.url_template)?,
+                })
+            }
+            _ => None,
         })
     }
 }
@@ -1024,11 +1098,64 @@ impl<T> Val<T> {
     }
 }
 
+/// A value read from the file learns its key and line from the [`Source`] being read.
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Val<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let spanned = Spanned::<T>::deserialize(d)?;
+        let (key, at) = Source::locate(spanned.span().start);
+        Ok(Val {
+            v: spanned.into_inner(),
+            key,
+            at,
+        })
+    }
+}
+
 /// A key that takes an integer or a string (`batch`, `max_unpacked_size`).
 #[derive(Debug, Clone)]
 enum Scalar {
     Int(i64),
     Str(String),
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number or a string")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Scalar, E> {
+                Ok(Scalar::Int(n))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Str(s.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A duration as written (`"5s"`), parsed by humantime once `${VAR}`s are expanded. Its
+/// own type so a wrong type is reported as "expected a duration string".
+#[derive(Debug, Clone)]
+struct Dur(String);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration string like \"5s\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Dur, E> {
+                Ok(Dur(s.to_owned()))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -1038,276 +1165,265 @@ struct RawEnv {
     at: Location,
 }
 
-/// `[defaults]`, `[environments.NAME]` or the overrides: every key optional.
-#[derive(Debug, Clone, Default)]
-struct Layer {
-    deploy_to: Opt<String>,
-    hosts: List,
-    user: Opt<String>,
-    ssh_key: Opt<String>,
-    known_hosts: Opt<String>,
-    accept_new_host_keys: Opt<bool>,
-    /// A path, or `None` for `ssh_config = false`.
-    ssh_config: Opt<Option<String>>,
-    proxy_jump: Opt<String>,
-    agent_socket: Opt<String>,
-    agent_bin: Opt<String>,
-    connect_timeout: Opt<String>,
-    connect_retries: Opt<i64>,
-    strategy: Opt<String>,
-    keep_releases: Opt<i64>,
-    max_parallel: Opt<i64>,
-    confirm: Opt<bool>,
-    promote_from: Opt<String>,
-    secrets: List,
-    instances: Opt<bool>,
-    instance_ports: Opt<String>,
-    instance_ttl: Opt<String>,
-    url_template: Opt<String>,
-    release: ReleaseLayer,
-    health: HealthLayer,
-    rollout: RolloutLayer,
-    verify: VerifyLayer,
-    compose: ComposeLayer,
+/// The one place a table's keys are declared: the struct (read by serde, with
+/// `deny_unknown_fields`, so an unknown key is an error with "did you mean") and its
+/// key-by-key merge are generated from the same list. A field is a [`Val`] (`Opt<T>` or
+/// [`List`]), or a nested layer, which merges key by key too.
+macro_rules! layers {
+    ($(
+        $(#[$meta:meta])*
+        struct $name:ident { $($(#[$fmeta:meta])* $field:ident: $ty:ty,)* }
+    )*) => {$(
+        $(#[$meta])*
+        #[derive(Debug, Clone, Default, Deserialize)]
+        #[serde(default, deny_unknown_fields, expecting = "a table")]
+        struct $name { $($(#[$fmeta])* $field: $ty,)* }
+
+        impl Merge for $name {
+            fn merge(self, over: Self) -> Self {
+                $name { $($field: self.$field.merge(over.$field),)* }
+            }
+        }
+    )*};
 }
 
-#[derive(Debug, Clone, Default)]
-struct ReleaseLayer {
-    artifact: Opt<String>,
-    shared: List,
-    migrate: Opt<String>,
-    restart: Opt<String>,
-    stop: Opt<String>,
-    timeout: Opt<String>,
-    max_unpacked_size: Opt<Scalar>,
+/// `base.merge(over)`: the later layer wins, key by key.
+trait Merge {
+    fn merge(self, over: Self) -> Self;
 }
 
-#[derive(Debug, Clone, Default)]
-struct HealthLayer {
-    url: Opt<String>,
-    expect_status: Opt<i64>,
-    retries: Opt<i64>,
-    interval: Opt<String>,
-    request_timeout: Opt<String>,
-}
+/// `ssh_config`: a path, or `false` for none (`None`).
+#[derive(Debug, Clone)]
+struct PathOrOff(Option<String>);
 
-#[derive(Debug, Clone, Default)]
-struct RolloutLayer {
-    batch: Opt<Scalar>,
-    canary: Opt<bool>,
-    on_failure: Opt<String>,
-}
-
-#[derive(Debug, Clone, Default)]
-struct VerifyLayer {
-    urls: List,
-    retries: Opt<i64>,
-    interval: Opt<String>,
-    expect_status: Opt<i64>,
-    request_timeout: Opt<String>,
-}
-
-#[derive(Debug, Clone, Default)]
-struct ComposeLayer {
-    files: List,
-    env_file: Opt<String>,
-    project: Opt<String>,
-    pull: Opt<bool>,
-    compose_command: Opt<String>,
-}
-
-/// `base.f = over.f.or(base.f)` for each field: the later layer wins key by key.
-macro_rules! merge_fields {
-    ($base:ident, $over:ident; $($f:ident),* $(,)?) => {
-        $( $base.$f = $over.$f.or($base.$f); )*
-    };
-}
-
-impl Layer {
-    fn merge(mut self, o: Layer) -> Layer {
-        merge_fields!(self, o; deploy_to, hosts, user, ssh_key, known_hosts,
-            accept_new_host_keys, ssh_config, proxy_jump, agent_socket, agent_bin, connect_timeout, connect_retries,
-            strategy, keep_releases, max_parallel, confirm, promote_from, secrets, instances,
-            instance_ports, instance_ttl, url_template);
-        let (mut r, or) = (self.release, o.release);
-        merge_fields!(r, or; artifact, shared, migrate, restart, stop, timeout, max_unpacked_size);
-        self.release = r;
-        let (mut h, oh) = (self.health, o.health);
-        merge_fields!(h, oh; url, expect_status, retries, interval, request_timeout);
-        self.health = h;
-        let (mut ro, oro) = (self.rollout, o.rollout);
-        merge_fields!(ro, oro; batch, canary, on_failure);
-        self.rollout = ro;
-        let (mut v, ov) = (self.verify, o.verify);
-        merge_fields!(v, ov; urls, retries, interval, expect_status, request_timeout);
-        self.verify = v;
-        let (mut c, oc) = (self.compose, o.compose);
-        merge_fields!(c, oc; files, env_file, project, pull, compose_command);
-        self.compose = c;
-        self
+impl<'de> Deserialize<'de> for PathOrOff {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = PathOrOff;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a path, or false to read no ssh config")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<PathOrOff, E> {
+                Ok(PathOrOff(Some(s.to_owned())))
+            }
+            fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<PathOrOff, E> {
+                match b {
+                    false => Ok(PathOrOff(None)),
+                    true => Err(E::invalid_value(serde::de::Unexpected::Bool(true), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
-fn set_override(layer: &mut Layer, var: &str, key: &str, value: &str) -> Result<(), ConfigError> {
-    let at = Location::EnvVar {
-        var: var.to_string(),
-    };
-    let val = Val {
-        v: (),
-        key: key.to_string(),
-        at,
-    };
-    let s = || Some(val.with(value.to_string()));
-    let b = || match value.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" => Ok(Some(val.with(true))),
-        "false" | "0" | "no" => Ok(Some(val.with(false))),
-        _ => Err(val.invalid(format!("expected true or false, got `{value}`"))),
-    };
-    let i = || {
-        value
-            .trim()
-            .parse::<i64>()
-            .map(|n| Some(val.with(n)))
-            .map_err(|_| val.invalid(format!("expected a number, got `{value}`")))
-    };
-    let list = || {
-        Some(
-            val.with(
-                value
-                    .split(',')
-                    .map(|part| val.with(part.trim().to_string()))
-                    .collect(),
-            ),
-        )
-    };
-    let scalar = || {
-        Some(val.with(match value.trim().parse::<i64>() {
-            Ok(n) => Scalar::Int(n),
-            Err(_) => Scalar::Str(value.to_string()),
-        }))
-    };
-    match key {
-        "deploy_to" => layer.deploy_to = s(),
-        "hosts" => layer.hosts = list(),
-        "user" => layer.user = s(),
-        "ssh_key" => layer.ssh_key = s(),
-        "known_hosts" => layer.known_hosts = s(),
-        "accept_new_host_keys" => layer.accept_new_host_keys = b()?,
-        "agent_socket" => layer.agent_socket = s(),
-        "agent_bin" => layer.agent_bin = s(),
-        "connect_timeout" => layer.connect_timeout = s(),
-        "connect_retries" => layer.connect_retries = i()?,
-        "strategy" => layer.strategy = s(),
-        "keep_releases" => layer.keep_releases = i()?,
-        "max_parallel" => layer.max_parallel = i()?,
-        "confirm" => layer.confirm = b()?,
-        "release.artifact" => layer.release.artifact = s(),
-        "release.timeout" => layer.release.timeout = s(),
-        "release.max_unpacked_size" => layer.release.max_unpacked_size = scalar(),
-        "health.url" => layer.health.url = s(),
-        "health.expect_status" => layer.health.expect_status = i()?,
-        "health.retries" => layer.health.retries = i()?,
-        "health.interval" => layer.health.interval = s(),
-        "health.request_timeout" => layer.health.request_timeout = s(),
-        "rollout.batch" => layer.rollout.batch = scalar(),
-        "rollout.canary" => layer.rollout.canary = b()?,
-        "rollout.on_failure" => layer.rollout.on_failure = s(),
-        "verify.urls" => layer.verify.urls = list(),
-        "compose.files" => layer.compose.files = list(),
-        "compose.env_file" => layer.compose.env_file = s(),
-        "compose.project" => layer.compose.project = s(),
-        "compose.pull" => layer.compose.pull = b()?,
-        "compose.compose_command" => layer.compose.compose_command = s(),
-        other => unreachable!("ENV_OVERRIDES names `{other}`, which set_override does not know"),
+impl<T> Merge for Option<T> {
+    fn merge(self, over: Self) -> Self {
+        over.or(self)
     }
-    Ok(())
 }
 
-// ---------------------------------------------------------------------------------------
-// Walking the TOML tree
-// ---------------------------------------------------------------------------------------
+layers! {
+    /// `[defaults]`, `[environments.NAME]` or the overrides: every key optional.
+    struct Layer {
+        deploy_to: Opt<String>,
+        hosts: List,
+        user: Opt<String>,
+        ssh_key: Opt<String>,
+        known_hosts: Opt<String>,
+        accept_new_host_keys: Opt<bool>,
+        ssh_config: Opt<PathOrOff>,
+        proxy_jump: Opt<String>,
+        agent_socket: Opt<String>,
+        agent_bin: Opt<String>,
+        connect_timeout: Opt<Dur>,
+        connect_retries: Opt<i64>,
+        strategy: Opt<String>,
+        keep_releases: Opt<i64>,
+        max_parallel: Opt<i64>,
+        confirm: Opt<bool>,
+        promote_from: Opt<String>,
+        secrets: List,
+        instances: Opt<bool>,
+        instance_ports: Opt<String>,
+        instance_ttl: Opt<Dur>,
+        url_template: Opt<String>,
+        release: ReleaseLayer,
+        health: HealthLayer,
+        rollout: RolloutLayer,
+        verify: VerifyLayer,
+        compose: ComposeLayer,
+    }
 
-const TOP_KEYS: &[&str] = &["app", "deploy_to", "defaults", "environments"];
-const LAYER_KEYS: &[&str] = &[
-    "deploy_to",
-    "hosts",
-    "user",
-    "ssh_key",
-    "known_hosts",
-    "accept_new_host_keys",
-    "ssh_config",
-    "proxy_jump",
-    "agent_socket",
-    "agent_bin",
-    "connect_timeout",
-    "connect_retries",
-    "strategy",
-    "keep_releases",
-    "max_parallel",
-    "confirm",
-    "promote_from",
-    "secrets",
-    "instances",
-    "instance_ports",
-    "instance_ttl",
-    "url_template",
-    "release",
-    "health",
-    "rollout",
-    "verify",
-    "compose",
-];
-const RELEASE_KEYS: &[&str] = &[
-    "artifact",
-    "shared",
-    "migrate",
-    "restart",
-    "stop",
-    "timeout",
-    "max_unpacked_size",
-];
-const HEALTH_KEYS: &[&str] = &[
-    "url",
-    "expect_status",
-    "retries",
-    "interval",
-    "request_timeout",
-];
-const ROLLOUT_KEYS: &[&str] = &["batch", "canary", "on_failure"];
-const VERIFY_KEYS: &[&str] = &[
-    "urls",
-    "retries",
-    "interval",
-    "expect_status",
-    "request_timeout",
-];
-const COMPOSE_KEYS: &[&str] = &["files", "env_file", "project", "pull", "compose_command"];
+    struct ReleaseLayer {
+        artifact: Opt<String>,
+        shared: List,
+        migrate: Opt<String>,
+        restart: Opt<String>,
+        stop: Opt<String>,
+        timeout: Opt<Dur>,
+        max_unpacked_size: Opt<Scalar>,
+    }
 
-type Entry<'t, 'i> = (&'t Spanned<Cow<'i>>, &'t Spanned<DeValue<'i>>);
-type Cow<'i> = std::borrow::Cow<'i, str>;
+    struct HealthLayer {
+        url: Opt<String>,
+        expect_status: Opt<i64>,
+        retries: Opt<i64>,
+        interval: Opt<Dur>,
+        request_timeout: Opt<Dur>,
+    }
 
+    struct RolloutLayer {
+        batch: Opt<Scalar>,
+        canary: Opt<bool>,
+        on_failure: Opt<String>,
+    }
+
+    struct VerifyLayer {
+        urls: List,
+        retries: Opt<i64>,
+        interval: Opt<Dur>,
+        expect_status: Opt<i64>,
+        request_timeout: Opt<Dur>,
+    }
+
+    struct ComposeLayer {
+        files: List,
+        env_file: Opt<String>,
+        project: Opt<String>,
+        pull: Opt<bool>,
+        compose_command: Opt<String>,
+    }
+}
+
+/// The whole file. `[defaults]` is a [`Layer`] like each environment; the keys it may not
+/// hold are refused after reading ([`Config::parse`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 struct RawFile {
     app: Opt<String>,
     deploy_to: Opt<String>,
     defaults: Layer,
-    environments: BTreeMap<String, RawEnv>,
+    environments: BTreeMap<Spanned<String>, Layer>,
 }
 
-struct Walker<'a> {
-    file: &'a str,
-    text: &'a str,
+/// One `DEPLOYCTL_*` override, as a [`Layer`] that holds that key alone. The text is read
+/// as whatever the key takes: a string, else an integer, else a boolean (`true`/`1`/`yes`,
+/// `false`/`0`/`no`), else a comma-separated list. Overrides are taken literally.
+fn override_layer(var: &str, key: &str, value: &str) -> Result<Layer, ConfigError> {
+    use toml::Value;
+    let boolean = match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Some(true),
+        "false" | "0" | "no" => Some(false),
+        _ => None,
+    };
+    let list = value
+        .split(',')
+        .map(|part| Value::String(part.trim().to_string()))
+        .collect();
+    let candidates = [
+        Some(Value::String(value.to_string())),
+        value.trim().parse::<i64>().ok().map(Value::Integer),
+        boolean.map(Value::Boolean),
+        Some(Value::Array(list)),
+    ];
+    let mut source = Source::new(var, "");
+    source.env = Some((var.to_string(), key.to_string()));
+    let source = Rc::new(source);
+    let mut first_error = None;
+    for candidate in candidates.into_iter().flatten() {
+        SOURCE.with(|s| *s.borrow_mut() = Some(source.clone()));
+        let read = toml::from_str::<Layer>(&format!("{key} = {candidate}"));
+        SOURCE.with(|s| *s.borrow_mut() = None);
+        match read {
+            Ok(layer) => return Ok(layer),
+            Err(e) => {
+                first_error.get_or_insert_with(|| e.message().trim_end().to_string());
+            }
+        }
+    }
+    let message = first_error.unwrap_or_default();
+    let message = if message.ends_with("expected i64") {
+        format!("expected a number, got `{value}`")
+    } else if message.ends_with("expected a boolean") {
+        format!("expected true or false, got `{value}`")
+    } else {
+        plain_words(&message)
+    };
+    Err(ConfigError::Invalid {
+        at: Location::EnvVar {
+            var: var.to_string(),
+        },
+        key: key.to_string(),
+        message,
+    })
 }
 
-impl Walker<'_> {
-    fn at(&self, span: Range<usize>) -> Location {
-        let end = span.start.min(self.text.len());
+// ---------------------------------------------------------------------------------------
+// Reading the file: from spans to keys and lines
+// ---------------------------------------------------------------------------------------
+
+/// The file being read: its name and text, and the dotted key of every value by the byte
+/// where the value starts, so that a [`Val`] and a serde error can name their key and line.
+struct Source {
+    file: String,
+    text: String,
+    /// Start of a value (or of an item of an array) -> its full dotted key.
+    values: BTreeMap<usize, String>,
+    /// Start of a key -> the dotted path of the table holding it.
+    tables: BTreeMap<usize, String>,
+    /// Set when reading a `DEPLOYCTL_*` override: the variable and the key it sets.
+    env: Option<(String, String)>,
+}
+
+thread_local! {
+    /// The [`Source`] of the serde pass under way on this thread, read by `Val`'s
+    /// `Deserialize`: serde's derive has no way to hand context down to a field.
+    static SOURCE: RefCell<Option<Rc<Source>>> = const { RefCell::new(None) };
+}
+
+impl Source {
+    fn new(file: &str, text: &str) -> Source {
+        Source {
+            file: file.to_string(),
+            text: text.to_string(),
+            values: BTreeMap::new(),
+            tables: BTreeMap::new(),
+            env: None,
+        }
+    }
+
+    fn index(&mut self, table: &DeTable<'_>, path: &str) {
+        for (k, v) in table.iter() {
+            let key = if path.is_empty() {
+                k.get_ref().to_string()
+            } else {
+                format!("{path}.{}", k.get_ref())
+            };
+            self.tables.insert(k.span().start, path.to_string());
+            self.values.insert(v.span().start, key.clone());
+            match v.get_ref() {
+                DeValue::Array(items) => {
+                    for item in items.iter() {
+                        self.values.insert(item.span().start, key.clone());
+                    }
+                }
+                DeValue::Table(t) => self.index(t, &key),
+                _ => {}
+            }
+        }
+    }
+
+    fn at(&self, pos: usize) -> Location {
+        let end = pos.min(self.text.len());
         let line = self.text.as_bytes()[..end]
             .iter()
             .filter(|b| **b == b'\n')
             .count()
             + 1;
         Location::Line {
-            file: self.file.to_string(),
+            file: self.file.clone(),
             line,
         }
     }
@@ -1328,340 +1444,116 @@ impl Walker<'_> {
 
     fn whole_file(&self) -> Location {
         Location::File {
-            file: self.file.to_string(),
+            file: self.file.clone(),
         }
     }
 
-    /// Entries in file order, so the first error reported is the first in the file.
-    fn entries<'t, 'i>(table: &'t DeTable<'i>) -> Vec<Entry<'t, 'i>> {
-        let mut entries: Vec<_> = table.iter().collect();
-        entries.sort_by_key(|(k, _)| k.span().start);
-        entries
+    /// The dotted key of the value starting at `pos` (or, failing that, of the closest
+    /// value before it) and its line.
+    fn key_at(&self, pos: usize) -> (String, Location) {
+        if let Some((var, key)) = &self.env {
+            return (key.clone(), Location::EnvVar { var: var.clone() });
+        }
+        let key = self
+            .values
+            .range(..=pos)
+            .next_back()
+            .map(|(_, k)| k.clone())
+            .unwrap_or_default();
+        (key, self.at(pos))
     }
 
-    /// Calls `f(name, full_key, value)` for each entry; `f` returns false for a key it
-    /// does not know, which becomes an [`ConfigError::UnknownKey`].
-    fn fields(
-        &self,
-        table: &DeTable<'_>,
-        path: &str,
-        known: &[&str],
-        mut f: impl FnMut(&str, String, &Spanned<DeValue<'_>>) -> Result<bool, ConfigError>,
-    ) -> Result<(), ConfigError> {
-        for (k, v) in Self::entries(table) {
-            let name: &str = k.get_ref();
-            let key = if path.is_empty() {
-                name.to_string()
-            } else {
-                format!("{path}.{name}")
+    /// Where the value at `pos` of the pass under way comes from.
+    fn locate(pos: usize) -> (String, Location) {
+        SOURCE.with(|s| match &*s.borrow() {
+            Some(src) => src.key_at(pos),
+            None => (String::new(), Location::BuiltIn),
+        })
+    }
+
+    /// Reads `doc` into `T`: serde checks the keys and types, each [`Val`] keeps its key
+    /// and line.
+    fn read<'i, T: Deserialize<'i>>(
+        self: &Rc<Self>,
+        doc: Spanned<DeTable<'i>>,
+    ) -> Result<T, ConfigError> {
+        SOURCE.with(|s| *s.borrow_mut() = Some(self.clone()));
+        let read = T::deserialize(toml::de::Deserializer::from(doc));
+        SOURCE.with(|s| *s.borrow_mut() = None);
+        read.map_err(|e| self.error(&e))
+    }
+
+    /// A serde error as a [`ConfigError`] naming the key and line.
+    fn error(&self, e: &toml::de::Error) -> ConfigError {
+        let message = e.message().trim_end();
+        let Some(span) = e.span() else {
+            return ConfigError::Syntax {
+                at: self.whole_file(),
+                message: message.to_string(),
             };
-            if !f(name, key, v)? {
-                let hint = if path.is_empty() && LAYER_KEYS.contains(&name) {
-                    " (put it under [defaults] or [environments.NAME])".to_string()
-                } else {
-                    match suggest(name, known) {
-                        Some(s) => format!(" (did you mean `{s}`?)"),
-                        None => String::new(),
-                    }
-                };
-                return Err(ConfigError::UnknownKey {
-                    at: self.at(k.span()),
-                    key: name.to_string(),
-                    table: path.to_string(),
-                    hint,
-                });
-            }
-            debug_assert!(known.contains(&name), "`{name}` missing from its key list");
+        };
+        if let Some(rest) = message.strip_prefix("unknown field `") {
+            // serde: "unknown field `x`, expected one of `a`, `b`" (or "expected `a`").
+            let mut names = rest.split('`').skip(2).step_by(2);
+            let key = rest.split('`').next().unwrap_or_default().to_string();
+            let known: Vec<&str> = names.by_ref().collect();
+            let table = self.tables.get(&span.start).cloned().unwrap_or_default();
+            let hint = if table.is_empty() && layer_keys().contains(&key) {
+                " (put it under [defaults] or [environments.NAME])".to_string()
+            } else {
+                match suggest(&key, &known) {
+                    Some(s) => format!(" (did you mean `{s}`?)"),
+                    None => String::new(),
+                }
+            };
+            return ConfigError::UnknownKey {
+                at: self.at(span.start),
+                key,
+                table,
+                hint,
+            };
         }
-        Ok(())
-    }
-
-    fn type_error(&self, key: String, v: &Spanned<DeValue<'_>>, expected: &str) -> ConfigError {
+        let (key, at) = self.key_at(span.start);
         ConfigError::Invalid {
-            at: self.at(v.span()),
+            at,
             key,
-            message: format!("expected {expected}, found {}", v.get_ref().type_str()),
+            message: plain_words(message),
         }
-    }
-
-    fn val<T>(&self, key: String, v: &Spanned<DeValue<'_>>, value: T) -> Val<T> {
-        Val {
-            v: value,
-            key,
-            at: self.at(v.span()),
-        }
-    }
-
-    fn string_as(
-        &self,
-        key: String,
-        v: &Spanned<DeValue<'_>>,
-        expected: &str,
-    ) -> Result<Val<String>, ConfigError> {
-        match v.get_ref() {
-            DeValue::String(s) => Ok(self.val(key, v, s.to_string())),
-            _ => Err(self.type_error(key, v, expected)),
-        }
-    }
-
-    fn string(&self, key: String, v: &Spanned<DeValue<'_>>) -> Result<Val<String>, ConfigError> {
-        self.string_as(key, v, "a string")
-    }
-
-    fn duration(&self, key: String, v: &Spanned<DeValue<'_>>) -> Result<Val<String>, ConfigError> {
-        self.string_as(key, v, "a duration string like \"5s\"")
-    }
-
-    fn boolean(&self, key: String, v: &Spanned<DeValue<'_>>) -> Result<Val<bool>, ConfigError> {
-        match v.get_ref() {
-            DeValue::Boolean(b) => Ok(self.val(key, v, *b)),
-            _ => Err(self.type_error(key, v, "true or false")),
-        }
-    }
-
-    fn integer(&self, key: String, v: &Spanned<DeValue<'_>>) -> Result<Val<i64>, ConfigError> {
-        match v.get_ref() {
-            DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
-                Ok(n) => Ok(self.val(key, v, n)),
-                Err(_) => Err(ConfigError::Invalid {
-                    at: self.at(v.span()),
-                    key,
-                    message: "number out of range".into(),
-                }),
-            },
-            _ => Err(self.type_error(key, v, "an integer")),
-        }
-    }
-
-    fn scalar(
-        &self,
-        key: String,
-        v: &Spanned<DeValue<'_>>,
-        expected: &str,
-    ) -> Result<Val<Scalar>, ConfigError> {
-        match v.get_ref() {
-            DeValue::Integer(_) => Ok(self.integer(key, v)?.with_map(Scalar::Int)),
-            DeValue::String(s) => Ok(self.val(key, v, Scalar::Str(s.to_string()))),
-            _ => Err(self.type_error(key, v, expected)),
-        }
-    }
-
-    fn strings(
-        &self,
-        key: String,
-        v: &Spanned<DeValue<'_>>,
-    ) -> Result<Val<Vec<Val<String>>>, ConfigError> {
-        let DeValue::Array(items) = v.get_ref() else {
-            return Err(self.type_error(key, v, "an array of strings"));
-        };
-        let items = items
-            .iter()
-            .map(|item| self.string_as(key.clone(), item, "a string in the array"))
-            .collect::<Result<_, _>>()?;
-        Ok(self.val(key, v, items))
-    }
-
-    fn table<'t, 'i>(
-        &self,
-        key: &str,
-        v: &'t Spanned<DeValue<'i>>,
-    ) -> Result<&'t DeTable<'i>, ConfigError> {
-        match v.get_ref() {
-            DeValue::Table(t) => Ok(t),
-            _ => Err(self.type_error(key.to_string(), v, "a table")),
-        }
-    }
-
-    fn walk(&self, doc: &DeTable<'_>) -> Result<RawFile, ConfigError> {
-        let mut raw = RawFile {
-            app: None,
-            deploy_to: None,
-            defaults: Layer::default(),
-            environments: BTreeMap::new(),
-        };
-        self.fields(doc, "", TOP_KEYS, |name, key, v| {
-            match name {
-                "app" => raw.app = Some(self.string(key, v)?),
-                "deploy_to" => raw.deploy_to = Some(self.string(key, v)?),
-                "defaults" => raw.defaults = self.layer(self.table(&key, v)?, &key, true)?,
-                "environments" => {
-                    for (k, ev) in Self::entries(self.table(&key, v)?) {
-                        let name = k.get_ref().to_string();
-                        let key = format!("environments.{name}");
-                        check_name(&name).map_err(|m| ConfigError::Invalid {
-                            at: self.at(k.span()),
-                            key: key.clone(),
-                            message: format!("bad environment name: {m}"),
-                        })?;
-                        let layer = self.layer(self.table(&key, ev)?, &key, false)?;
-                        let at = self.at(k.span());
-                        raw.environments.insert(name, RawEnv { layer, at });
-                    }
-                }
-                _ => return Ok(false),
-            }
-            Ok(true)
-        })?;
-        Ok(raw)
-    }
-
-    fn layer(&self, t: &DeTable<'_>, path: &str, defaults: bool) -> Result<Layer, ConfigError> {
-        let mut l = Layer::default();
-        self.fields(t, path, LAYER_KEYS, |name, key, v| {
-            match name {
-                "deploy_to" | "hosts" | "promote_from" if defaults => {
-                    let message = if name == "deploy_to" {
-                        "not allowed in [defaults]: set it at the top level or per environment"
-                    } else {
-                        "not allowed in [defaults]: set it per environment"
-                    };
-                    return Err(ConfigError::Invalid {
-                        at: self.at(v.span()),
-                        key,
-                        message: message.into(),
-                    });
-                }
-                "deploy_to" => l.deploy_to = Some(self.string(key, v)?),
-                "hosts" => l.hosts = Some(self.strings(key, v)?),
-                "user" => l.user = Some(self.string(key, v)?),
-                "ssh_key" => l.ssh_key = Some(self.string(key, v)?),
-                "known_hosts" => l.known_hosts = Some(self.string(key, v)?),
-                "accept_new_host_keys" => l.accept_new_host_keys = Some(self.boolean(key, v)?),
-                "ssh_config" => {
-                    l.ssh_config = Some(match v.get_ref() {
-                        DeValue::Boolean(false) => self.val(key, v, None),
-                        DeValue::String(s) => self.val(key, v, Some(s.to_string())),
-                        _ => {
-                            return Err(self.type_error(
-                                key,
-                                v,
-                                "a path, or false to read no ssh config",
-                            ));
-                        }
-                    })
-                }
-                "proxy_jump" => l.proxy_jump = Some(self.string(key, v)?),
-                "agent_socket" => l.agent_socket = Some(self.string(key, v)?),
-                "agent_bin" => l.agent_bin = Some(self.string(key, v)?),
-                "connect_timeout" => l.connect_timeout = Some(self.duration(key, v)?),
-                "connect_retries" => l.connect_retries = Some(self.integer(key, v)?),
-                "strategy" => l.strategy = Some(self.string(key, v)?),
-                "keep_releases" => l.keep_releases = Some(self.integer(key, v)?),
-                "max_parallel" => l.max_parallel = Some(self.integer(key, v)?),
-                "confirm" => l.confirm = Some(self.boolean(key, v)?),
-                "promote_from" => l.promote_from = Some(self.string(key, v)?),
-                "secrets" => l.secrets = Some(self.strings(key, v)?),
-                "instances" => l.instances = Some(self.boolean(key, v)?),
-                "instance_ports" => l.instance_ports = Some(self.string(key, v)?),
-                "instance_ttl" => l.instance_ttl = Some(self.duration(key, v)?),
-                "url_template" => l.url_template = Some(self.string(key, v)?),
-                "release" => l.release = self.release(self.table(&key, v)?, &key)?,
-                "health" => l.health = self.health(self.table(&key, v)?, &key)?,
-                "rollout" => l.rollout = self.rollout(self.table(&key, v)?, &key)?,
-                "verify" => l.verify = self.verify(self.table(&key, v)?, &key)?,
-                "compose" => l.compose = self.compose(self.table(&key, v)?, &key)?,
-                _ => return Ok(false),
-            }
-            Ok(true)
-        })?;
-        Ok(l)
-    }
-
-    fn release(&self, t: &DeTable<'_>, path: &str) -> Result<ReleaseLayer, ConfigError> {
-        let mut l = ReleaseLayer::default();
-        self.fields(t, path, RELEASE_KEYS, |name, key, v| {
-            match name {
-                "artifact" => l.artifact = Some(self.string(key, v)?),
-                "shared" => l.shared = Some(self.strings(key, v)?),
-                "migrate" => l.migrate = Some(self.string(key, v)?),
-                "restart" => l.restart = Some(self.string(key, v)?),
-                "stop" => l.stop = Some(self.string(key, v)?),
-                "timeout" => l.timeout = Some(self.duration(key, v)?),
-                "max_unpacked_size" => {
-                    l.max_unpacked_size =
-                        Some(self.scalar(key, v, "a size like \"10GiB\" or a number of bytes")?)
-                }
-                _ => return Ok(false),
-            }
-            Ok(true)
-        })?;
-        Ok(l)
-    }
-
-    fn health(&self, t: &DeTable<'_>, path: &str) -> Result<HealthLayer, ConfigError> {
-        let mut l = HealthLayer::default();
-        self.fields(t, path, HEALTH_KEYS, |name, key, v| {
-            match name {
-                "url" => l.url = Some(self.string(key, v)?),
-                "expect_status" => l.expect_status = Some(self.integer(key, v)?),
-                "retries" => l.retries = Some(self.integer(key, v)?),
-                "interval" => l.interval = Some(self.duration(key, v)?),
-                "request_timeout" => l.request_timeout = Some(self.duration(key, v)?),
-                _ => return Ok(false),
-            }
-            Ok(true)
-        })?;
-        Ok(l)
-    }
-
-    fn rollout(&self, t: &DeTable<'_>, path: &str) -> Result<RolloutLayer, ConfigError> {
-        let mut l = RolloutLayer::default();
-        self.fields(t, path, ROLLOUT_KEYS, |name, key, v| {
-            match name {
-                "batch" => {
-                    l.batch =
-                        Some(self.scalar(key, v, "a host count or a percentage like \"25%\"")?)
-                }
-                "canary" => l.canary = Some(self.boolean(key, v)?),
-                "on_failure" => l.on_failure = Some(self.string(key, v)?),
-                _ => return Ok(false),
-            }
-            Ok(true)
-        })?;
-        Ok(l)
-    }
-
-    fn verify(&self, t: &DeTable<'_>, path: &str) -> Result<VerifyLayer, ConfigError> {
-        let mut l = VerifyLayer::default();
-        self.fields(t, path, VERIFY_KEYS, |name, key, v| {
-            match name {
-                "urls" => l.urls = Some(self.strings(key, v)?),
-                "retries" => l.retries = Some(self.integer(key, v)?),
-                "interval" => l.interval = Some(self.duration(key, v)?),
-                "expect_status" => l.expect_status = Some(self.integer(key, v)?),
-                "request_timeout" => l.request_timeout = Some(self.duration(key, v)?),
-                _ => return Ok(false),
-            }
-            Ok(true)
-        })?;
-        Ok(l)
-    }
-
-    fn compose(&self, t: &DeTable<'_>, path: &str) -> Result<ComposeLayer, ConfigError> {
-        let mut l = ComposeLayer::default();
-        self.fields(t, path, COMPOSE_KEYS, |name, key, v| {
-            match name {
-                "files" => l.files = Some(self.strings(key, v)?),
-                "env_file" => l.env_file = Some(self.string(key, v)?),
-                "project" => l.project = Some(self.string(key, v)?),
-                "pull" => l.pull = Some(self.boolean(key, v)?),
-                "compose_command" => l.compose_command = Some(self.string(key, v)?),
-                _ => return Ok(false),
-            }
-            Ok(true)
-        })?;
-        Ok(l)
     }
 }
 
-impl<T> Val<T> {
-    fn with_map<U>(self, f: impl FnOnce(T) -> U) -> Val<U> {
-        Val {
-            v: f(self.v),
-            key: self.key,
-            at: self.at,
-        }
+/// The keys of an environment (and of `[defaults]`), as serde knows them from [`Layer`].
+fn layer_keys() -> Vec<String> {
+    // Reading a key no layer has makes serde list the ones it has.
+    match toml::from_str::<Layer>("\"?\" = 0") {
+        Err(e) => e
+            .message()
+            .split('`')
+            .skip(3)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect(),
+        Ok(_) => Vec::new(),
     }
+}
+
+/// serde's "invalid type: integer `5`, expected a sequence" in TOML's words:
+/// "expected an array, found integer `5`".
+fn plain_words(message: &str) -> String {
+    let Some((found, expected)) = message
+        .strip_prefix("invalid type: ")
+        .and_then(|m| m.split_once(", expected "))
+    else {
+        return message.to_string();
+    };
+    let expected = match expected {
+        "i64" => "an integer",
+        "a sequence" => "an array",
+        "a boolean" => "true or false",
+        "a map" => "a table",
+        other => other,
+    };
+    format!("expected {expected}, found {found}")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1761,12 +1653,13 @@ impl Resolver<'_> {
 
     fn duration(
         &self,
-        v: &Opt<String>,
+        v: &Opt<Dur>,
         default: Duration,
         allow_zero: bool,
     ) -> Result<Duration, ConfigError> {
         let Some(v) = v else { return Ok(default) };
-        let s = self.expand(v)?;
+        let v = v.with(v.v.0.clone());
+        let s = self.expand(&v)?;
         match humantime::parse_duration(s.trim()) {
             Ok(d) if d.is_zero() && !allow_zero => Err(v.invalid("must be more than 0")),
             Ok(d) => Ok(d),
@@ -2012,6 +1905,25 @@ fn edit_distance(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
+}
+
+/// The names under `[environments]` in the file at `path`, sorted; empty when the file is
+/// missing or does not parse (the config loader reports those properly).
+pub fn environments_in(path: &Path) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let Ok(doc) = text.parse::<toml::Table>() else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = doc
+        .get("environments")
+        .and_then(toml::Value::as_table)
+        .map(|envs| envs.keys().cloned().collect())
+        .unwrap_or_default();
+    // The table keeps the file's order (toml's `preserve_order`).
+    names.sort();
+    names
 }
 
 #[cfg(test)]
@@ -2813,13 +2725,46 @@ health = { url = "http://127.0.0.1:${DEPLOY_PORT}/up" }
         }
     }
 
+    // Overrides are read by serde as the type their key takes: a list, a duration, a
+    // boolean, an integer or a size, each from the variable's text.
+    #[test]
+    fn overrides_take_the_type_of_their_key() {
+        let config = Config::parse(
+            MINI,
+            "deploy.toml",
+            &env_of(&[
+                ("HOME", "/h"),
+                ("DEPLOYCTL_COMPOSE_FILES", "a.yml, b.yml"),
+                ("DEPLOYCTL_RELEASE_TIMEOUT", "90s"),
+                ("DEPLOYCTL_COMPOSE_PULL", "no"),
+                ("DEPLOYCTL_HEALTH_URL", "http://127.0.0.1:5000/up"),
+                ("DEPLOYCTL_HEALTH_RETRIES", "4"),
+                ("DEPLOYCTL_MAX_UNPACKED_SIZE", "2GiB"),
+                (
+                    "DEPLOYCTL_VERIFY_URLS",
+                    "https://a.example/,https://b.example/",
+                ),
+            ]),
+        )
+        .unwrap();
+        let env = config.environment("staging").unwrap();
+        assert_eq!(
+            env.compose.files,
+            [PathBuf::from("a.yml"), PathBuf::from("b.yml")]
+        );
+        assert_eq!(env.release.timeout, Duration::from_secs(90));
+        assert!(!env.compose.pull);
+        assert_eq!(env.health.as_ref().map(|h| h.retries), Some(4));
+        assert_eq!(env.release.max_unpacked_bytes, 2 << 30);
+        assert_eq!(env.verify.map(|v| v.urls.len()), Some(2));
+    }
+
     #[test]
     fn every_override_is_handled() {
         for (var, key) in ENV_OVERRIDES {
             assert!(var.starts_with("DEPLOYCTL_"));
             assert_ne!(*var, "DEPLOYCTL_SSH_KEY");
-            let mut layer = Layer::default();
-            set_override(&mut layer, var, key, "1").unwrap();
+            override_layer(var, key, "1").unwrap();
         }
     }
 

@@ -30,15 +30,27 @@ impl Drop for Agent {
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
             .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if poll_until(Duration::from_secs(10), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        }) {
+            return;
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Checks `done` every 50 ms until it holds (true) or `limit` has passed (false).
+fn poll_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -164,18 +176,16 @@ pub async fn run(keep: bool) -> Result<u8, Failure> {
         .spawn()
         .map_err(|e| Failure::usage(format!("cannot start {}: {e}", agent_bin.display())))?;
     let agent = Agent { child };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        if Instant::now() > deadline {
-            return Err(Failure::new(
-                exit::CONNECT,
-                format!(
-                    "deploy-agent did not start; its log:\n{}",
-                    std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
-                ),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if !poll_until(Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    }) {
+        return Err(Failure::new(
+            exit::CONNECT,
+            format!(
+                "deploy-agent did not start; its log:\n{}",
+                std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+            ),
+        ));
     }
 
     let deploy_to = srv.join("demo");

@@ -2,16 +2,38 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line (clap); [`run`] dispatches it.
+//! - [`cli`]: the command line (clap); [`run`] dispatches it. [`completion`],
+//!   [`manpages`]: what the shell and `man` get from it.
 //! - [`config`]: `deploy.toml`, resolved per environment.
+//! - [`io`]: the byte stream under an agent connection.
 //! - [`ssh`]: TCP + SSH with verified host keys ([`ssh::known_hosts`]) and client keys
-//!   ([`ssh::keys`]); [`transport`]: from a host to a talking agent (SSH or `local`).
-//! - [`client`]: typed calls to one agent.
-//! - [`commands`]: one module per command; [`demo`]: `deployctl demo`.
-//! - [`compose`]: the artifact of a compose push (compose files + rendered env file).
+//!   ([`ssh::keys`]); [`client`]: typed calls to one agent over an [`io::Io`];
+//!   [`transport`]: from a configured host to a talking agent (SSH or `local`).
+//! - [`spec`]: what we send the agent, built from an environment (release spec, app
+//!   reference, lock holder, secrets to mask).
+//! - [`compose`], [`artifact`]: the artifact of a compose push; reading a release tarball.
 //! - [`rollout`]: batches, canary, verification, fleet-wide rollback.
-//! - [`report`], [`output`]: results, exit codes, tables, `--json`, progress lines.
+//! - [`outcome`]: per-host results and the rollout report (plain data); [`report`],
+//!   [`output`]: what they add up to (exit codes), tables, `--json`, progress lines.
+//! - [`commands`]: one module per command; [`demo`]: `deployctl demo`; [`init`].
 //! - [`exit`]: the exit codes we promise.
+//!
+//! ## Dependency rule
+//!
+//! A module imports only from the layers below it (`lib.rs` and `main.rs` may use any);
+//! no two top-level modules import each other, directly or around a loop
+//! (`tests/tests/e2e/layers.rs` checks it):
+//!
+//! 1. leaves, importing nothing from the crate: [`exit`], [`output`], [`io`], [`config`],
+//!    [`artifact`];
+//! 2. built on those: [`compose`], [`ssh`], [`client`], [`outcome`], [`cli`], [`init`];
+//! 3. [`spec`], [`transport`], [`report`], [`completion`], [`manpages`];
+//! 4. [`rollout`];
+//! 5. [`commands`], then [`demo`] (which runs commands).
+//!
+//! So the rollout's result types live in [`outcome`], not in [`report`]; the builders
+//! both [`commands`] and [`rollout`] use live in [`spec`]; and [`io::Io`] sits below both
+//! [`ssh`] and [`client`].
 
 pub mod artifact;
 pub mod cli;
@@ -23,10 +45,13 @@ pub mod config;
 pub mod demo;
 pub mod exit;
 pub mod init;
+pub mod io;
 pub mod manpages;
+pub mod outcome;
 pub mod output;
 pub mod report;
 pub mod rollout;
+pub mod spec;
 pub mod ssh;
 pub mod transport;
 pub mod window;

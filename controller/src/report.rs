@@ -3,97 +3,11 @@
 
 use std::time::Duration;
 
-use proto::{DeployReport, Outcome};
-use serde::Serialize;
+use proto::Outcome;
 
 use crate::config::Environment;
-use crate::exit::{self, Failure};
-
-/// How one host ended.
-#[derive(Debug, Clone, Serialize)]
-pub struct HostResult {
-    pub host: String,
-    /// `None` when the host failed before the agent reported an outcome.
-    pub outcome: Option<Outcome>,
-    pub release: Option<String>,
-    pub previous: Option<String>,
-    pub current: Option<String>,
-    pub error: Option<String>,
-    pub exit_code: u8,
-    pub duration_ms: u64,
-    pub report: Option<DeployReport>,
-    /// The rollout batch (1-based) this host was in.
-    pub batch: Option<u32>,
-    /// The host was not reached: the rollout stopped before its batch.
-    pub skipped: bool,
-    /// How the fleet-wide rollback (`on_failure = "rollback-all"`) ended on this host.
-    pub fleet_rollback: Option<Outcome>,
-}
-
-impl HostResult {
-    pub fn from_report(host: &str, r: DeployReport) -> Self {
-        let exit_code = match r.outcome {
-            Outcome::Live | Outcome::Removed => exit::OK,
-            Outcome::Failed | Outcome::RolledBack => exit::DEPLOY_FAILED,
-            Outcome::RollbackFailed => exit::NEEDS_HUMAN,
-        };
-        Self {
-            host: host.to_owned(),
-            outcome: Some(r.outcome),
-            release: Some(r.release.clone()),
-            previous: r.previous.clone(),
-            current: r.current.clone(),
-            error: r.error.clone(),
-            exit_code,
-            duration_ms: r.duration_ms,
-            report: Some(r),
-            batch: None,
-            skipped: false,
-            fleet_rollback: None,
-        }
-    }
-
-    pub fn skipped(host: &str) -> Self {
-        Self {
-            host: host.to_owned(),
-            outcome: None,
-            release: None,
-            previous: None,
-            current: None,
-            error: None,
-            exit_code: exit::OK,
-            duration_ms: 0,
-            report: None,
-            batch: None,
-            skipped: true,
-            fleet_rollback: None,
-        }
-    }
-
-    /// Still on the new release when the command ends.
-    /// (A fleet rollback that ends `Live` put the host back on its previous release;
-    /// any other outcome left it on the new one.)
-    pub fn on_new_release(&self) -> bool {
-        self.outcome == Some(Outcome::Live) && self.fleet_rollback != Some(Outcome::Live)
-    }
-
-    pub fn from_failure(host: &str, f: Failure, took: Duration) -> Self {
-        Self {
-            host: host.to_owned(),
-            outcome: None,
-            release: None,
-            previous: None,
-            current: None,
-            error: Some(crate::output::without_host(host, &f.message).to_owned()),
-            exit_code: f.code,
-            duration_ms: took.as_millis() as u64,
-            report: None,
-            batch: None,
-            skipped: false,
-            fleet_rollback: None,
-        }
-    }
-}
+use crate::exit;
+use crate::outcome::{HostResult, RolloutReport};
 
 /// A host is done: its failure as an error (an annotation under GitHub Actions), then
 /// its held lines as one group.
@@ -169,7 +83,7 @@ pub fn print_deploy(
     code: u8,
     took: Duration,
     json: bool,
-    fleet: Option<&crate::rollout::RolloutReport>,
+    fleet: Option<&RolloutReport>,
 ) {
     crate::output::step_summary(&summary_markdown(
         command, env, release, results, code, fleet,
@@ -295,7 +209,7 @@ fn summary_markdown(
     release: Option<&str>,
     results: &[HostResult],
     code: u8,
-    fleet: Option<&crate::rollout::RolloutReport>,
+    fleet: Option<&RolloutReport>,
 ) -> String {
     let icon = if code == exit::OK { "✅" } else { "❌" };
     let mut md = format!(

@@ -6,15 +6,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
 
 use proto::{Outcome, Rollback};
 
-use crate::client::ClientError;
-use crate::commands::{agent_failure, app_ref, holder, release_spec};
+use crate::client::{ClientError, agent_failure};
 use crate::config::{Batch, Environment, OnFailure, VerifyConfig};
+use crate::outcome::{HostResult, RolloutReport, VerifyResult};
 use crate::output::Progress;
-use crate::report::HostResult;
+use crate::spec::{app_ref, holder, release_spec};
 use crate::transport::HostConn;
 
 /// Host indices per batch, in order.
@@ -31,25 +30,6 @@ pub fn plan(hosts: usize, batch: Batch, canary: bool) -> Vec<Vec<usize>> {
         out.push(chunk.to_vec());
     }
     out
-}
-
-/// What verification from the outside found.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct VerifyResult {
-    pub url: String,
-    pub ok: bool,
-    pub attempts: u32,
-    pub last_status: Option<u16>,
-    pub last_error: Option<String>,
-}
-
-#[derive(Debug, Default, serde::Serialize)]
-pub struct RolloutReport {
-    pub hosts: Vec<HostResult>,
-    pub verify: Vec<VerifyResult>,
-    /// Why the rollout stopped, if it did.
-    pub failure: Option<String>,
-    pub on_failure: Option<&'static str>,
 }
 
 /// A per-host deploy, on its own task: takes the host's connection and hands it back with
@@ -206,10 +186,6 @@ where
 }
 
 /// Polls each URL from here (outside in) until it answers `expect_status`.
-/// How often a connection that waits for its turn tells its agent it is alive; well under
-/// the agent's shortest sensible `idle_timeout_secs`.
-pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(20);
-
 pub async fn verify(v: &VerifyConfig, progress: &Progress) -> Vec<VerifyResult> {
     let client = match reqwest::Client::builder()
         .timeout(v.request_timeout)

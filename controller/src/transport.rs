@@ -5,15 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
-
 use crate::client::{AgentClient, ClientError};
 use crate::config::{Environment, Host};
 use crate::ssh::{self, SshError, SshOptions, SshTarget, keys::KeySource};
-
-/// Any byte stream to an agent.
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {

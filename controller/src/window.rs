@@ -16,6 +16,10 @@ use proto::Rpc;
 use crate::client::ClientError;
 use crate::transport::HostConn;
 
+/// How often a connection that waits for its turn tells its agent it is alive; well under
+/// the agent's shortest sensible `idle_timeout_secs`.
+pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(20);
+
 /// Tasks, at most `limit` of them running at once.
 pub struct Window<T> {
     set: JoinSet<T>,
@@ -97,7 +101,7 @@ where
 /// its result). `done` takes each result as it comes, and returns false to start no more
 /// hosts (those running finish). The hosts not at work (waiting for their turn, or done)
 /// hold their locks on idle sessions: they are pinged every
-/// [`crate::rollout::KEEPALIVE_EVERY`] meanwhile, or their agents would close them.
+/// [`KEEPALIVE_EVERY`] meanwhile, or their agents would close them.
 pub async fn hosts<R, J, Fut>(
     conns: &mut Vec<HostConn>,
     which: &[usize],
@@ -113,7 +117,7 @@ pub async fn hosts<R, J, Fut>(
     let mut window = Window::new(limit);
     let mut queue = which.iter().copied();
     let mut more = true;
-    let every = crate::rollout::KEEPALIVE_EVERY;
+    let every = KEEPALIVE_EVERY;
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -17,6 +17,8 @@
 //!   "refused streamlocal port forward".
 //! * Processes spawned here are killed by PID on drop; nothing is killed by name.
 
+pub mod load;
+pub mod nginx;
 pub mod vm;
 
 use std::collections::HashMap;

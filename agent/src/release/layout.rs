@@ -8,6 +8,7 @@
 //!   current -> releases/<id>
 //!   shared/                              linked into every release
 //!   .deploy/                             journal.json, lock, history.jsonl, logs/
+//!   instances/<name>/                    a review-app instance: a layout of its own
 //! ```
 
 use std::io::Write;
@@ -22,6 +23,14 @@ pub struct Layout {
 }
 
 /// A release id is exactly 14 ASCII digits: `YYYYMMDDHHMMSS`.
+/// `<deploy_to>/instances`: review-app instances, each a whole layout of its own.
+pub const INSTANCES_DIR: &str = "instances";
+
+/// Why `id` is not a release id, in the words every request uses.
+pub fn release_id_problem(id: &str) -> Option<String> {
+    (!valid_release_id(id)).then(|| format!("release id {id:?} is not YYYYMMDDHHMMSS"))
+}
+
 pub fn valid_release_id(id: &str) -> bool {
     id.len() == 14 && id.bytes().all(|b| b.is_ascii_digit())
 }
@@ -192,6 +201,37 @@ impl Layout {
 
 /// Writes a file so that a reader sees the old or the new content, never a mix:
 /// temp file, fsync, rename, fsync the directory.
+/// Every directory under `roots` that may be an app's `deploy_to`, at most `max_depth`
+/// levels down, each before the ones below it. Does not follow symlinks and does not
+/// descend into what the agent keeps in an app (`releases`, `shared`, `.deploy`,
+/// `current`, `instances`). The one walker for recovery's journal scan and instance
+/// expiry: callers keep the dirs that have what they look for.
+pub fn app_dirs(roots: &[PathBuf], max_depth: usize) -> Vec<PathBuf> {
+    fn walk(dir: &Path, depth: usize, max: usize, out: &mut Vec<PathBuf>) {
+        out.push(dir.to_path_buf());
+        if depth >= max {
+            return;
+        }
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = e.file_name();
+            if ["releases", "shared", ".deploy", "current", INSTANCES_DIR]
+                .iter()
+                .any(|n| name == *n)
+            {
+                continue;
+            }
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(&e.path(), depth + 1, max, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for r in roots {
+        walk(r, 0, max_depth, &mut out);
+    }
+    out
+}
+
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(

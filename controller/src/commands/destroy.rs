@@ -12,13 +12,13 @@ use proto::{Destroy, Destroyed};
 use serde::Serialize;
 use serde_json::json;
 
-use super::{
-    agent_failure, app_ref, close_all, connect_all, find_keys, holder, lock_all, release_spec,
-};
+use super::{close_all, connect_all, find_keys, lock_all};
 use crate::cli::Cli;
+use crate::client::agent_failure;
 use crate::exit::{self, Failure};
 use crate::output::Progress;
 use crate::report::table;
+use crate::spec::{app_ref, holder, release_spec};
 
 /// How one host ended.
 #[derive(Debug, Serialize)]

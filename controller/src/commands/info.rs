@@ -3,11 +3,12 @@
 use proto::{History, Releases, Status};
 use serde_json::json;
 
-use super::{agent_failure, app_ref, close_all, connect_all, find_keys};
+use super::{close_all, connect_all, find_keys, host_error};
 use crate::cli::Cli;
 use crate::exit::{self, Failure};
 use crate::output::Progress;
 use crate::report::{outcome_name, release_state, short_time, table};
+use crate::spec::{app_ref, health_spec};
 
 #[derive(Clone, Copy)]
 pub enum What {
@@ -29,7 +30,7 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
         What::Status => {
             statuses = crate::window::call_all(&mut conns, limit, None, |_| Status {
                 app: app_ref(&env),
-                health: super::health_spec(&env),
+                health: health_spec(&env),
             })
             .await
         }
@@ -103,10 +104,7 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                     docs.push(json!({"host": c.name, "status": s}));
                 }
                 Err(e) => {
-                    let f = agent_failure(&c.name, e);
-                    code = code.max(f.code);
-                    rows.push(vec![c.name.clone(), format!("error: {}", f.message)]);
-                    docs.push(json!({"host": c.name, "error": f.message}));
+                    host_error(&c.name, e, &mut code, &mut rows, &mut docs);
                 }
             },
             What::Releases => match releases.next().expect("one answer per host") {
@@ -139,10 +137,7 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                     docs.push(json!({"host": c.name, "releases": releases}));
                 }
                 Err(e) => {
-                    let f = agent_failure(&c.name, e);
-                    code = code.max(f.code);
-                    rows.push(vec![c.name.clone(), format!("error: {}", f.message)]);
-                    docs.push(json!({"host": c.name, "error": f.message}));
+                    host_error(&c.name, e, &mut code, &mut rows, &mut docs);
                 }
             },
             What::History { .. } => match histories.next().expect("one answer per host") {
@@ -176,10 +171,7 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                     }
                 }
                 Err(e) => {
-                    let f = agent_failure(&c.name, e);
-                    code = code.max(f.code);
-                    rows.push(vec![c.name.clone(), format!("error: {}", f.message)]);
-                    docs.push(json!({"host": c.name, "error": f.message}));
+                    host_error(&c.name, e, &mut code, &mut rows, &mut docs);
                 }
             },
         }

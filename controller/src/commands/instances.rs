@@ -4,11 +4,12 @@
 use proto::Instances;
 use serde_json::json;
 
-use super::{agent_failure, app_ref, close_all, connect_all, find_keys};
+use super::{close_all, connect_all, find_keys, host_error};
 use crate::cli::Cli;
 use crate::exit::{self, Failure};
 use crate::output::Progress;
 use crate::report::{outcome_name, table};
+use crate::spec::app_ref;
 
 /// `url_template` with `${DEPLOY_INSTANCE}` and `${DEPLOY_PORT}` filled in; `None` without
 /// a template, or when the template needs a port the instance does not have.
@@ -74,10 +75,7 @@ pub async fn run(cli: &Cli, env_name: &str, json: bool) -> Result<u8, Failure> {
                 docs.push(json!({"host": c.name, "instances": list}));
             }
             Err(e) => {
-                let f = agent_failure(&c.name, e);
-                code = code.max(f.code);
-                rows.push(vec![c.name.clone(), format!("error: {}", f.message)]);
-                docs.push(json!({"host": c.name, "error": f.message}));
+                host_error(&c.name, e, &mut code, &mut rows, &mut docs);
             }
         }
     }

@@ -8,11 +8,13 @@ use std::time::Duration;
 use proto::{Fetch, ReleaseInfo, ReleaseStatus, Releases, Status};
 
 use super::push::{Delivery, PushArgs, confirm, deploy};
-use super::{agent_failure, app_ref, close_all, connect_all, find_keys, health_spec, load_env};
+use super::{close_all, connect_all, find_keys, load_env};
 use crate::cli::Cli;
+use crate::client::agent_failure;
 use crate::config::Strategy;
 use crate::exit::Failure;
 use crate::output::Progress;
+use crate::spec::{app_ref, health_spec};
 
 pub struct PromoteArgs {
     pub from: String,

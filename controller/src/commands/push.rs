@@ -10,16 +10,20 @@ use std::time::{Duration, Instant};
 use proto::{DeployReport, ErrorCode, Push, UploadEnd};
 use sha2::{Digest, Sha256};
 
-use super::{agent_failure, app_ref, close_all, connect_all, find_keys, holder, lock_all};
+use super::{close_all, connect_all, find_keys, lock_all};
 use crate::artifact::Scan;
 use crate::artifact::share::Feed;
 use crate::cli::Cli;
+use crate::client::agent_failure;
 use crate::client::{ClientError, QUICK_REPLY};
 use crate::config::{Environment, Strategy};
 use crate::exit::{self, Failure};
+use crate::outcome::HostResult;
+use crate::outcome::RolloutReport;
 use crate::output::{Progress, mib};
-use crate::report::{self, HostResult};
-use crate::rollout::{self, RolloutReport};
+use crate::report;
+use crate::rollout;
+use crate::spec::{app_ref, holder, release_spec};
 use crate::transport::HostConn;
 
 pub struct PushArgs {
@@ -282,7 +286,7 @@ async fn push_all(
         conns.len()
     ));
     let holder = holder();
-    let spec = super::release_spec(env);
+    let spec = release_spec(env);
     // One read and one hash of the artifact, shared by the hosts that upload it at once.
     let feed = crate::artifact::share::Feed::new(artifact);
     let report = rollout::run(env, conns, progress, |mut c| {

@@ -4,12 +4,15 @@ use std::time::{Duration, Instant};
 
 use proto::Rollback;
 
-use super::{agent_failure, app_ref, close_all, connect_all, find_keys, holder, lock_all};
+use super::{close_all, connect_all, find_keys, lock_all};
 use crate::cli::Cli;
 use crate::client::ClientError;
+use crate::client::agent_failure;
 use crate::exit::{self, Failure};
+use crate::outcome::HostResult;
 use crate::output::Progress;
-use crate::report::{self, HostResult};
+use crate::report;
+use crate::spec::{app_ref, holder, release_spec};
 
 pub async fn run(
     cli: &Cli,
@@ -69,7 +72,7 @@ pub async fn run(
                     app: app_ref(&env),
                     to: to.clone(),
                     holder: holder.clone(),
-                    spec: super::release_spec(&env),
+                    spec: release_spec(&env),
                 };
                 let progress = progress.clone();
                 let env_name = env.name.clone();

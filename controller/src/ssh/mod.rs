@@ -25,7 +25,7 @@ use russh::client;
 use russh::keys::{PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use tokio::net::TcpStream;
 
-use crate::transport::Io;
+use crate::io::Io;
 use keys::KeySource;
 use known_hosts::Verdict;
 

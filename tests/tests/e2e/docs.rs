@@ -869,6 +869,48 @@ fn unit_passes_systemd_analyze_verify_alone_and_with_each_drop_in() {
     }
 }
 
+/// The cutover recipe's slot unit (docs/cutover.md) is a valid template: an instance of
+/// it passes `systemd-analyze verify`, with `ExecStart` pointed at a binary that exists
+/// (verify checks that) and the working dir at one that exists.
+#[test]
+fn the_sample_slot_unit_passes_systemd_analyze_verify() {
+    if !require(
+        "systemd-analyze",
+        "runs `systemd-analyze verify` on examples/cutover/myapp@.service (apt-get install systemd)",
+    ) {
+        return;
+    }
+    let path = repo().join("examples/cutover/myapp@.service");
+    let text = read(&path);
+    for needle in [
+        "ExecStart=/srv/myapp/current/bin/server",
+        "WorkingDirectory=/srv/myapp/current",
+        "127.0.0.1:%i",
+    ] {
+        assert!(text.contains(needle), "{} lacks {needle}", rel(&path));
+    }
+    let text = text
+        .replace(
+            "ExecStart=/srv/myapp/current/bin/server",
+            "ExecStart=/bin/true",
+        )
+        .replace("WorkingDirectory=/srv/myapp/current", "WorkingDirectory=/");
+    let env = TestEnv::new();
+    let unit = env.write("myapp@4001.service", text);
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .expect("run systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("myapp@"),
+        "systemd-analyze verify {}: {}\n{stderr}",
+        rel(&path),
+        out.status
+    );
+}
+
 #[test]
 fn unit_keeps_a_low_exposure_in_systemd_analyze_security() {
     if !require(
@@ -1143,23 +1185,41 @@ fn const_strings(source: &str, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// The field names of `struct NAME { ... }` in a Rust source file.
+fn struct_fields(source: &str, name: &str) -> Vec<String> {
+    let start = source
+        .find(&format!("struct {name} {{"))
+        .unwrap_or_else(|| panic!("struct {name} not found"));
+    let body = &source[start..];
+    let body = &body[body.find('{').expect("{") + 1..body.find('}').expect("}")];
+    body.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with("//") && !l.starts_with('#'))
+        .filter_map(|l| l.split_once(':').map(|(k, _)| k.trim().to_owned()))
+        .filter(|k| !k.is_empty())
+        .collect()
+}
+
 #[test]
 fn configuration_reference_covers_every_key_and_variable() {
     let source = read(&repo().join("controller/src/config.rs"));
     let doc = read(&repo().join("docs/configuration.md"));
     let mut missing = Vec::new();
-    for list in [
-        "TOP_KEYS",
-        "LAYER_KEYS",
-        "RELEASE_KEYS",
-        "HEALTH_KEYS",
-        "ROLLOUT_KEYS",
-        "VERIFY_KEYS",
-        "COMPOSE_KEYS",
+    // The keys are the fields of the structs serde reads the file into.
+    for table in [
+        "RawFile",
+        "Layer",
+        "ReleaseLayer",
+        "HealthLayer",
+        "RolloutLayer",
+        "VerifyLayer",
+        "ComposeLayer",
     ] {
-        for k in const_strings(&source, list) {
+        let keys = struct_fields(&source, table);
+        assert!(keys.len() >= 3, "{table} parsed as {keys:?}");
+        for k in keys {
             if !doc.contains(&format!("`{k}`")) {
-                missing.push(format!("{list}: `{k}`"));
+                missing.push(format!("{table}: `{k}`"));
             }
         }
     }

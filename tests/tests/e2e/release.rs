@@ -203,8 +203,8 @@ pub(crate) fn free_port() -> u16 {
 /// Stops the app server(s) this test started, by PID: the one in `shared/log/app.pid`, and,
 /// as a safety net, any `busybox httpd` serving a release dir of this very `deploy_to` (a
 /// unique temp path), e.g. one a restart started while the test was failing.
-struct AppGuard {
-    deploy_to: PathBuf,
+pub(crate) struct AppGuard {
+    pub(crate) deploy_to: PathBuf,
 }
 
 impl AppGuard {

@@ -1,5 +1,6 @@
 //! Recovery at start: a deploy the agent did not finish (it was killed, the machine
-//! rebooted) is finished or undone before the app takes new work.
+//! rebooted) is finished or undone before the app takes new work. What it does for each
+//! phase is the table [`super::machine::RECOVERY`]:
 //!
 //! | phase when the agent died | what recovery does |
 //! | --- | --- |
@@ -24,11 +25,13 @@ use std::time::Duration;
 
 use proto::{Action, HistoryEntry, LockInfo, Outcome, ReleaseStatus};
 
-use crate::deploy::{Events, Run};
-use crate::journal::{self, Journal, Phase};
+use super::journal::{self, Journal};
+use super::machine::{self, Recovery};
+use super::{Events, Run};
+use crate::context::Shared;
+use crate::history;
 use crate::lock::LockGuard;
 use crate::release::layout::Layout;
-use crate::server::Shared;
 
 /// How deep under an allowed root a `deploy_to` may be and still be recovered.
 const MAX_DEPTH: usize = 4;
@@ -71,7 +74,7 @@ pub async fn lock_unfinished(shared: &Shared) -> Vec<Job> {
         let info = LockInfo {
             holder: "deploy-agent (recovering after restart)".into(),
             version: journal.as_ref().and_then(|j| j.version.clone()),
-            since: journal::now_rfc3339(),
+            since: history::now_rfc3339(),
         };
         match shared
             .locks
@@ -95,7 +98,7 @@ pub async fn finish(_shared: &Shared, job: Job) -> Outcome {
         journal,
         lock,
     } = job;
-    let Some(mut journal) = journal else {
+    let Some(journal) = journal else {
         return without_journal(&layout, lock);
     };
     tracing::info!(
@@ -106,39 +109,19 @@ pub async fn finish(_shared: &Shared, job: Job) -> Outcome {
         journal.action
     );
     let note = "the agent restarted mid-deploy";
-    let report = match journal.phase {
-        Phase::Uploading => {
-            let _ = std::fs::remove_dir_all(layout.partial(&journal.release));
-            journal.error = Some(format!("{note}: upload discarded"));
-            let run = Run::new(layout, journal, Events::none(), lock);
-            run.abandon(None).await
-        }
-        Phase::Prepared | Phase::Migrating => {
-            let run = Run::new(layout, journal, Events::none(), lock);
-            run.abandon(Some(format!("{note} before the switch"))).await
-        }
-        Phase::Switching => {
-            let moved = layout.current_release().as_deref() == Some(journal.release.as_str());
-            let run = Run::new(layout, journal, Events::none(), lock);
-            if moved {
-                run.restart_and_check(Phase::Restarting).await
-            } else {
-                run.abandon(Some(format!("{note} before the switch"))).await
-            }
-        }
-        Phase::Restarting | Phase::Checking => {
-            let phase = journal.phase;
-            Run::new(layout, journal, Events::none(), lock)
-                .restart_and_check(phase)
-                .await
-        }
-        Phase::RollingBack => {
-            let why = journal
-                .error
-                .clone()
-                .unwrap_or_else(|| format!("{note} while rolling back"));
-            Run::new(layout, journal, Events::none(), lock)
-                .roll_back(why)
+    let moved = layout.current_release().as_deref() == Some(journal.release.as_str());
+    let then = machine::recovery(journal.phase, moved);
+    if then == Recovery::DiscardUpload {
+        let _ = std::fs::remove_dir_all(layout.partial(&journal.release));
+    }
+    let why = journal.error.clone();
+    let run = Run::new(layout, journal, Events::none(), lock);
+    let report = match then {
+        Recovery::DiscardUpload => run.abandon(Some(format!("{note}: upload discarded"))).await,
+        Recovery::EndBeforeSwitch => run.abandon(Some(format!("{note} before the switch"))).await,
+        Recovery::Resume(step) => run.drive(step).await,
+        Recovery::FinishRollBack => {
+            run.roll_back(why.unwrap_or_else(|| format!("{note} while rolling back")))
                 .await
         }
     };
@@ -149,7 +132,7 @@ pub async fn finish(_shared: &Shared, job: Job) -> Outcome {
 /// Recovery when the journal cannot be read: decide from what is on disk (see the module
 /// docs). The lock is held throughout and freed on return.
 fn without_journal(layout: &Layout, lock: Arc<LockGuard>) -> Outcome {
-    let started = journal::now_rfc3339();
+    let started = history::now_rfc3339();
     for id in layout.partial_ids() {
         let _ = std::fs::remove_dir_all(layout.partial(&id));
     }
@@ -235,7 +218,7 @@ fn without_journal(layout: &Layout, lock: Arc<LockGuard>) -> Outcome {
     };
     tracing::warn!(root = %layout.root.display(), "{error}");
     let holder = lock.info.holder.clone();
-    let _ = journal::append_history(
+    let _ = history::append_history(
         layout,
         &HistoryEntry {
             action: Action::Deploy,
@@ -245,7 +228,7 @@ fn without_journal(layout: &Layout, lock: Arc<LockGuard>) -> Outcome {
             outcome,
             holder,
             started,
-            finished: journal::now_rfc3339(),
+            finished: history::now_rfc3339(),
             error: Some(error),
             origin: None,
             instance: None,

@@ -1,6 +1,9 @@
-//! The release lifecycle after the upload: link shared paths, migrate, switch, restart,
-//! check health, and confirm or roll back. Runs in its own task, owned by the agent: a
-//! controller that goes away changes nothing about how it ends.
+//! The deploy's executor: the effects of each step (link shared paths, migrate, switch,
+//! restart, check health, confirm) and of the ends (failed before the switch, rolled
+//! back, live), and the one driver loop ([`Run::drive`]) that writes the phase to the
+//! journal before a step acts and asks [`super::machine`] where to go next. Runs in its
+//! own task, owned by the agent: a controller that goes away changes nothing about how
+//! it ends.
 //!
 //! A compose release (`spec.compose`) goes the same way. Before the switch: Docker must
 //! answer, the files must parse (`config -q`) and, with `pull`, the images must pull;
@@ -17,11 +20,16 @@ use std::time::{Duration, Instant};
 use proto::{Action, DeployReport, Event, HistoryEntry, Outcome, ReleaseStatus, Stage, StepReport};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::compose::{self, Compose, Project};
+use super::error::StepError;
+use super::journal::{Journal, Phase};
+use super::machine::{self, Next, Step};
+use crate::command_env::command_env;
+use crate::compose::{self, Compose, PROBE_TIMEOUT, Project};
 use crate::exec;
 use crate::health;
-use crate::journal::{self, Journal, Phase};
+use crate::history;
 use crate::lock::LockGuard;
+use crate::ports;
 use crate::release::layout::Layout;
 use crate::release::{prune, switch};
 
@@ -98,37 +106,33 @@ impl Run {
 
     fn env(&self, release: &str) -> BTreeMap<String, String> {
         let j = &self.journal;
-        let mut env = BTreeMap::new();
-        env.insert("DEPLOY_APP".into(), j.app.name.clone());
-        env.insert("DEPLOY_RELEASE".into(), release.to_owned());
-        env.insert(
-            "DEPLOY_RELEASE_DIR".into(),
-            self.layout.release(release).display().to_string(),
-        );
         // The version of the release this command runs for (on a rollback, the old one).
         let version = if release == j.release {
             j.version.clone()
         } else {
             self.layout.read_meta(release).and_then(|m| m.version)
         };
-        env.insert("DEPLOY_VERSION".into(), version.unwrap_or_default());
-        env.insert(
-            "DEPLOY_PREVIOUS_RELEASE".into(),
-            j.previous.clone().unwrap_or_default(),
-        );
-        env.insert("DEPLOY_TO".into(), self.layout.root.display().to_string());
-        // A review-app instance: DEPLOY_INSTANCE and DEPLOY_PORT.
-        env.extend(crate::instances::vars(&j.app).into_iter().flatten());
-        env
+        command_env(
+            &j.app,
+            &self.layout,
+            release,
+            version,
+            j.previous.as_deref(),
+        )
     }
 
-    fn persist(&mut self, phase: Phase) -> Result<(), String> {
+    fn persist(&mut self, phase: Phase) -> Result<(), StepError> {
         self.journal
             .set(&self.layout, phase)
-            .map_err(|e| format!("cannot write the journal: {e}"))
+            .map_err(StepError::Journal)
     }
 
-    async fn command(&mut self, stage: Stage, command: &str, release: &str) -> Result<(), String> {
+    async fn command(
+        &mut self,
+        stage: Stage,
+        command: &str,
+        release: &str,
+    ) -> Result<(), StepError> {
         self.events.send(stage, format!("running `{command}`"));
         let env = self.env(release);
         let dir = self.layout.release(release);
@@ -161,7 +165,7 @@ impl Run {
             Err((step, e)) => {
                 self.events.send(stage, e.to_string());
                 self.steps.push(step);
-                Err(e.to_string())
+                Err(StepError::Command(e))
             }
         }
     }
@@ -208,7 +212,7 @@ impl Run {
         name: &str,
         argv: &[String],
         release: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), StepError> {
         let shown = compose::display(argv);
         self.events.send(stage, format!("running `{shown}`"));
         match self.exec_argv(stage, name, argv, release, None).await {
@@ -221,10 +225,13 @@ impl Run {
                 Ok(())
             }
             Err((step, e)) => {
-                let msg = with_output(&e.to_string(), &step.output);
-                self.events.send(stage, msg.clone());
+                let err = StepError::Tool {
+                    source: e,
+                    output: step.output.clone(),
+                };
+                self.events.send(stage, err.to_string());
                 self.steps.push(step);
-                Err(msg)
+                Err(err)
             }
         }
     }
@@ -234,14 +241,14 @@ impl Run {
     fn compose_spec(&self, release: &str) -> Option<proto::ComposeSpec> {
         let now = self.journal.spec.compose.clone()?;
         let mut spec = compose::recorded(&self.layout.release(release)).unwrap_or(now.clone());
-        spec.project = crate::instances::compose_project(&self.journal.app, &now.project);
+        spec.project = ports::compose_project(&self.journal.app, &now.project);
         spec.command = now.command;
         spec.pull = now.pull;
         Some(spec)
     }
 
     /// The configured compose command, or the first of v2 and v1 that answers.
-    async fn compose_bin(&mut self, release: &str) -> Result<Compose, String> {
+    async fn compose_bin(&mut self, release: &str) -> Result<Compose, StepError> {
         if let Some(c) = &self.compose {
             return Ok(c.clone());
         }
@@ -251,59 +258,42 @@ impl Run {
             .compose
             .as_ref()
             .and_then(|c| c.command.clone());
-        let candidates = match &configured {
-            Some(cmd) => vec![Compose::from_command(cmd)?],
-            None => Compose::candidates().to_vec(),
-        };
-        let mut tried = Vec::new();
-        let mut last = None;
-        for c in candidates {
-            match self
-                .exec_argv(
-                    Stage::Validate,
-                    "compose-version",
-                    &c.version(),
-                    release,
-                    Some(PROBE_TIMEOUT),
-                )
-                .await
-            {
-                Ok(_) => {
-                    self.events
-                        .send(Stage::Validate, format!("using `{}`", c.name()));
-                    self.compose = Some(c.clone());
-                    return Ok(c);
+        let this = &*self;
+        let found = compose::detect(configured.as_deref(), |argv| async move {
+            this.exec_argv(
+                Stage::Validate,
+                "compose-version",
+                &argv,
+                release,
+                Some(PROBE_TIMEOUT),
+            )
+            .await
+        })
+        .await;
+        match found {
+            Ok(c) => {
+                self.events
+                    .send(Stage::Validate, format!("using `{}`", c.name()));
+                self.compose = Some(c.clone());
+                Ok(c)
+            }
+            Err((why, last)) => {
+                if let Some(step) = last {
+                    self.steps.push(step);
                 }
-                Err((step, e)) => {
-                    tried.push(with_output(&e.to_string(), &step.output));
-                    last = Some(step);
-                }
+                Err(StepError::Refused(why))
             }
         }
-        if let Some(step) = last {
-            self.steps.push(step);
-        }
-        Err(match configured {
-            Some(cmd) => format!(
-                "compose_command `{cmd}` does not work on this host: {}",
-                tried.join("; ")
-            ),
-            None => format!(
-                "neither `docker compose` (v2) nor `docker-compose` (v1) works on this host \
-                 ({}); install one, or set compose_command",
-                tried.join("; ")
-            ),
-        })
     }
 
     /// Everything that can fail before a compose release changes anything: the files,
     /// Docker, compose itself, `config -q`, and `pull` when asked.
-    async fn compose_prepare(&mut self) -> Result<(), String> {
+    async fn compose_prepare(&mut self) -> Result<(), StepError> {
         let release = self.journal.release.clone();
         let Some(mut spec) = self.journal.spec.compose.clone() else {
             return Ok(());
         };
-        spec.project = crate::instances::compose_project(&self.journal.app, &spec.project);
+        spec.project = ports::compose_project(&self.journal.app, &spec.project);
         let t = Instant::now();
         let dir = self.layout.release(&release);
         let app = &self.journal.app;
@@ -315,7 +305,7 @@ impl Run {
                 }
             }
             if let Some(f) = &spec.env_file {
-                crate::instances::append_env_file(&dir.join(f), app)
+                ports::append_env_file(&dir.join(f), app)
                     .map_err(|e| format!("cannot add DEPLOY_PORT to {f}: {e}"))?;
             }
             compose::record(&dir, &spec)
@@ -323,7 +313,7 @@ impl Run {
         });
         if let Err(e) = files {
             self.step(Stage::Validate, t, Err(e.clone()));
-            return Err(e);
+            return Err(StepError::Refused(e));
         }
 
         self.events
@@ -338,34 +328,29 @@ impl Run {
             )
             .await
         {
-            let msg = match e {
-                exec::ExecError::Spawn { .. } => format!(
+            let err = match e {
+                exec::ExecError::Spawn { .. } => StepError::Command(e).context(
                     "Docker is not installed on this host (no `docker` command on the \
-                     agent's PATH): {e}"
+                     agent's PATH)",
                 ),
-                _ => with_output(
-                    &format!("Docker is not running or not reachable on this host: {e}"),
-                    &step.output,
-                ),
+                _ => StepError::Tool {
+                    source: e,
+                    output: step.output.clone(),
+                }
+                .context("Docker is not running or not reachable on this host"),
             };
             self.steps.push(step);
-            return Err(msg);
+            return Err(err);
         }
         let bin = self.compose_bin(&release).await?;
         let p = Project::of(&spec);
-        if let Err(e) = self
-            .argv_command(Stage::Validate, "compose-config", &bin.config(p), &release)
+        self.argv_command(Stage::Validate, "compose-config", &bin.config(p), &release)
             .await
-        {
-            return Err(format!("the compose files do not validate: {e}"));
-        }
+            .map_err(|e| e.context("the compose files do not validate"))?;
         if spec.pull {
-            if let Err(e) = self
-                .argv_command(Stage::Pull, "compose-pull", &bin.pull(p), &release)
+            self.argv_command(Stage::Pull, "compose-pull", &bin.pull(p), &release)
                 .await
-            {
-                return Err(format!("pull failed, nothing was recreated: {e}"));
-            }
+                .map_err(|e| e.context("pull failed, nothing was recreated"))?;
         } else {
             self.events.send(Stage::Pull, "skipped (pull = false)");
         }
@@ -373,7 +358,7 @@ impl Run {
     }
 
     /// Restarts `release`: compose `up` with its files, or the `restart` command.
-    async fn restart(&mut self, release: &str) -> Result<(), String> {
+    async fn restart(&mut self, release: &str) -> Result<(), StepError> {
         if let Some(spec) = self.compose_spec(release) {
             let bin = self.compose_bin(release).await?;
             let argv = bin.up(Project::of(&spec));
@@ -512,11 +497,11 @@ impl Run {
         });
     }
 
-    async fn check_health(&mut self) -> Result<(), String> {
+    async fn check_health(&mut self) -> Result<(), StepError> {
         let Some(mut spec) = self.journal.spec.health.clone() else {
             return Ok(());
         };
-        spec.url = crate::instances::expand(&self.journal.app, &spec.url);
+        spec.url = ports::expand(&self.journal.app, &spec.url);
         let t = Instant::now();
         self.events.send(
             Stage::Health,
@@ -542,11 +527,11 @@ impl Run {
         };
         self.health = Some(report);
         self.step(Stage::Health, t, result.clone());
-        result.map(|_| ())
+        result.map(|_| ()).map_err(StepError::Health)
     }
 
     /// Links `<deploy_to>/shared/<path>` into the release.
-    pub fn link_shared(&mut self) -> Result<(), String> {
+    pub fn link_shared(&mut self) -> Result<(), StepError> {
         let t = Instant::now();
         let release = self.journal.release.clone();
         let shared = self.journal.spec.shared.clone();
@@ -556,94 +541,110 @@ impl Run {
                 Stage::LinkShared,
                 t,
                 result
-                    .clone()
-                    .map(|_| format!("linked {}", shared.join(", "))),
+                    .as_ref()
+                    .map(|_| format!("linked {}", shared.join(", ")))
+                    .map_err(ToString::to_string),
             );
         }
         result
     }
 
-    /// The whole deploy of a prepared release (`releases/<id>` exists).
-    pub async fn deploy(mut self) -> DeployReport {
-        let release = self.journal.release.clone();
-        if let Err(e) = self.persist(Phase::Prepared) {
-            return self.fail_before_switch(e).await;
-        }
-        // A review-app instance gets (or keeps) its port before any command runs.
-        if let Err(e) = crate::instances::register(&self.journal.app, &self.journal.spec) {
-            return self.fail_before_switch(e).await;
-        }
-        if let Err(e) = self.link_shared() {
-            return self.fail_before_switch(e).await;
-        }
-        if let Err(e) = self.compose_prepare().await {
-            return self.fail_before_switch(e).await;
-        }
-        let migrate = self.journal.spec.migrate.clone();
-        match migrate {
-            Some(cmd) if !self.journal.skip_migrations => {
-                if let Err(e) = self.persist(Phase::Migrating) {
-                    return self.fail_before_switch(e).await;
-                }
-                if let Err(e) = self.command(Stage::Migrate, &cmd, &release).await {
-                    return self
-                        .fail_before_switch(format!("migration failed: {e}"))
-                        .await;
-                }
-            }
-            Some(_) => self
-                .events
-                .send(Stage::Migrate, "skipped (--skip-migrations)"),
-            None => {}
-        }
-        self.activate().await
+    /// Runs the deploy from where its journal's phase starts: a push from `Prepared`, a
+    /// rollback from `Switching`.
+    pub async fn start(self) -> DeployReport {
+        let step = Step::start(self.journal.phase);
+        self.drive(step).await
     }
 
-    /// Switch, restart, check health; roll back on failure; confirm on success.
-    pub async fn activate(mut self) -> DeployReport {
-        let release = self.journal.release.clone();
-        if let Err(e) = self.persist(Phase::Switching) {
-            return self.fail_before_switch(e).await;
+    /// The one driver loop: writes the step's phase to the journal, acts, and goes where
+    /// [`machine::next`] says, until the deploy is live, failed or rolled back.
+    pub async fn drive(mut self, mut step: Step) -> DeployReport {
+        loop {
+            let result = match step.phase() {
+                Some(phase) => self.persist(phase),
+                None => Ok(()),
+            };
+            let result = match result {
+                Ok(()) => self.act(step).await,
+                Err(e) => Err(e),
+            };
+            let error = result.err().map(|e| e.to_string());
+            match machine::next(step, error.is_none()) {
+                Next::Do(s) => step = s,
+                Next::Live => return self.finish(Outcome::Live, None),
+                Next::Fail => return self.fail_before_switch(error.unwrap_or_default()).await,
+                Next::RollBack => return self.roll_back(error.unwrap_or_default()).await,
+            }
         }
+    }
+
+    /// One step's effects. A failed restart or check collects what the services say.
+    async fn act(&mut self, step: Step) -> Result<(), StepError> {
+        let release = self.journal.release.clone();
+        match step {
+            Step::Prepare => self.prepare().await,
+            Step::Migrate => self.migrate(&release).await,
+            Step::Switch => self.switch(&release),
+            Step::Restart => {
+                let result = self.restart(&release).await;
+                if result.is_err() {
+                    self.diagnose(&release, Stage::Restart).await;
+                }
+                result.map_err(|e| e.context("restart failed"))
+            }
+            Step::Check => {
+                let result = self.check_health().await;
+                if result.is_err() {
+                    self.diagnose(&release, Stage::Health).await;
+                }
+                result
+            }
+            Step::Confirm => self.confirm(),
+        }
+    }
+
+    /// A review-app instance gets (or keeps) its port before any command runs; then the
+    /// shared links and, for compose, everything that can fail before anything changes.
+    async fn prepare(&mut self) -> Result<(), StepError> {
+        ports::register(&self.journal.app, &self.journal.spec).map_err(StepError::Refused)?;
+        self.link_shared()?;
+        self.compose_prepare().await
+    }
+
+    async fn migrate(&mut self, release: &str) -> Result<(), StepError> {
+        match self.journal.spec.migrate.clone() {
+            Some(cmd) if !self.journal.skip_migrations => self
+                .command(Stage::Migrate, &cmd, release)
+                .await
+                .map_err(|e| e.context("migration failed")),
+            Some(_) => {
+                self.events
+                    .send(Stage::Migrate, "skipped (--skip-migrations)");
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn switch(&mut self, release: &str) -> Result<(), StepError> {
         let t = Instant::now();
         self.events
             .send(Stage::Switch, format!("current -> releases/{release}"));
-        if let Err(e) = switch::switch(&self.layout, &release) {
+        if let Err(e) = switch::switch(&self.layout, release) {
             let msg = format!("could not switch current: {e}");
             self.step(Stage::Switch, t, Err(msg.clone()));
-            return self.fail_before_switch(msg).await;
+            return Err(StepError::Io(msg));
         }
         self.step(
             Stage::Switch,
             t,
             Ok(format!("current -> releases/{release}")),
         );
-        self.restart_and_check(Phase::Restarting).await
+        Ok(())
     }
 
-    /// From `Restarting` (run restart, then check) or `Checking` (check only).
-    pub async fn restart_and_check(mut self, from: Phase) -> DeployReport {
-        let release = self.journal.release.clone();
-        if from == Phase::Restarting {
-            if let Err(e) = self.persist(Phase::Restarting) {
-                return self.roll_back(e).await;
-            }
-            if let Err(e) = self.restart(&release).await {
-                self.diagnose(&release, Stage::Restart).await;
-                return self.roll_back(format!("restart failed: {e}")).await;
-            }
-        }
-        if let Err(e) = self.persist(Phase::Checking) {
-            return self.roll_back(e).await;
-        }
-        if let Err(e) = self.check_health().await {
-            self.diagnose(&release, Stage::Health).await;
-            return self.roll_back(e).await;
-        }
-        self.confirm().await
-    }
-
-    async fn confirm(mut self) -> DeployReport {
+    /// Marks the release live, prunes, and records the URL it passed.
+    fn confirm(&mut self) -> Result<(), StepError> {
         let release = self.journal.release.clone();
         // `current` may only rest on a release whose metadata says so: if the disk is
         // full (or anything else stops the write), the deploy fails and goes back.
@@ -655,7 +656,7 @@ impl Run {
                 crate::release::layout::describe_io(&self.layout.root, &e)
             );
             self.step(Stage::Health, t, Err(msg.clone()));
-            return self.roll_back(msg).await;
+            return Err(StepError::Io(msg));
         }
         if self.journal.action == Action::Deploy {
             let t = Instant::now();
@@ -686,7 +687,7 @@ impl Run {
         self.record_check(&release);
         self.events
             .send(Stage::Health, format!("release {release} is live"));
-        self.finish(Outcome::Live, None)
+        Ok(())
     }
 
     /// Ends a run that never switched `current` (used by recovery).
@@ -915,7 +916,7 @@ impl Run {
     }
 
     /// For a compose release: stops and removes its containers (volumes are kept).
-    async fn compose_down(&mut self, release: &str) -> Result<(), String> {
+    async fn compose_down(&mut self, release: &str) -> Result<(), StepError> {
         let Some(spec) = self.compose_spec(release) else {
             return Ok(());
         };
@@ -936,8 +937,8 @@ impl Run {
         }
         let j = &self.journal;
         let current = self.layout.current_release();
-        crate::instances::touch(&j.app);
-        let recorded = journal::append_history(
+        ports::touch(&j.app);
+        let recorded = history::append_history(
             &self.layout,
             &HistoryEntry {
                 action: j.action,
@@ -947,7 +948,7 @@ impl Run {
                 outcome,
                 holder: j.holder.clone(),
                 started: j.started.clone(),
-                finished: journal::now_rfc3339(),
+                finished: history::now_rfc3339(),
                 error: error.clone(),
                 origin: j.origin.clone(),
                 instance: j.app.instance.clone(),
@@ -996,32 +997,8 @@ fn read_check(layout: &Layout, release: &str) -> Option<String> {
     v["url"].as_str().map(str::to_owned)
 }
 
-/// Limit for commands that only look (`docker info`, `version`, `ps`, `logs`).
-const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The compose logs of a failure report: 50 lines of a few services.
 const LOGS_TAIL_BYTES: u64 = 16 * 1024;
-
-/// `error`, plus the last lines a failed command printed (compose's own message), on
-/// one line: this is the summary that history, status and annotations show; the whole
-/// output stays in the step's report.
-fn with_output(error: &str, output: &str) -> String {
-    let lines: Vec<&str> = output
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    if lines.is_empty() {
-        return error.to_owned();
-    }
-    let mut tail = lines[lines.len().saturating_sub(4)..].join(" | ");
-    if tail.len() > 600 {
-        let cut = (tail.len() - 600..tail.len())
-            .find(|i| tail.is_char_boundary(*i))
-            .unwrap_or(0);
-        tail.replace_range(..cut, "...");
-    }
-    format!("{error}: {tail}")
-}
 
 fn stage_name(stage: Stage) -> &'static str {
     match stage {
@@ -1035,20 +1012,20 @@ fn stage_name(stage: Stage) -> &'static str {
 /// Links each `shared` path into the release. A path the release ships itself is
 /// replaced by the link. A shared path that does not exist yet is created: a file when
 /// its name has a dot (`.env`, `config/database.yml`), a directory otherwise (`log`).
-pub fn link_shared(layout: &Layout, release: &str, paths: &[String]) -> Result<(), String> {
+pub fn link_shared(layout: &Layout, release: &str, paths: &[String]) -> Result<(), StepError> {
     let dir = layout.release(release);
     for p in paths {
         let rel = Path::new(p);
         if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-            return Err(format!(
+            return Err(StepError::Refused(format!(
                 "shared path {p:?} must be relative, without `..` or `.`"
-            ));
+            )));
         }
         let source = layout.shared().join(rel);
         if std::fs::symlink_metadata(&source).is_err() {
             if let Some(parent) = source.parent() {
                 std::fs::create_dir_all(parent)
-                    .map_err(|e| format!("create {}: {e}", parent.display()))?;
+                    .map_err(|e| StepError::Io(format!("create {}: {e}", parent.display())))?;
             }
             let is_file = rel
                 .file_name()
@@ -1063,7 +1040,7 @@ pub fn link_shared(layout: &Layout, release: &str, paths: &[String]) -> Result<(
             } else {
                 std::fs::create_dir_all(&source)
             };
-            made.map_err(|e| format!("create {}: {e}", source.display()))?;
+            made.map_err(|e| StepError::Io(format!("create {}: {e}", source.display())))?;
         }
         let dest = dir.join(rel);
         if let Some(parent) = dest.parent() {
@@ -1072,21 +1049,26 @@ pub fn link_shared(layout: &Layout, release: &str, paths: &[String]) -> Result<(
                 .map(|m| m.file_type().is_symlink())
                 .unwrap_or(false)
             {
-                return Err(format!(
+                return Err(StepError::Refused(format!(
                     "shared path {p:?}: a parent in the release is a symlink"
-                ));
+                )));
             }
             std::fs::create_dir_all(parent)
-                .map_err(|e| format!("create {}: {e}", parent.display()))?;
+                .map_err(|e| StepError::Io(format!("create {}: {e}", parent.display())))?;
         }
         match std::fs::symlink_metadata(&dest) {
             Ok(m) if m.is_dir() => std::fs::remove_dir_all(&dest),
             Ok(_) => std::fs::remove_file(&dest),
             Err(_) => Ok(()),
         }
-        .map_err(|e| format!("replace {}: {e}", dest.display()))?;
-        std::os::unix::fs::symlink(&source, &dest)
-            .map_err(|e| format!("link {} -> {}: {e}", dest.display(), source.display()))?;
+        .map_err(|e| StepError::Io(format!("replace {}: {e}", dest.display())))?;
+        std::os::unix::fs::symlink(&source, &dest).map_err(|e| {
+            StepError::Io(format!(
+                "link {} -> {}: {e}",
+                dest.display(),
+                source.display()
+            ))
+        })?;
     }
     Ok(())
 }
@@ -1094,19 +1076,105 @@ pub fn link_shared(layout: &Layout, release: &str, paths: &[String]) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lock::Locks;
+    use proto::{AppRef, ReleaseInfo, ReleaseSpec};
 
-    #[test]
-    fn a_failure_summary_is_one_line_with_the_end_of_the_output() {
-        assert_eq!(with_output("`x` failed", "\n  \n"), "`x` failed");
-        let out = "Pulling web ...\n\nERROR: for web  boom\n  in \"./a.yml\", line 3\n";
-        assert_eq!(
-            with_output("pull failed", out),
-            "pull failed: Pulling web ... | ERROR: for web  boom | in \"./a.yml\", line 3"
+    /// A prepared release `id` in a fresh app dir, and its run, with these commands.
+    async fn prepared_run(dir: &Path, id: &str, migrate: &str, restart: &str) -> (Layout, Run) {
+        let layout = Layout::new(dir);
+        layout.ensure().unwrap();
+        std::fs::create_dir_all(layout.release(id)).unwrap();
+        let info = ReleaseInfo {
+            id: id.into(),
+            version: None,
+            sha256: None,
+            created: history::now_rfc3339(),
+            status: ReleaseStatus::Prepared,
+            current: false,
+            content: None,
+        };
+        Layout::write_meta_in(&layout.release(id), &info).unwrap();
+        let journal = Journal {
+            action: Action::Deploy,
+            app: AppRef {
+                name: "app".into(),
+                deploy_to: dir.display().to_string(),
+                instance: None,
+            },
+            release: id.into(),
+            version: None,
+            previous: None,
+            holder: "t".into(),
+            started: history::now_rfc3339(),
+            skip_migrations: false,
+            spec: ReleaseSpec {
+                shared: vec![],
+                migrate: Some(migrate.into()),
+                restart: Some(restart.into()),
+                stop: None,
+                command_timeout_ms: 10_000,
+                keep_releases: 3,
+                health: None,
+                max_unpacked_bytes: 1 << 20,
+                compose: None,
+                instance: None,
+                redact: Vec::new(),
+            },
+            phase: Phase::Prepared,
+            error: None,
+            origin: None,
+        };
+        let info = proto::LockInfo {
+            holder: "t".into(),
+            version: None,
+            since: "now".into(),
+        };
+        let lock = Arc::new(Locks::default())
+            .acquire(dir, layout.lock_file(), info, Duration::ZERO)
+            .await
+            .unwrap();
+        let run = Run::new(layout.clone(), journal, Events::none(), Arc::new(lock));
+        (layout, run)
+    }
+
+    /// A command that succeeds only if the journal already says `phase`.
+    fn in_phase(phase: &str) -> String {
+        format!("grep -q '\"phase\": \"{phase}\"' \"$DEPLOY_TO/.deploy/journal.json\"")
+    }
+
+    #[tokio::test]
+    async fn the_driver_writes_each_phase_before_its_step_acts() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = "20260101000000";
+        let (layout, run) = prepared_run(
+            dir.path(),
+            id,
+            &in_phase("migrating"),
+            &in_phase("restarting"),
+        )
+        .await;
+        let report = run.start().await;
+        assert_eq!(report.outcome, Outcome::Live, "{:?}", report.error);
+        assert_eq!(layout.current_release().as_deref(), Some(id));
+        assert!(
+            !layout.journal().exists(),
+            "the journal goes when the run ends"
         );
-        let long = format!("{}\n", "é".repeat(1000));
-        let s = with_output("e", &long);
-        assert!(s.len() < 700 && s.starts_with("e: ...é"), "{s}");
-        assert!(!s.contains('\n'));
+        assert_eq!(history::read_history(&layout, 0).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_restart_rolls_back_with_a_typed_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, run) = prepared_run(dir.path(), "20260101000000", "true", "exit 3").await;
+        let report = run.start().await;
+        // No previous release: rolling back removes `current`.
+        assert_eq!(report.outcome, Outcome::RolledBack);
+        assert_eq!(
+            report.error.as_deref(),
+            Some("restart failed: `exit 3` exited with status 3")
+        );
+        assert!(layout.current_release().is_none());
     }
 
     #[test]
