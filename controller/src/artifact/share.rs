@@ -30,6 +30,9 @@ pub struct Feed {
 
 struct Shared {
     path: PathBuf,
+    /// The file's sha256 and size, when already known (from the delta scan): then
+    /// nothing hashes the file again.
+    known: Option<(String, u64)>,
     state: Mutex<State>,
     /// A chunk arrived, or the read ended.
     grew: Notify,
@@ -52,10 +55,12 @@ struct State {
 }
 
 impl Feed {
-    pub fn new(path: &Path) -> Self {
+    /// The feed of the file at `path`, whose sha256 and size may be `known` already.
+    pub fn new(path: &Path, known: Option<(String, u64)>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 path: path.to_path_buf(),
+                known,
                 state: Mutex::new(State::default()),
                 grew: Notify::new(),
                 moved: Notify::new(),
@@ -83,7 +88,7 @@ impl Feed {
         }
         let digest = match &st.end {
             Some(Ok(d)) => Some(d.clone()),
-            _ => None,
+            _ => self.shared.known.clone(),
         };
         drop(st);
         Source::Own(own_read(&self.shared.path, digest))
@@ -181,7 +186,7 @@ async fn read_into_ring(shared: Arc<Shared>) {
         Ok(Err(e)) => return end(&shared, Err(format!("reading the artifact: {e}"))),
         Err(e) => return end(&shared, Err(format!("reading the artifact: {e}"))),
     };
-    let mut hasher = Sha256::new();
+    let mut hasher = shared.known.is_none().then(Sha256::new);
     let mut size = 0u64;
     loop {
         // Wait for room: a full ring drops its oldest chunk once every host is past it.
@@ -215,7 +220,9 @@ async fn read_into_ring(shared: Arc<Shared>) {
         }
         let read = tokio::task::spawn_blocking(move || {
             let r = read_chunk(&mut file).map(|c| {
-                hasher.update(&c);
+                if let Some(h) = &mut hasher {
+                    h.update(&c);
+                }
                 c
             });
             (file, hasher, r)
@@ -228,7 +235,12 @@ async fn read_into_ring(shared: Arc<Shared>) {
         };
         match chunk {
             Ok(c) if c.is_empty() => {
-                return end(&shared, Ok((hex::encode(hasher.finalize()), size)));
+                let digest = match (hasher, &shared.known) {
+                    (Some(h), _) => (hex::encode(h.finalize()), size),
+                    (None, Some(k)) => k.clone(),
+                    (None, None) => unreachable!("a hasher when the digest is unknown"),
+                };
+                return end(&shared, Ok(digest));
             }
             Ok(c) => {
                 size += c.len() as u64;
@@ -313,7 +325,7 @@ mod tests {
     async fn hosts_at_once_share_one_read_and_get_every_byte() {
         let (f, data) = file_of(3 * proto::CHUNK_SIZE + 123);
         let want = hex::encode(Sha256::digest(&data));
-        let feed = Feed::new(f.path());
+        let feed = Feed::new(f.path(), None);
         let sources: Vec<Source> = (0..3).map(|_| feed.source()).collect();
         assert!(sources.iter().all(|s| matches!(s, Source::Ring(_))));
         let runs = sources.into_iter().map(drain);
@@ -327,7 +339,7 @@ mod tests {
     async fn the_ring_waits_for_the_slowest_host_and_a_late_host_reads_on_its_own() {
         let (f, data) = file_of((RING_CHUNKS + 4) * proto::CHUNK_SIZE);
         let want = hex::encode(Sha256::digest(&data));
-        let feed = Feed::new(f.path());
+        let feed = Feed::new(f.path(), None);
         let fast = feed.source();
         let mut slow = feed.source();
         let first = slow.next().await.unwrap().unwrap();
@@ -365,7 +377,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_small_artifact_stays_in_the_ring_for_every_later_host() {
         let (f, data) = file_of(2 * proto::CHUNK_SIZE);
-        let feed = Feed::new(f.path());
+        let feed = Feed::new(f.path(), None);
         for _ in 0..3 {
             let s = feed.source();
             assert!(matches!(s, Source::Ring(_)));

@@ -199,6 +199,9 @@ pub async fn deploy(
     let keys = find_keys(&env)?;
     let progress = Progress::new(false);
     let started = Instant::now();
+    // The delta scan reads the artifact while the hosts connect; it is used if one has
+    // a release already, and stopped if none has.
+    let scan = (!args.no_delta).then(|| EarlyScan::start(&artifact));
     let mut conns = connect_all(&env, &keys, &progress).await?;
     let result = push_all(
         &env,
@@ -207,6 +210,7 @@ pub async fn deploy(
         meta.len(),
         &delivery,
         &mut conns,
+        scan,
         &progress,
     )
     .await;
@@ -233,21 +237,18 @@ async fn push_all(
     size: u64,
     delivery: &Delivery,
     conns: &mut Vec<HostConn>,
+    early: Option<EarlyScan>,
     progress: &Progress,
 ) -> Result<(String, RolloutReport), Failure> {
     lock_all(conns, env, args.version.clone(), args.lock_wait, progress).await?;
     let (release, any_releases) = next_release_id(conns, env).await?;
     // Hosts that already run a release get a delta upload: the manifest first, then only
     // the files they lack. Reading the artifact once here serves every host.
-    let scan = if any_releases && !args.no_delta {
-        let path = artifact.to_path_buf();
-        let counts = Arc::new(crate::artifact::SubsetProgress::default());
-        let work = {
-            let counts = counts.clone();
-            tokio::task::spawn_blocking(move || crate::artifact::scan_counted(&path, &counts))
-        };
+    // Without any release to copy from, the scan stops (dropped).
+    let scan = if let Some(mut early) = early.filter(|_| any_releases) {
+        let counts = early.counts.clone();
         let bar = progress.read_bar("delta: reading the artifact for its manifest", size);
-        let scanned = watch(work, bar.is_some(), |t| {
+        let scanned = watch(&mut early.work, bar.is_some(), |t| {
             let read = counts.read.load(std::sync::atomic::Ordering::Relaxed);
             let files = counts.files.load(std::sync::atomic::Ordering::Relaxed);
             match &bar {
@@ -287,8 +288,9 @@ async fn push_all(
     ));
     let holder = holder();
     let spec = release_spec(env);
-    // One read and one hash of the artifact, shared by the hosts that upload it at once.
-    let feed = crate::artifact::share::Feed::new(artifact);
+    // One read of the artifact, shared by the hosts that upload it at once, and one hash
+    // (the scan's, when there was one).
+    let feed = Feed::new(artifact, scan.as_ref().map(|s| (s.sha256.clone(), s.size)));
     let report = rollout::run(env, conns, progress, |mut c| {
         let req = Push {
             app: app_ref(env),
@@ -433,17 +435,36 @@ async fn upload_and_deploy(
             .call(scan.offer())
             .await
             .map_err(|e| up.lost("offering a delta", e))?;
-        let files = scan
-            .entries
+        let (files, bytes) = scan.entries.iter().fold((0, 0u64), |(n, b), e| match e {
+            proto::manifest::Entry::File { size, .. } => (n + 1, b + size),
+            _ => (n, b),
+        });
+        let need_bytes: u64 = need
+            .files
             .iter()
-            .filter(|e| matches!(e, proto::manifest::Entry::File { .. }))
-            .count();
-        if need.files.len() < files {
+            .filter_map(|&i| match scan.entries.get(i as usize) {
+                Some(proto::manifest::Entry::File { size, .. }) => Some(*size),
+                _ => None,
+            })
+            .sum();
+        // Picking files out of the artifact inflates and deflates them again: worth it
+        // only when it leaves most bytes behind. Otherwise the artifact goes as it is.
+        if need.files.len() < files && need_bytes.saturating_mul(2) <= bytes {
             return upload_delta(conn, artifact, &scan, &need.files, files, up).await;
         }
         progress.line(
             &host,
-            "delta: the host has none of these files; full upload",
+            &if need.files.len() < files {
+                format!(
+                    "delta: the host lacks {} of {} ({} of {} files); full upload",
+                    mib(need_bytes),
+                    mib(bytes),
+                    need.files.len(),
+                    files
+                )
+            } else {
+                "delta: the host has none of these files; full upload".to_owned()
+            },
         );
     }
     // The chunks come from the push's one read of the artifact (read and hashed ahead,
@@ -538,6 +559,34 @@ async fn watch<T>(
             r = &mut work => return r,
             _ = tick.tick() => show(t.elapsed().as_secs_f64()),
         }
+    }
+}
+
+/// The delta scan of the artifact, started before the hosts connect.
+struct EarlyScan {
+    work: tokio::task::JoinHandle<Result<Scan, String>>,
+    counts: Arc<crate::artifact::SubsetProgress>,
+}
+
+impl EarlyScan {
+    fn start(artifact: &Path) -> Self {
+        let path = artifact.to_path_buf();
+        let counts = Arc::new(crate::artifact::SubsetProgress::default());
+        let work = {
+            let counts = counts.clone();
+            tokio::task::spawn_blocking(move || crate::artifact::scan_counted(&path, &counts))
+        };
+        Self { work, counts }
+    }
+}
+
+/// A scan no longer wanted (no host has a release to copy from, or the push failed before
+/// the upload) ends at its next read.
+impl Drop for EarlyScan {
+    fn drop(&mut self) {
+        self.counts
+            .stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
