@@ -219,11 +219,10 @@ async fn read_into_ring(shared: Arc<Shared>) {
             moved.await;
         }
         let read = tokio::task::spawn_blocking(move || {
-            let r = read_chunk(&mut file).map(|c| {
+            let r = read_chunk(&mut file).inspect(|c| {
                 if let Some(h) = &mut hasher {
-                    h.update(&c);
+                    h.update(c);
                 }
-                c
             });
             (file, hasher, r)
         })

@@ -230,6 +230,7 @@ pub async fn deploy(
     Ok(code)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn push_all(
     env: &Environment,
     args: &PushArgs,
