@@ -49,6 +49,7 @@ pub mod io;
 pub mod manpages;
 pub mod outcome;
 pub mod output;
+pub mod packets;
 pub mod report;
 pub mod rollout;
 pub mod spec;
