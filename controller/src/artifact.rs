@@ -2,6 +2,8 @@
 //! computed the way the agent computes it from what it unpacks, so the two can be
 //! compared without uploading anything.
 
+pub mod share;
+
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Component, Path};
@@ -269,6 +271,8 @@ pub fn subset(
 pub struct SubsetProgress {
     pub read: std::sync::atomic::AtomicU64,
     pub files: std::sync::atomic::AtomicU64,
+    /// Set to stop the read early (its result is no longer wanted).
+    pub stop: std::sync::atomic::AtomicBool,
 }
 
 /// The artifact as read, counting bytes into a [`SubsetProgress`].
@@ -279,6 +283,13 @@ struct CountingReader<'a, R> {
 
 impl<R: std::io::Read> std::io::Read for CountingReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self
+            .progress
+            .stop
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(std::io::Error::other("stopped: no longer needed"));
+        }
         let n = self.inner.read(buf)?;
         self.progress
             .read

@@ -49,11 +49,13 @@ pub mod io;
 pub mod manpages;
 pub mod outcome;
 pub mod output;
+pub mod packets;
 pub mod report;
 pub mod rollout;
 pub mod spec;
 pub mod ssh;
 pub mod transport;
+pub mod window;
 
 use cli::{Cli, Command};
 use exit::Failure;

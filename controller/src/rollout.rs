@@ -6,7 +6,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
 
 use proto::{Outcome, Rollback};
 
@@ -33,19 +32,22 @@ pub fn plan(hosts: usize, batch: Batch, canary: bool) -> Vec<Vec<usize>> {
     out
 }
 
-/// A per-host deploy: borrows the host's connection for as long as it runs.
-pub type HostFuture<'a> = Pin<Box<dyn Future<Output = HostResult> + 'a>>;
+/// A per-host deploy, on its own task: takes the host's connection and hands it back with
+/// the result.
+pub type HostFuture = Pin<Box<dyn Future<Output = (HostConn, HostResult)> + Send + 'static>>;
 
-/// Runs `deploy` on each host, batch by batch. On the first failure (or failed
-/// verification) applies `on_failure`.
+/// Runs `deploy` on each host, batch by batch; within a batch at most `max_parallel` hosts
+/// at once, a new one starting as soon as one ends. On the first failure (or failed
+/// verification) starts no other host, lets those running finish, and applies
+/// `on_failure`.
 pub async fn run<F>(
     env: &Environment,
-    conns: &mut [HostConn],
+    conns: &mut Vec<HostConn>,
     progress: &Progress,
     deploy: F,
 ) -> RolloutReport
 where
-    F: for<'a> Fn(&'a mut HostConn) -> HostFuture<'a>,
+    F: Fn(HostConn) -> HostFuture,
 {
     let batches = plan(conns.len(), env.rollout.batch, env.rollout.canary);
     let mut results: Vec<Option<HostResult>> = vec![None; conns.len()];
@@ -66,22 +68,12 @@ where
                 names.join(", ")
             ));
         }
-        for wave in batch.chunks(parallel) {
-            let (active, mut waiting): (Vec<_>, Vec<_>) = conns
-                .iter_mut()
-                .enumerate()
-                .partition(|(i, _)| wave.contains(i));
-            let futs = active.into_iter().map(|(i, c)| {
-                let fut = deploy(c);
-                async move { (i, fut.await) }
-            });
-            // The hosts not in this wave hold their locks (or, done, may be rolled back
-            // later) on idle sessions: keep those alive for as long as the wave runs.
-            let wave_results = tokio::select! {
-                r = futures_util::future::join_all(futs) => r,
-                never = keep_alive(&mut waiting) => match never {},
-            };
-            for (i, mut r) in wave_results {
+        crate::window::hosts(
+            conns,
+            batch,
+            parallel,
+            |_, c| deploy(c),
+            |i, mut r: HostResult| {
                 r.batch = Some(b as u32 + 1);
                 if r.outcome != Some(Outcome::Live) && failure.is_none() {
                     // The host's own error is in its result (and the report): not
@@ -89,12 +81,10 @@ where
                     failure = Some(format!("{} failed in batch {}", r.host, b + 1));
                 }
                 results[i] = Some(r);
-            }
-            // A batch larger than max_parallel runs in waves; stop between them too.
-            if failure.is_some() {
-                break;
-            }
-        }
+                failure.is_none()
+            },
+        )
+        .await;
         if failure.is_some() {
             break;
         }
@@ -143,15 +133,28 @@ where
                         took.len()
                     ));
                 }
-                let futs = conns
-                    .iter_mut()
-                    .enumerate()
-                    .filter(|(i, _)| took.contains(i))
-                    .map(|(i, c)| {
+                // Under the same window as the rollout.
+                let env_owned = std::sync::Arc::new(env.clone());
+                let mut rolled = Vec::new();
+                crate::window::hosts(
+                    conns,
+                    &took,
+                    parallel,
+                    |i, mut c| {
                         let previous = hosts[i].previous.clone();
-                        async move { (i, roll_back_host(c, env, previous, progress).await) }
-                    });
-                for (i, r) in futures_util::future::join_all(futs).await {
+                        let (env, progress) = (env_owned.clone(), progress.clone());
+                        async move {
+                            let r = roll_back_host(&mut c, &env, previous, &progress).await;
+                            (c, r)
+                        }
+                    },
+                    |i, r| {
+                        rolled.push((i, r));
+                        true
+                    },
+                )
+                .await;
+                for (i, r) in rolled {
                     let h = &mut hosts[i];
                     match r {
                         Ok(rep) => {
@@ -183,20 +186,6 @@ where
 }
 
 /// Polls each URL from here (outside in) until it answers `expect_status`.
-/// How often a connection that waits for its turn tells its agent it is alive; well under
-/// the agent's shortest sensible `idle_timeout_secs`.
-pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(20);
-
-/// Pings every waiting host's agent every [`KEEPALIVE_EVERY`], until dropped.
-async fn keep_alive(waiting: &mut [(usize, &mut HostConn)]) -> std::convert::Infallible {
-    loop {
-        tokio::time::sleep(KEEPALIVE_EVERY).await;
-        for (_, c) in waiting.iter_mut() {
-            c.client.keepalive().await;
-        }
-    }
-}
-
 pub async fn verify(v: &VerifyConfig, progress: &Progress) -> Vec<VerifyResult> {
     let client = match reqwest::Client::builder()
         .timeout(v.request_timeout)

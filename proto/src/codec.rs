@@ -105,7 +105,8 @@ where
         Ok(())
     }
 
-    pub async fn send_data(&mut self, data: Vec<u8>) -> Result<(), CodecError> {
+    /// One binary frame. A shared [`bytes::Bytes`] goes out without a copy of its own.
+    pub async fn send_data(&mut self, data: impl Into<bytes::Bytes>) -> Result<(), CodecError> {
         self.sink.send(Message::binary(data)).await?;
         Ok(())
     }

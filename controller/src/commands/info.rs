@@ -10,6 +10,7 @@ use crate::output::Progress;
 use crate::report::{outcome_name, release_state, short_time, table};
 use crate::spec::{app_ref, health_spec};
 
+#[derive(Clone, Copy)]
 pub enum What {
     Status,
     Releases,
@@ -21,20 +22,43 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
     let keys = find_keys(&env)?;
     let progress = Progress::new(true);
     let mut conns = connect_all(&env, &keys, &progress).await?;
+    // Every host is asked at once, at most max_parallel at a time; the answers are shown
+    // in the hosts' order.
+    let limit = env.max_parallel.max(1) as usize;
+    let (mut statuses, mut releases, mut histories) = (Vec::new(), Vec::new(), Vec::new());
+    match what {
+        What::Status => {
+            statuses = crate::window::call_all(&mut conns, limit, None, |_| Status {
+                app: app_ref(&env),
+                health: health_spec(&env),
+            })
+            .await
+        }
+        What::Releases => {
+            releases = crate::window::call_all(&mut conns, limit, None, |_| Releases {
+                app: app_ref(&env),
+            })
+            .await
+        }
+        What::History { limit: n } => {
+            histories = crate::window::call_all(&mut conns, limit, None, |_| History {
+                app: app_ref(&env),
+                limit: n,
+            })
+            .await
+        }
+    }
+    let (mut statuses, mut releases, mut histories) = (
+        statuses.into_iter(),
+        releases.into_iter(),
+        histories.into_iter(),
+    );
     let mut docs = Vec::new();
     let mut rows = Vec::new();
     let mut code = exit::OK;
     for c in conns.iter_mut() {
-        let app = app_ref(&env);
         match &what {
-            What::Status => match c
-                .client
-                .call(Status {
-                    app,
-                    health: health_spec(&env),
-                })
-                .await
-            {
+            What::Status => match statuses.next().expect("one answer per host") {
                 Ok(s) => {
                     let health = match &s.health {
                         Some(h) if h.healthy => "healthy".to_owned(),
@@ -87,7 +111,7 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                     host_error(&c.name, e, &mut code, &mut rows, &mut docs);
                 }
             },
-            What::Releases => match c.client.call(Releases { app }).await {
+            What::Releases => match releases.next().expect("one answer per host") {
                 Ok(r) => {
                     for rel in &r.releases {
                         rows.push(vec![
@@ -120,7 +144,7 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                     host_error(&c.name, e, &mut code, &mut rows, &mut docs);
                 }
             },
-            What::History { limit } => match c.client.call(History { app, limit: *limit }).await {
+            What::History { .. } => match histories.next().expect("one answer per host") {
                 Ok(h) => {
                     for e in &h.entries {
                         rows.push(vec![

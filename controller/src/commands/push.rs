@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::{close_all, connect_all, find_keys, lock_all};
 use crate::artifact::Scan;
+use crate::artifact::share::Feed;
 use crate::cli::Cli;
 use crate::client::agent_failure;
 use crate::client::{ClientError, QUICK_REPLY};
@@ -122,18 +123,14 @@ pub(super) async fn gate(
     let mut conns = connect_all(&from_env, &keys, &quiet).await?;
     let mut proof: Option<proto::ReleaseInfo> = None;
     let mut missing = Vec::new();
-    for c in conns.iter_mut() {
-        let list = c
-            .client
-            .call_within(
-                proto::Releases {
-                    app: app_ref(&from_env),
-                },
-                QUICK_REPLY,
-                |_| {},
-            )
-            .await
-            .map_err(|e| agent_failure(&c.name, e))?;
+    let limit = from_env.max_parallel.max(1) as usize;
+    let lists =
+        crate::window::call_all(&mut conns, limit, Some(QUICK_REPLY), |_| proto::Releases {
+            app: app_ref(&from_env),
+        })
+        .await;
+    for (c, list) in conns.iter().zip(lists) {
+        let list = list.map_err(|e| agent_failure(&c.name, e))?;
         match list.releases.into_iter().rev().find(|r| {
             r.content.as_deref() == Some(digest.as_str()) && r.status == proto::ReleaseStatus::Live
         }) {
@@ -204,6 +201,9 @@ pub async fn deploy(
     let keys = find_keys(&env)?;
     let progress = Progress::new(false);
     let started = Instant::now();
+    // The delta scan reads the artifact while the hosts connect; it is used if one has
+    // a release already, and stopped if none has.
+    let scan = (!args.no_delta).then(|| EarlyScan::start(&artifact));
     let mut conns = connect_all(&env, &keys, &progress).await?;
     let result = push_all(
         &env,
@@ -212,6 +212,7 @@ pub async fn deploy(
         meta.len(),
         &delivery,
         &mut conns,
+        scan,
         &progress,
     )
     .await;
@@ -402,28 +403,26 @@ async fn wait_for_watch(
     ends
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn push_all(
     env: &Environment,
     args: &PushArgs,
     artifact: &Path,
     size: u64,
     delivery: &Delivery,
-    conns: &mut [HostConn],
+    conns: &mut Vec<HostConn>,
+    early: Option<EarlyScan>,
     progress: &Progress,
 ) -> Result<(String, RolloutReport), Failure> {
     lock_all(conns, env, args.version.clone(), args.lock_wait, progress).await?;
     let (release, any_releases) = next_release_id(conns, env).await?;
     // Hosts that already run a release get a delta upload: the manifest first, then only
     // the files they lack. Reading the artifact once here serves every host.
-    let scan = if any_releases && !args.no_delta {
-        let path = artifact.to_path_buf();
-        let counts = Arc::new(crate::artifact::SubsetProgress::default());
-        let work = {
-            let counts = counts.clone();
-            tokio::task::spawn_blocking(move || crate::artifact::scan_counted(&path, &counts))
-        };
+    // Without any release to copy from, the scan stops (dropped).
+    let scan = if let Some(mut early) = early.filter(|_| any_releases) {
+        let counts = early.counts.clone();
         let bar = progress.read_bar("delta: reading the artifact for its manifest", size);
-        let scanned = watch(work, bar.is_some(), |t| {
+        let scanned = watch(&mut early.work, bar.is_some(), |t| {
             let read = counts.read.load(std::sync::atomic::Ordering::Relaxed);
             let files = counts.files.load(std::sync::atomic::Ordering::Relaxed);
             match &bar {
@@ -463,7 +462,10 @@ async fn push_all(
     ));
     let holder = holder();
     let spec = release_spec(env);
-    let report = rollout::run(env, conns, progress, |c| {
+    // One read of the artifact, shared by the hosts that upload it at once, and one hash
+    // (the scan's, when there was one).
+    let feed = Feed::new(artifact, scan.as_ref().map(|s| (s.sha256.clone(), s.size)));
+    let report = rollout::run(env, conns, progress, |mut c| {
         let req = Push {
             app: app_ref(env),
             release: release.clone(),
@@ -479,16 +481,25 @@ async fn push_all(
         let progress = progress.clone();
         let scan = scan.clone();
         let env_name = env.name.clone();
-        Box::pin(async move { push_one(c, req, &artifact, size, scan, &progress, &env_name).await })
+        let feed = feed.clone();
+        Box::pin(async move {
+            let r = push_one(
+                &mut c, req, &artifact, &feed, size, scan, &progress, &env_name,
+            )
+            .await;
+            (c, r)
+        })
     })
     .await;
     Ok((release, report))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn push_one(
     conn: &mut HostConn,
     req: Push,
     artifact: &Path,
+    feed: &Feed,
     size: u64,
     scan: Option<Arc<Scan>>,
     progress: &Progress,
@@ -502,7 +513,7 @@ async fn push_one(
         env: env_name,
         progress,
     };
-    let result = match upload_and_deploy(conn, req, artifact, size, scan, &up).await {
+    let result = match upload_and_deploy(conn, req, artifact, feed, size, scan, &up).await {
         Ok(report) => {
             // TIME in the table is the host's whole push, upload included (the agent's
             // report counts from the end of the upload; it keeps that in `report`).
@@ -577,6 +588,7 @@ async fn upload_and_deploy(
     conn: &mut HostConn,
     req: Push,
     artifact: &Path,
+    feed: &Feed,
     size: u64,
     scan: Option<Arc<Scan>>,
     up: &Upload<'_>,
@@ -597,29 +609,46 @@ async fn upload_and_deploy(
             .call(scan.offer())
             .await
             .map_err(|e| up.lost("offering a delta", e))?;
-        let files = scan
-            .entries
+        let (files, bytes) = scan.entries.iter().fold((0, 0u64), |(n, b), e| match e {
+            proto::manifest::Entry::File { size, .. } => (n + 1, b + size),
+            _ => (n, b),
+        });
+        let need_bytes: u64 = need
+            .files
             .iter()
-            .filter(|e| matches!(e, proto::manifest::Entry::File { .. }))
-            .count();
-        if need.files.len() < files {
+            .filter_map(|&i| match scan.entries.get(i as usize) {
+                Some(proto::manifest::Entry::File { size, .. }) => Some(*size),
+                _ => None,
+            })
+            .sum();
+        // Picking files out of the artifact inflates and deflates them again: worth it
+        // only when it leaves most bytes behind. Otherwise the artifact goes as it is.
+        if need.files.len() < files && need_bytes.saturating_mul(2) <= bytes {
             return upload_delta(conn, artifact, &scan, &need.files, files, up).await;
         }
         progress.line(
             &host,
-            "delta: the host has none of these files; full upload",
+            &if need.files.len() < files {
+                format!(
+                    "delta: the host lacks {} of {} ({} of {} files); full upload",
+                    mib(need_bytes),
+                    mib(bytes),
+                    need.files.len(),
+                    files
+                )
+            } else {
+                "delta: the host has none of these files; full upload".to_owned()
+            },
         );
     }
-    // Read and hash on a blocking thread, a few chunks ahead, so the SSH channel never
-    // waits for the disk or the hash.
-    let file = std::fs::File::open(artifact)
-        .map_err(|e| Failure::usage(format!("artifact {}: {e}", artifact.display())))?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
-    let reader = tokio::task::spawn_blocking(move || read_ahead(file, tx));
+    // The chunks come from the push's one read of the artifact (read and hashed ahead,
+    // off this task), or from this host's own read when it starts late.
+    let mut source = feed.source();
+    let read_failed = |e: String| Failure::usage(format!("{}: {e}", artifact.display()));
     let bar = progress.upload_bar(&host, size);
     let t = Instant::now();
     let mut sent: u64 = 0;
-    while let Some(buf) = rx.recv().await {
+    while let Some(buf) = source.next().await.map_err(read_failed)? {
         sent += buf.len() as u64;
         conn.client
             .send_data(buf, &mut |ev| progress.line(&host, &ev.message))
@@ -629,10 +658,7 @@ async fn upload_and_deploy(
             b.set_position(sent);
         }
     }
-    let hasher = reader
-        .await
-        .map_err(|e| Failure::usage(format!("reading {}: {e}", artifact.display())))?
-        .map_err(|e| Failure::usage(format!("reading {}: {e}", artifact.display())))?;
+    let (sha256, _) = source.finish().await.map_err(read_failed)?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -646,7 +672,7 @@ async fn upload_and_deploy(
             mib((sent as f64 / secs) as u64)
         ),
     );
-    finish_upload(conn, hex::encode(hasher.finalize()), sent, up).await
+    finish_upload(conn, sha256, sent, up).await
 }
 
 /// Ends an upload and waits for the agent's report, showing its progress, for at most
@@ -685,35 +711,6 @@ async fn finish_upload(
     Ok(report)
 }
 
-/// Reads `file` in chunks into `tx`, hashing as it goes.
-fn read_ahead(
-    mut file: std::fs::File,
-    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
-) -> std::io::Result<Sha256> {
-    use std::io::Read;
-    let mut hasher = Sha256::new();
-    loop {
-        let mut buf = vec![0u8; proto::CHUNK_SIZE];
-        let mut filled = 0;
-        while filled < buf.len() {
-            let n = file.read(&mut buf[filled..])?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
-        if filled == 0 {
-            return Ok(hasher);
-        }
-        buf.truncate(filled);
-        hasher.update(&buf);
-        if tx.blocking_send(buf).is_err() {
-            // the upload stopped; its error is reported by the sender side
-            return Ok(hasher);
-        }
-    }
-}
-
 /// Awaits `work`, calling `show(seconds so far)` on each tick meanwhile: every 100 ms
 /// when it updates a bar (`bar`), every [`crate::output::plain_progress_every`] when it
 /// prints a line.
@@ -736,6 +733,34 @@ async fn watch<T>(
             r = &mut work => return r,
             _ = tick.tick() => show(t.elapsed().as_secs_f64()),
         }
+    }
+}
+
+/// The delta scan of the artifact, started before the hosts connect.
+struct EarlyScan {
+    work: tokio::task::JoinHandle<Result<Scan, String>>,
+    counts: Arc<crate::artifact::SubsetProgress>,
+}
+
+impl EarlyScan {
+    fn start(artifact: &Path) -> Self {
+        let path = artifact.to_path_buf();
+        let counts = Arc::new(crate::artifact::SubsetProgress::default());
+        let work = {
+            let counts = counts.clone();
+            tokio::task::spawn_blocking(move || crate::artifact::scan_counted(&path, &counts))
+        };
+        Self { work, counts }
+    }
+}
+
+/// A scan no longer wanted (no host has a release to copy from, or the push failed before
+/// the upload) ends at its next read.
+impl Drop for EarlyScan {
+    fn drop(&mut self) {
+        self.counts
+            .stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -864,16 +889,17 @@ async fn upload_delta(
 /// ids stay unique and sort in deploy order even for pushes within the same second.
 /// Also says whether any host already has a release (then a delta upload may pay).
 pub(super) async fn next_release_id(
-    conns: &mut [HostConn],
+    conns: &mut Vec<HostConn>,
     env: &Environment,
 ) -> Result<(String, bool), Failure> {
     let mut newest: Option<String> = None;
-    for c in conns.iter_mut() {
-        let list = c
-            .client
-            .call_within(proto::Releases { app: app_ref(env) }, QUICK_REPLY, |_| {})
-            .await
-            .map_err(|e| agent_failure(&c.name, e))?;
+    let limit = env.max_parallel.max(1) as usize;
+    let lists = crate::window::call_all(conns, limit, Some(QUICK_REPLY), |_| proto::Releases {
+        app: app_ref(env),
+    })
+    .await;
+    for (c, list) in conns.iter().zip(lists) {
+        let list = list.map_err(|e| agent_failure(&c.name, e))?;
         if let Some(last) = list.releases.last()
             && newest.as_deref().is_none_or(|n| last.id.as_str() > n)
         {

@@ -33,16 +33,15 @@ pub async fn run(
         // With --to, every host must have the release before any host changes.
         if let Some(to) = &to {
             let mut missing = Vec::new();
-            for c in conns.iter_mut() {
-                let list = c
-                    .client
-                    .call_within(
-                        proto::Releases { app: app_ref(&env) },
-                        crate::client::QUICK_REPLY,
-                        |_| {},
-                    )
-                    .await
-                    .map_err(|e| agent_failure(&c.name, e))?;
+            let lists = crate::window::call_all(
+                &mut conns,
+                env.max_parallel.max(1) as usize,
+                Some(crate::client::QUICK_REPLY),
+                |_| proto::Releases { app: app_ref(&env) },
+            )
+            .await;
+            for (c, list) in conns.iter().zip(lists) {
+                let list = list.map_err(|e| agent_failure(&c.name, e))?;
                 let found = list
                     .releases
                     .iter()
@@ -61,47 +60,60 @@ pub async fn run(
             }
         }
         let holder = holder();
-        let mut results = Vec::new();
-        let futures = conns.iter_mut().map(|c| {
-            let req = Rollback {
-                app: app_ref(&env),
-                to: to.clone(),
-                holder: holder.clone(),
-                spec: release_spec(&env),
-            };
-            let progress = progress.clone();
-            let env_name = env.name.clone();
-            async move {
-                let t = Instant::now();
-                let host = c.name.clone();
-                let result = match c
-                    .client
-                    .call_with(req, |ev| progress.line(&host, &ev.message))
-                    .await
-                {
-                    Ok(r) => HostResult::from_report(&host, r),
-                    Err(e) => {
-                        let f = match e {
-                            ClientError::Agent(_) => agent_failure(&host, e),
-                            // The agent had the rollback: it goes on without us.
-                            other => Failure::new(
-                                exit::NEEDS_HUMAN,
-                                format!(
-                                    "{host}: lost contact while the agent rolled back ({other}); \
-                                     the outcome is unknown here. The agent finishes on its own: \
-                                     run `deployctl status {env_name}` to see how it ended"
-                                ),
-                            ),
-                        };
-                        progress.annotate(Some(&host), &f.message);
-                        HostResult::from_failure(&host, f, t.elapsed())
-                    }
+        // At most max_parallel hosts at once, as a rollout.
+        let mut results: Vec<Option<HostResult>> = vec![None; conns.len()];
+        let all: Vec<usize> = (0..conns.len()).collect();
+        crate::window::hosts(
+            &mut conns,
+            &all,
+            env.max_parallel.max(1) as usize,
+            |_, mut c| {
+                let req = Rollback {
+                    app: app_ref(&env),
+                    to: to.clone(),
+                    holder: holder.clone(),
+                    spec: release_spec(&env),
                 };
-                report::announce(&progress, &result, "rollback");
-                result
-            }
-        });
-        results.extend(futures_util::future::join_all(futures).await);
+                let progress = progress.clone();
+                let env_name = env.name.clone();
+                async move {
+                    let t = Instant::now();
+                    let host = c.name.clone();
+                    let result = match c
+                        .client
+                        .call_with(req, |ev| progress.line(&host, &ev.message))
+                        .await
+                    {
+                        Ok(r) => HostResult::from_report(&host, r),
+                        Err(e) => {
+                            let f = match e {
+                                ClientError::Agent(_) => agent_failure(&host, e),
+                                // The agent had the rollback: it goes on without us.
+                                other => Failure::new(
+                                    exit::NEEDS_HUMAN,
+                                    format!(
+                                        "{host}: lost contact while the agent rolled back \
+                                         ({other}); the outcome is unknown here. The agent \
+                                         finishes on its own: run `deployctl status \
+                                         {env_name}` to see how it ended"
+                                    ),
+                                ),
+                            };
+                            progress.annotate(Some(&host), &f.message);
+                            HostResult::from_failure(&host, f, t.elapsed())
+                        }
+                    };
+                    report::announce(&progress, &result, "rollback");
+                    (c, result)
+                }
+            },
+            |i, r| {
+                results[i] = Some(r);
+                true
+            },
+        )
+        .await;
+        let results: Vec<HostResult> = results.into_iter().flatten().collect();
         Ok::<_, Failure>(results)
     }
     .await;

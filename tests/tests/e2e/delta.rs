@@ -233,3 +233,26 @@ fn an_interrupted_delta_upload_leaves_nothing_behind() {
     let v3 = artifact(&s, "v3", 20, 0, 0);
     push(&s, &v3, "v3").assert_exit(0);
 }
+
+// See: #14 (item 3). With one large file changed, the delta upload inflated the artifact,
+// picked that file out and deflated it again: most bytes crossed anyway, and the default
+// push took 2.5 times as long as --no-delta. Now the artifact goes as it is.
+#[test]
+fn when_most_bytes_must_cross_the_artifact_goes_whole() {
+    let s = site();
+    let v1 = artifact(&s, "v1", 20, 99, 1 << 20);
+    // big.bin's seed depends on the version's length
+    let v22 = artifact(&s, "v22", 20, 99, 1 << 20);
+    push(&s, &v1, "v1").assert_exit(0);
+    let out = push(&s, &v22, "v22");
+    out.assert_exit(0);
+    assert!(
+        out.stderr.contains("delta: the host lacks") && out.stderr.contains("full upload"),
+        "{out}"
+    );
+    assert!(!out.stderr.contains("delta: sending"), "{out}");
+    let fresh = site();
+    push(&fresh, &v22, "v22").assert_exit(0);
+    assert_eq!(tree(&s.deploy_to), tree(&fresh.deploy_to));
+    assert_eq!(content(&s), content(&fresh));
+}

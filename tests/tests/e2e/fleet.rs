@@ -559,3 +559,158 @@ fn hosts_waiting_for_their_batch_are_kept_alive_past_the_agents_idle_limit() {
         "host 1's session was not closed as idle: {log}"
     );
 }
+
+/// A release whose restart takes a second on a host holding `shared/slow-restart`, and
+/// whose migration fails on a host holding `shared/fail-migrate` and, on a host holding
+/// `shared/wait-gate`, waits (up to 30 s, then fails) for the file `gate` that the
+/// migration of a host holding `shared/open-gate` creates.
+fn gated_artifact(f: &Fleet, version: &str) -> PathBuf {
+    let path = f.env.path(&format!("{version}-gated.tar.gz"));
+    let gate = f.env.path("gate");
+    let file = std::fs::File::create(&path).unwrap();
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    let migrate = format!(
+        "set -eu\n\
+         if [ -e \"$DEPLOY_TO/shared/fail-migrate\" ]; then echo 'migration exploded' >&2; exit 1; fi\n\
+         if [ -e \"$DEPLOY_TO/shared/open-gate\" ]; then touch '{gate}'; fi\n\
+         if [ -e \"$DEPLOY_TO/shared/wait-gate\" ]; then\n\
+           i=0\n\
+           while [ ! -e '{gate}' ]; do\n\
+             i=$((i+1)); [ $i -gt 300 ] && {{ echo 'the gate never opened' >&2; exit 1; }}\n\
+             sleep 0.1\n\
+           done\n\
+         fi\n\
+         echo migrated\n",
+        gate = gate.display()
+    );
+    let restart = "set -eu\n\
+        [ -e \"$DEPLOY_TO/shared/slow-restart\" ] && sleep 1\n\
+        echo \"started $DEPLOY_VERSION\"\n";
+    for (name, body, mode) in [
+        ("bin/migrate", migrate, 0o755),
+        ("bin/restart", restart.to_owned(), 0o755),
+        ("VERSION", format!("{version}\n"), 0o644),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(body.len() as u64);
+        h.set_mode(mode);
+        h.set_cksum();
+        tar.append_data(&mut h, name, body.as_bytes()).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap();
+    path
+}
+
+fn push_gated(f: &Fleet, version: &str) -> Output {
+    let art = gated_artifact(f, version);
+    f.run(&[
+        "push",
+        "prod",
+        "--artifact",
+        art.to_str().unwrap(),
+        "--version",
+        version,
+        "--yes",
+    ])
+}
+
+/// Seconds since the start of the month of an RFC 3339 UTC time from the agent's history
+/// (`2026-11-28T07:20:04.123456Z`).
+fn seconds(t: &str) -> f64 {
+    let day: f64 = t[8..10].parse().unwrap();
+    let h: f64 = t[11..13].parse().unwrap();
+    let m: f64 = t[14..16].parse().unwrap();
+    let s: f64 = t[17..t.len() - 1].parse().unwrap();
+    ((day * 24.0 + h) * 60.0 + m) * 60.0 + s
+}
+
+/// The most `action` entries of the hosts' histories that overlap in time, and how many
+/// there are in all.
+fn most_at_once(f: &Fleet, action: &str) -> (usize, usize) {
+    let out = f.run(&["history", "prod", "--json"]);
+    out.assert_exit(0);
+    let doc = out.json();
+    let mut edges: Vec<(f64, i32)> = Vec::new();
+    for host in doc["hosts"].as_array().unwrap() {
+        for e in host["history"].as_array().unwrap() {
+            if e["action"] == action {
+                edges.push((seconds(e["started"].as_str().unwrap()), 1));
+                edges.push((seconds(e["finished"].as_str().unwrap()), -1));
+            }
+        }
+    }
+    // An end before a start at the same instant: touching is not overlapping.
+    edges.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, d) in &edges {
+        now += d;
+        most = most.max(now);
+    }
+    (most as usize, edges.len() / 2)
+}
+
+// See: #14 (item 2). The fleet rollback started every host at once, whatever max_parallel.
+#[test]
+fn a_fleet_rollback_keeps_to_max_parallel() {
+    let f = Fleet::start(4);
+    f.config("max_parallel = 2", "");
+    push_gated(&f, "v1").assert_exit(0);
+    push_gated(&f, "v2").assert_exit(0);
+    for i in 0..4 {
+        f.mark(i, "slow-restart");
+    }
+    let out = f.run(&["rollback", "prod", "--yes"]);
+    out.assert_exit(0);
+    assert_eq!(f.versions(), vec![some("v1"); 4], "{out}");
+    let (most, all) = most_at_once(&f, "rollback");
+    assert_eq!(all, 4, "one rollback per host: {out}");
+    assert!(
+        most <= 2,
+        "{most} hosts rolled back at once, max_parallel is 2: {out}"
+    );
+}
+
+// See: #14 (item 2). After a failure, the hosts that took the release are rolled back
+// under the same window as the rollout.
+#[test]
+fn rollback_all_keeps_to_max_parallel() {
+    let f = Fleet::start(5);
+    f.config("max_parallel = 2\nrollout = { batch = 4 }", "");
+    push_gated(&f, "v1").assert_exit(0);
+    for i in 0..4 {
+        f.mark(i, "slow-restart");
+    }
+    // Host 5 (the second batch) fails, and the four hosts of the first batch go back to v1.
+    f.mark(4, "fail-migrate");
+    let out = push_gated(&f, "v2");
+    out.assert_exit(1);
+    assert_eq!(f.versions(), vec![some("v1"); 5], "{out}");
+    let (most, all) = most_at_once(&f, "rollback");
+    assert_eq!(all, 4, "the four hosts of batch 1 rolled back: {out}");
+    assert!(
+        most <= 2,
+        "{most} hosts rolled back at once, max_parallel is 2: {out}"
+    );
+}
+
+// See: #14 (item 2). Hosts ran in fixed waves of max_parallel: a slow host held the rest
+// of its wave, and the next wave waited for it. Host 1 here finishes its migration only
+// once host 4's migration has run: with waves of 2, host 4 would start after host 1
+// ended, and host 1 gives up after 30 s.
+#[test]
+fn a_slow_host_does_not_hold_the_others_of_its_window() {
+    let f = Fleet::start(4);
+    f.config("max_parallel = 2", "");
+    f.mark(0, "wait-gate");
+    f.mark(3, "open-gate");
+    let out = push_gated(&f, "v1");
+    out.assert_exit(0);
+    assert_eq!(f.versions(), vec![some("v1"); 4], "{out}");
+    let (most, all) = most_at_once(&f, "deploy");
+    assert_eq!(all, 4, "{out}");
+    assert!(
+        most <= 2,
+        "{most} hosts deployed at once, max_parallel is 2: {out}"
+    );
+}
