@@ -12,7 +12,10 @@
 //! - [`journal`]: the phase on disk (write temp, fsync, rename), read by recovery.
 //! - [`recover`]: at start, finishing or undoing what the journal says was in flight.
 //! - [`error`]: [`StepError`], what a step fails with.
+//! - `compose_rollout`: compose `zero_downtime`'s restart (a new container beside the old
+//!   one, healthy, then the old one retired), called by the restart step.
 
+mod compose_rollout;
 pub mod error;
 pub mod journal;
 pub mod machine;

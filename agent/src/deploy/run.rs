@@ -85,6 +85,9 @@ pub struct Run {
     started: Instant,
     /// The compose command, once detected.
     compose: Option<Compose>,
+    /// Compose `zero_downtime`: the listed services whose old container this run has not
+    /// replaced (set once a rollout began): a rollback leaves them as they are.
+    pub(super) compose_untouched: Option<super::compose_rollout::Untouched>,
     /// Held until the run ends.
     _lock: Arc<LockGuard>,
 }
@@ -100,6 +103,7 @@ impl Run {
             health: None,
             started: Instant::now(),
             compose: None,
+            compose_untouched: None,
             _lock: lock,
         }
     }
@@ -172,7 +176,7 @@ impl Run {
 
     /// Runs an agent command (compose, docker) in `release`'s dir; reports nothing.
     /// `name` keeps its log apart: `.deploy/logs/<deploy>.<name>.<release>.log`.
-    async fn exec_argv(
+    pub(super) async fn exec_argv(
         &self,
         stage: Stage,
         name: &str,
@@ -206,7 +210,7 @@ impl Run {
 
     /// Like [`Run::command`] for an agent command: shown, reported, and on failure an
     /// error that carries the end of its output.
-    async fn argv_command(
+    pub(super) async fn argv_command(
         &mut self,
         stage: Stage,
         name: &str,
@@ -244,6 +248,8 @@ impl Run {
         spec.project = ports::compose_project(&self.journal.app, &now.project);
         spec.command = now.command;
         spec.pull = now.pull;
+        spec.zero_downtime = now.zero_downtime;
+        spec.drain_ms = now.drain_ms;
         Some(spec)
     }
 
@@ -361,6 +367,9 @@ impl Run {
     async fn restart(&mut self, release: &str) -> Result<(), StepError> {
         if let Some(spec) = self.compose_spec(release) {
             let bin = self.compose_bin(release).await?;
+            if !spec.zero_downtime.is_empty() {
+                return self.compose_rollout(release, &spec, &bin).await;
+            }
             let argv = bin.up(Project::of(&spec));
             return self
                 .argv_command(Stage::Restart, "compose-up", &argv, release)
@@ -481,7 +490,7 @@ impl Run {
         }
     }
 
-    fn step(&mut self, stage: Stage, started: Instant, result: Result<String, String>) {
+    pub(super) fn step(&mut self, stage: Stage, started: Instant, result: Result<String, String>) {
         let (success, error, output) = match result {
             Ok(msg) => (true, None, msg),
             Err(e) => (false, Some(e), String::new()),
@@ -497,7 +506,7 @@ impl Run {
         });
     }
 
-    async fn check_health(&mut self) -> Result<(), StepError> {
+    pub(super) async fn check_health(&mut self) -> Result<(), StepError> {
         let Some(mut spec) = self.journal.spec.health.clone() else {
             return Ok(());
         };

@@ -1,0 +1,207 @@
+//! Compose `zero_downtime` (#13 item 2) on the cutover rig ([`ComposeRig`]: sshd, the real
+//! agent, Docker, and a real nginx service in the project routing to `web` by name): ten
+//! deploys, a broken one and a rollback under 150 requests/s through the proxy fail no
+//! request, under Compose v1 and v2; the plain `up --force-recreate` baseline, measured in
+//! the same test, fails some. And the config refusal of a service that publishes a fixed
+//! host port.
+
+use deployctl_e2e::load::LoadReport;
+
+use crate::compose::{Compose, compose_matrix, docker_quiet};
+use crate::cutover::{COMPOSE_FILE, ComposeRig, start_load};
+use crate::support::Site;
+
+/// Deploys of the zero-failure run, and of the baseline measured beside it.
+const DEPLOYS: usize = 10;
+const BASELINE_DEPLOYS: usize = 3;
+
+/// Full ids of `service`'s containers in the rig's project, stopped ones too.
+fn containers(rig: &ComposeRig, service: &str) -> Vec<String> {
+    docker_quiet(&[
+        "ps",
+        "-a",
+        "-q",
+        "--filter",
+        &format!("label=com.docker.compose.project={}", rig.project),
+        "--filter",
+        &format!("label=com.docker.compose.service={service}"),
+    ])
+    .split_whitespace()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// `web` runs as exactly one container, of `image`.
+#[track_caller]
+fn assert_one_web(rig: &ComposeRig, image: &str) {
+    let ids = containers(rig, "web");
+    assert_eq!(
+        ids.len(),
+        1,
+        "web is left at one container: {ids:?}\n{}",
+        rig.logs()
+    );
+    let running = docker_quiet(&[
+        "inspect",
+        "--format",
+        "{{.Config.Image}} {{.State.Status}}",
+        &ids[0],
+    ]);
+    assert_eq!(
+        running.trim(),
+        format!("{image} running"),
+        "the web container"
+    );
+}
+
+fn print_counts(what: &str, zero: &LoadReport, baseline: &LoadReport) {
+    println!(
+        "{what}: zero_downtime: {} failed requests over {DEPLOYS} deploys, a broken deploy \
+         and a rollback; baseline (up --force-recreate): {} failed over {BASELINE_DEPLOYS} \
+         deploys, at 150 requests/s through nginx\nzero_downtime: {zero}\nbaseline: {baseline}",
+        zero.failed, baseline.failed
+    );
+}
+
+compose_matrix!(compose_zero_downtime_through_an_nginx_service_fails_no_request);
+
+fn compose_zero_downtime_through_an_nginx_service_fails_no_request(c: Compose) {
+    let Some(mut rig) = ComposeRig::new(c) else {
+        return;
+    };
+    rig.configure("zero_downtime = [\"web\"]", "");
+    // The first deploy starts everything (there is no old container to go beside).
+    rig.push_ok("v1");
+    let proxy = containers(&rig, "proxy");
+    assert_eq!(proxy.len(), 1, "the proxy runs");
+    // Images first: importing one under load is not what is measured.
+    let versions: Vec<String> = (2..DEPLOYS + 2).map(|i| format!("v{i}")).collect();
+    for v in &versions {
+        rig.image(v, true);
+    }
+    let broken = rig.image("broken", false);
+    let last = versions.last().unwrap().clone();
+
+    let load = start_load(rig.port, "/");
+    for v in &versions {
+        let before = containers(&rig, "web");
+        rig.push_ok(v);
+        let image = rig.image(v, true);
+        assert_one_web(&rig, &image);
+        assert_ne!(
+            containers(&rig, "web"),
+            before,
+            "a new web container serves {v}"
+        );
+    }
+    assert_eq!(
+        containers(&rig, "proxy"),
+        proxy,
+        "the unchanged proxy service was never recreated"
+    );
+
+    // A release whose new container never becomes healthy: exit 1, the old one serves.
+    let out = rig.site.run_env(
+        &["push", "test", "--version", "broken"],
+        &[("E2E_WEB_IMAGE", &broken)],
+    );
+    out.assert_exit(1);
+    assert!(
+        out.stderr.contains("zero-downtime rollout of web stopped")
+            && out.stderr.contains("unhealthy"),
+        "the error says what happened: {}",
+        out.stderr
+    );
+    rig.assert_proxy_serves(&last);
+    let last_image = rig.image(&last, true);
+    assert_one_web(&rig, &last_image);
+
+    // A rollback is the same rollout with the previous release's files.
+    let previous = &versions[versions.len() - 2];
+    rig.site.run(&["rollback", "test"]).assert_success();
+    rig.assert_proxy_serves(previous);
+    let previous_image = rig.image(previous, true);
+    assert_one_web(&rig, &previous_image);
+    let zero = load.stop();
+    assert_eq!(
+        containers(&rig, "proxy"),
+        proxy,
+        "the proxy was never recreated"
+    );
+
+    // The baseline, on the same rig: plain `up --force-recreate`.
+    rig.configure("", "");
+    let load = start_load(rig.port, "/");
+    for i in 0..BASELINE_DEPLOYS {
+        rig.push_ok(&format!("b{i}"));
+    }
+    let baseline = load.stop();
+    print_counts(&format!("compose {}", c.command), &zero, &baseline);
+
+    assert_eq!(
+        zero.failed,
+        0,
+        "zero_downtime failed requests: {zero}\nanswers: {:?}\n{}",
+        zero.served,
+        rig.logs()
+    );
+    assert!(zero.ok > 0, "{zero}");
+    assert!(
+        baseline.failed > 0,
+        "the baseline (up --force-recreate) should fail some requests: {baseline}"
+    );
+}
+
+/// A listed service that publishes a fixed host port is refused before anything is
+/// sent: exit 2, naming the service. Likewise one with no healthcheck, or not defined.
+#[test]
+fn compose_zero_downtime_refuses_a_fixed_host_port_naming_the_service() {
+    let site = Site::local();
+    let published = COMPOSE_FILE.replace(
+        "    stop_signal: SIGKILL\n",
+        "    stop_signal: SIGKILL\n    ports:\n      - \"127.0.0.1:18080:8080\"\n",
+    );
+    assert_ne!(published, COMPOSE_FILE);
+    site.env.write("docker-compose.yml", &published);
+    let config = |services: &str| {
+        site.write_config(
+            "strategy = \"compose\"",
+            &format!(
+                "[defaults.compose]\nfiles = [\"docker-compose.yml\"]\npull = false\n\
+                 zero_downtime = {services}\n"
+            ),
+        )
+    };
+    let push = || site.run(&["push", "test", "--version", "v1"]);
+    config("[\"web\"]");
+    let out = push();
+    out.assert_exit(2);
+    assert!(
+        out.stderr
+            .contains("service `web` publishes the fixed host port 18080"),
+        "{}",
+        out.stderr
+    );
+    // The proxy publishes one too, and has no healthcheck.
+    config("[\"proxy\"]");
+    let out = push();
+    out.assert_exit(2);
+    assert!(out.stderr.contains("service `proxy`"), "{}", out.stderr);
+    config("[\"api\"]");
+    let out = push();
+    out.assert_exit(2);
+    assert!(
+        out.stderr.contains("service `api` is not defined"),
+        "{}",
+        out.stderr
+    );
+    // Nothing reached the server.
+    assert!(
+        !site.deploy_to.join("releases").exists()
+            || std::fs::read_dir(site.deploy_to.join("releases"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "no release was uploaded"
+    );
+}
