@@ -655,12 +655,12 @@ mod tests {
             switched: false,
         };
         // Before the switch the old one serves: the new one goes.
-        assert_eq!(r.leftovers(&now), [new.clone()]);
-        assert_eq!(r.leftovers(&[old.clone()]), Vec::<String>::new());
+        assert_eq!(r.leftovers(&now), vec![new.clone()]);
+        assert!(r.leftovers(std::slice::from_ref(&old)).is_empty());
         // After it the new one serves: the old one goes.
         r.switched = true;
-        assert_eq!(r.leftovers(&now), [old.clone()]);
-        assert_eq!(r.leftovers(&[new.clone()]), Vec::<String>::new());
+        assert_eq!(r.leftovers(&now), vec![old.clone()]);
+        assert!(r.leftovers(std::slice::from_ref(&new)).is_empty());
 
         let dir = tempfile::tempdir().unwrap();
         assert!(Rollout::load(dir.path()).is_none());
