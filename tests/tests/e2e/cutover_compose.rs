@@ -66,8 +66,10 @@ fn print_counts(what: &str, zero: &LoadReport, baseline: &LoadReport) {
 compose_matrix!(compose_zero_downtime_under_load_through_an_nginx_service);
 
 /// NOT YET THE CONTRACT: SPEC.md asks for **zero** failed requests. Measured on this rig
-/// (Docker 20.10): v2 about 25-30 failed requests over the twelve operations, against
-/// about 1000 for three plain deploys; v1 (slower here) 178 against 697. They are 504s
+/// (Docker 20.10, 2 busy cores): v2 23-31 failed requests over the twelve operations
+/// when run alone, 221 when run beside v1, against about 1000 for three plain deploys;
+/// v1 159-178 against 697-899. The bound below is not far from that: it may flake on
+/// a loaded machine. They are 504s
 /// in bursts of about 0.25 s right after `docker network disconnect` of the old
 /// container: nginx connects to the old address alone (one "timed out" line per request,
 /// no second peer tried), although the new container joined the name 2-4 s earlier (a 3 s
