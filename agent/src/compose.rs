@@ -10,6 +10,28 @@
 //! v1 (`docker-compose`) and v2 (`docker compose`) take the same global flags
 //! (`-p`, `-f`, `--env-file`, before the subcommand) and the same subcommand flags for
 //! what we use, so the two differ only in the program prefix. Detection tries v2 first.
+//!
+//! # Zero-downtime rollout (`zero_downtime = ["web"]`)
+//!
+//! The argvs and the on-disk record of a rollout are here; the driver that runs them is
+//! [`crate::deploy`]'s `compose_rollout`. For each listed service, docker-rollout's way:
+//!
+//! 1. the unlisted services: [`Compose::up_services`] (`up -d --remove-orphans --no-deps
+//!    S...`, no `--force-recreate`: compose recreates only what changed, so an unchanged
+//!    proxy keeps serving);
+//! 2. [`Compose::scale_up`] (`up -d --no-deps --no-recreate --scale web=N+1 web`) with the
+//!    new release's files: a second container beside the old one (v1 names it
+//!    `project_web_2`, v2 `project-web-2`: containers are found by their labels, never by
+//!    name, [`service_containers`]);
+//! 3. wait until Docker says the new one is healthy ([`health_status`]), and the health
+//!    URL (through the proxy) answers;
+//! 4. [`network_disconnect`] the old one from each of its networks (it leaves Docker's DNS,
+//!    so the proxy stops resolving to it), wait `drain`, [`stop`] and [`remove`] it.
+//!
+//! A failure before step 4 removes the new container: the old one never stopped serving.
+//! [`Rollout`] is written to `.deploy/compose-rollout.json` before step 2 and again before
+//! step 4, so a rollout the agent did not finish is finished or undone by the next one
+//! ([`Rollout::leftovers`]): at most one extra container is left, and it is removed.
 
 use std::future::Future;
 use std::path::Path;
@@ -101,6 +123,37 @@ impl Compose {
         self.project(p, &["up", "-d", "--force-recreate", "--remove-orphans"])
     }
 
+    /// The unlisted services of a zero-downtime deploy: started or recreated only when
+    /// their config changed, never their dependencies.
+    pub fn up_services(&self, p: Project<'_>, services: &[String]) -> Vec<String> {
+        let mut argv = self.project(p, &["up", "-d", "--remove-orphans", "--no-deps"]);
+        argv.extend(services.iter().cloned());
+        argv
+    }
+
+    /// A zero-downtime service: `count` containers of `service`, the existing ones kept
+    /// as they are (the new one runs with these files).
+    pub fn scale_up(&self, p: Project<'_>, service: &str, count: usize) -> Vec<String> {
+        let scale = format!("{service}={count}");
+        self.project(
+            p,
+            &[
+                "up",
+                "-d",
+                "--no-deps",
+                "--no-recreate",
+                "--scale",
+                &scale,
+                service,
+            ],
+        )
+    }
+
+    /// The services the files define, one per line.
+    pub fn services(&self, p: Project<'_>) -> Vec<String> {
+        self.project(p, &["config", "--services"])
+    }
+
     /// Every container of the project, stopped ones too (v2 hides them without `-a`).
     pub fn ps(&self, p: Project<'_>) -> Vec<String> {
         self.project(p, &["ps", "-a"])
@@ -170,6 +223,153 @@ pub fn project_containers(project: &str) -> Vec<String> {
         .to_vec();
     argv.push(format!("label=com.docker.compose.project={project}"));
     argv
+}
+
+/// Full ids of every container of `service` in `project` (not `run` one-offs), stopped
+/// ones too.
+pub fn service_containers(project: &str, service: &str) -> Vec<String> {
+    let mut argv: Vec<String> = ["docker", "ps", "-a", "-q", "--no-trunc"]
+        .map(str::to_owned)
+        .to_vec();
+    for label in [
+        format!("com.docker.compose.project={project}"),
+        format!("com.docker.compose.service={service}"),
+        "com.docker.compose.oneoff=False".to_owned(),
+    ] {
+        argv.extend(["--filter".to_owned(), format!("label={label}")]);
+    }
+    argv
+}
+
+/// `<status> <health>` of one container; health is `none` without a healthcheck.
+pub fn health_status(id: &str) -> Vec<String> {
+    vec![
+        "docker".into(),
+        "inspect".into(),
+        "--format".into(),
+        "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}".into(),
+        id.into(),
+    ]
+}
+
+/// What [`health_status`] printed, judged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    /// Not yet: `starting`, or `created`.
+    Waiting,
+    /// Will not become healthy: why.
+    Failed(String),
+}
+
+pub fn judge_health(output: &str) -> Health {
+    let line = output
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    let mut f = line.split_whitespace();
+    let (status, health) = (f.next().unwrap_or(""), f.next().unwrap_or(""));
+    match (status, health) {
+        ("running", "healthy") => Health::Healthy,
+        ("running" | "created" | "restarting", "starting") | ("created", _) => Health::Waiting,
+        ("running", "none") => {
+            Health::Failed("it has no healthcheck (a zero_downtime service needs one)".into())
+        }
+        ("running", "unhealthy") => Health::Failed("Docker reports it unhealthy".into()),
+        (s, _) if !s.is_empty() => Health::Failed(format!("it is {s}, not running")),
+        _ => Health::Failed(format!("docker inspect said {line:?}")),
+    }
+}
+
+/// The networks a container is attached to, space separated.
+pub fn networks(id: &str) -> Vec<String> {
+    vec![
+        "docker".into(),
+        "inspect".into(),
+        "--format".into(),
+        "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}".into(),
+        id.into(),
+    ]
+}
+
+/// Takes a container out of `network` (and out of Docker's DNS for it).
+pub fn network_disconnect(network: &str, id: &str) -> Vec<String> {
+    ["docker", "network", "disconnect", network, id]
+        .map(str::to_owned)
+        .to_vec()
+}
+
+/// Stops a container with its own stop signal and grace period.
+pub fn stop(id: &str) -> Vec<String> {
+    ["docker", "stop", id].map(str::to_owned).to_vec()
+}
+
+pub fn remove(ids: &[String]) -> Vec<String> {
+    let mut argv: Vec<String> = ["docker", "rm", "-f"].map(str::to_owned).to_vec();
+    argv.extend(ids.iter().cloned());
+    argv
+}
+
+/// The last log lines of one container.
+pub fn container_logs(id: &str) -> Vec<String> {
+    let tail = LOG_LINES.to_string();
+    ["docker", "logs", "--tail", &tail, id]
+        .map(str::to_owned)
+        .to_vec()
+}
+
+/// The container ids in a command's output (the log holds stderr too).
+pub fn ids_in(output: &str) -> Vec<String> {
+    output
+        .split_whitespace()
+        .filter(|w| w.len() >= 12 && w.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The drain when the spec sets none: over nginx's `resolver ... valid=1s`.
+pub const DEFAULT_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A zero-downtime rollout of one service in flight, on disk while it runs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rollout {
+    pub service: String,
+    /// The containers serving before the rollout.
+    pub old: Vec<String>,
+    /// Set just before the old containers leave the network: from then on the new one
+    /// serves, and finishing means removing the old ones.
+    pub switched: bool,
+}
+
+impl Rollout {
+    pub fn path(state_dir: &Path) -> std::path::PathBuf {
+        state_dir.join("compose-rollout.json")
+    }
+
+    pub fn save(&self, state_dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(state_dir)?;
+        crate::release::layout::write_atomic(&Self::path(state_dir), &serde_json::to_vec(self)?)
+    }
+
+    pub fn load(state_dir: &Path) -> Option<Rollout> {
+        let text = std::fs::read_to_string(Self::path(state_dir)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    pub fn clear(state_dir: &Path) {
+        let _ = std::fs::remove_file(Self::path(state_dir));
+    }
+
+    /// The containers to remove when this rollout was interrupted and `now` are the
+    /// service's containers: before the switch, whatever it started (the old ones still
+    /// serve); after it, the old ones (the new one serves).
+    pub fn leftovers(&self, now: &[String]) -> Vec<String> {
+        now.iter()
+            .filter(|id| self.old.contains(id) == self.switched)
+            .cloned()
+            .collect()
+    }
 }
 
 /// One line per container: `<service> <status> [<health>]`.
@@ -324,6 +524,8 @@ mod tests {
             project: "myapp".into(),
             pull: true,
             command: None,
+            zero_downtime: Vec::new(),
+            drain_ms: None,
         }
     }
 
@@ -381,6 +583,92 @@ mod tests {
             words(&c.logs(p, &[])),
             "docker-compose -p myapp -f docker-compose.yml logs --tail 50 --no-color"
         );
+    }
+
+    #[test]
+    fn zero_downtime_argv() {
+        let s = spec();
+        let p = Project::of(&s);
+        let base = "-p myapp -f docker-compose.yml -f compose.production.yml \
+                    --env-file .env.production";
+        for (c, bin) in [
+            (Compose::v2(), "docker compose"),
+            (Compose::v1(), "docker-compose"),
+        ] {
+            assert_eq!(
+                words(&c.scale_up(p, "web", 2)),
+                format!("{bin} {base} up -d --no-deps --no-recreate --scale web=2 web")
+            );
+            assert_eq!(
+                words(&c.up_services(p, &["proxy".into(), "db".into()])),
+                format!("{bin} {base} up -d --remove-orphans --no-deps proxy db")
+            );
+            assert_eq!(
+                words(&c.services(p)),
+                format!("{bin} {base} config --services")
+            );
+        }
+        assert_eq!(
+            words(&service_containers("myapp", "web")),
+            "docker ps -a -q --no-trunc --filter label=com.docker.compose.project=myapp \
+             --filter label=com.docker.compose.service=web \
+             --filter label=com.docker.compose.oneoff=False"
+        );
+        assert_eq!(
+            words(&network_disconnect("myapp_default", "abc")),
+            "docker network disconnect myapp_default abc"
+        );
+        assert_eq!(
+            words(&remove(&["a".into(), "b".into()])),
+            "docker rm -f a b"
+        );
+    }
+
+    #[test]
+    fn health_status_is_judged() {
+        assert_eq!(judge_health("running healthy\n"), Health::Healthy);
+        assert_eq!(judge_health("running starting\n"), Health::Waiting);
+        assert_eq!(judge_health("created none\n"), Health::Waiting);
+        for bad in [
+            "running unhealthy",
+            "exited unhealthy",
+            "exited none",
+            "running none",
+            "",
+        ] {
+            assert!(
+                matches!(judge_health(bad), Health::Failed(_)),
+                "{bad:?}: {:?}",
+                judge_health(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn an_unfinished_rollout_leaves_one_side_and_removes_the_other() {
+        let old = "aaaaaaaaaaaa".to_owned();
+        let new = "bbbbbbbbbbbb".to_owned();
+        let now = [old.clone(), new.clone()];
+        let mut r = Rollout {
+            service: "web".into(),
+            old: vec![old.clone()],
+            switched: false,
+        };
+        // Before the switch the old one serves: the new one goes.
+        assert_eq!(r.leftovers(&now), vec![new.clone()]);
+        assert!(r.leftovers(std::slice::from_ref(&old)).is_empty());
+        // After it the new one serves: the old one goes.
+        r.switched = true;
+        assert_eq!(r.leftovers(&now), vec![old.clone()]);
+        assert!(r.leftovers(std::slice::from_ref(&new)).is_empty());
+
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Rollout::load(dir.path()).is_none());
+        r.save(dir.path()).unwrap();
+        assert_eq!(Rollout::load(dir.path()), Some(r));
+        Rollout::clear(dir.path());
+        assert!(Rollout::load(dir.path()).is_none());
+        assert_eq!(ids_in("Error x\nabcdef0123456789\n"), ["abcdef0123456789"]);
     }
 
     #[test]

@@ -227,6 +227,8 @@ mod tests {
             project: "shop".into(),
             pull: false,
             command: None,
+            zero_downtime: Vec::new(),
+            drain_ms: None,
         };
         let argv = compose_argv(
             &Compose::v2(),

@@ -28,6 +28,11 @@
 //! line and column, found before anything is sent. Compose would find it on the server
 //! too, but v2 names neither the file nor (go-yaml's count is off by one) the right line.
 //!
+//! `zero_downtime` services are checked against the files before anything is sent
+//! ([`check_zero_downtime`]): each must be defined, define a healthcheck, and not
+//! publish a fixed host port nor set `container_name` (two containers of it run side by
+//! side during a deploy). A failure is a usage error (exit 2) naming the service.
+//!
 //! The archive is deterministic (fixed mtime and modes), so the same inputs give the
 //! same sha256.
 
@@ -116,6 +121,23 @@ pub fn bundle_with(
         })?;
         entries.push((name.clone(), data));
     }
+    if !env.compose.zero_downtime.is_empty() {
+        let files: Vec<(String, String)> = env
+            .compose
+            .files
+            .iter()
+            .zip(&entries)
+            .map(|(p, (_, data))| {
+                (
+                    p.display().to_string(),
+                    String::from_utf8_lossy(data).into_owned(),
+                )
+            })
+            .collect();
+        check_zero_downtime(&env.compose.zero_downtime, &files).map_err(|e| {
+            Failure::usage(format!("compose.zero_downtime: {e}; nothing was changed"))
+        })?;
+    }
     if let (Some(path), Some(name)) = (&env.compose.env_file, &env_name) {
         let text = String::from_utf8(read(path, "env file")?)
             .map_err(|_| Failure::usage(format!("env file {}: not UTF-8 text", path.display())))?;
@@ -159,6 +181,102 @@ pub fn check_yaml(data: &[u8]) -> Result<(), String> {
                 e.marker().col() + 1
             )
         })
+}
+
+/// Checks each `zero_downtime` service against the compose `files` (name, text; merged
+/// in order, as compose merges them): it is defined, has a healthcheck (`test`, not
+/// `disable: true`), publishes no fixed host port (`"8080:80"`, `"127.0.0.1:8080:80"`,
+/// `published: 8080`; a container-only `"80"` or `"127.0.0.1::80"` is fine) and sets no
+/// `container_name`. The error names the service and the file.
+pub fn check_zero_downtime(services: &[String], files: &[(String, String)]) -> Result<(), String> {
+    use yaml_rust2::{Yaml, YamlLoader};
+    let mut docs = Vec::new();
+    for (name, text) in files {
+        let doc = YamlLoader::load_from_str(text)
+            .map_err(|e| format!("{name}: not valid YAML: {e}"))?
+            .into_iter()
+            .next()
+            .unwrap_or(Yaml::Null);
+        docs.push((name, doc));
+    }
+    let all = files
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    for service in services {
+        let defs: Vec<(&String, &Yaml)> = docs
+            .iter()
+            .filter_map(|(file, doc)| {
+                let def = &doc["services"][service.as_str()];
+                (!def.is_badvalue() && !def.is_null()).then_some((*file, def))
+            })
+            .collect();
+        if defs.is_empty() {
+            return Err(format!(
+                "service `{service}` is not defined in the compose files ({all})"
+            ));
+        }
+        let mut healthcheck = false;
+        for (file, def) in &defs {
+            if let Some(name) = def["container_name"].as_str() {
+                return Err(format!(
+                    "service `{service}` sets container_name `{name}` ({file}): two \
+                     containers of it run side by side during a deploy, so it cannot \
+                     have a fixed name"
+                ));
+            }
+            if let Some(ports) = def["ports"].as_vec() {
+                for p in ports {
+                    if let Some(fixed) = fixed_host_port(p) {
+                        return Err(format!(
+                            "service `{service}` publishes the fixed host port {fixed} \
+                             ({file}): two containers of it run side by side during a \
+                             deploy and cannot both bind it; publish no host port and \
+                             route to it by service name through a proxy service"
+                        ));
+                    }
+                }
+            }
+            let h = &def["healthcheck"];
+            if !h.is_badvalue() && !h.is_null() {
+                healthcheck = h["disable"].as_bool() != Some(true) && !h["test"].is_badvalue();
+            }
+        }
+        if !healthcheck {
+            return Err(format!(
+                "service `{service}` defines no healthcheck in the compose files ({all}): \
+                 a new container must report healthy before the old one leaves; add a \
+                 `healthcheck:` with a `test`"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The host port an entry of `ports:` publishes, when it fixes one.
+fn fixed_host_port(p: &yaml_rust2::Yaml) -> Option<String> {
+    use yaml_rust2::Yaml;
+    match p {
+        // `- 80`: a container port; Docker picks the host port.
+        Yaml::Integer(_) => None,
+        Yaml::String(s) => {
+            let s = s.split('/').next().unwrap_or(s);
+            // `[HOST_IP:]HOST_PORT:CONTAINER_PORT`; HOST_IP may be `[::1]`.
+            let (host, _container) = s.rsplit_once(':')?;
+            let port = match host.rsplit_once(':') {
+                Some((_ip, port)) => port,
+                None => host,
+            };
+            (!port.is_empty()).then(|| port.to_owned())
+        }
+        Yaml::Hash(_) => match &p["published"] {
+            Yaml::Integer(n) => Some(n.to_string()),
+            Yaml::String(s) if !s.is_empty() => Some(s.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, Failure> {
@@ -340,6 +458,88 @@ fn render_line(line: &str, getenv: &dyn Fn(&str) -> Option<String>) -> Result<Re
         brace_values,
         kept_dollar,
     })
+}
+
+#[cfg(test)]
+mod zero_downtime_tests {
+    use super::*;
+
+    const BASE: &str = "services:
+  web:
+    image: web
+    ports: [\"8080\", \"127.0.0.1::81\", 82]
+    healthcheck:
+      test: [\"CMD\", \"true\"]
+  proxy:
+    image: nginx
+    ports: [\"127.0.0.1:8000:80\"]
+";
+
+    fn check(services: &[&str], files: &[&str]) -> Result<(), String> {
+        let services: Vec<String> = services.iter().map(|s| (*s).to_owned()).collect();
+        let files: Vec<(String, String)> = files
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("f{i}.yml"), (*t).to_owned()))
+            .collect();
+        check_zero_downtime(&services, &files)
+    }
+
+    #[test]
+    fn a_service_with_a_healthcheck_and_container_ports_only_passes() {
+        assert_eq!(check(&["web"], &[BASE]), Ok(()));
+    }
+
+    #[test]
+    fn fixed_host_ports_are_refused_naming_the_service() {
+        for ports in [
+            "[\"8080:80\"]",
+            "[\"127.0.0.1:8080:80\"]",
+            "[\"[::1]:8080:80/tcp\"]",
+            "[{target: 80, published: 8080}]",
+            "[{target: 80, published: \"8080\"}]",
+        ] {
+            let over = format!("services:\n  web:\n    ports: {ports}\n");
+            let e = check(&["web"], &[BASE, &over]).unwrap_err();
+            assert!(
+                e.contains("service `web` publishes the fixed host port 8080"),
+                "{e}"
+            );
+            assert!(e.contains("f1.yml"), "{e}");
+        }
+        // The proxy publishes a fixed port, and is not listed: fine.
+        assert_eq!(check(&["web"], &[BASE]), Ok(()));
+        let e = check(&["proxy"], &[BASE]).unwrap_err();
+        assert!(
+            e.contains("service `proxy` publishes the fixed host port 8000"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_missing_or_disabled_healthcheck_is_refused() {
+        let none = "services:\n  web:\n    image: web\n";
+        let e = check(&["web"], &[none]).unwrap_err();
+        assert!(e.contains("service `web` defines no healthcheck"), "{e}");
+        let disabled = "services:\n  web:\n    healthcheck:\n      disable: true\n";
+        let e = check(&["web"], &[BASE, disabled]).unwrap_err();
+        assert!(e.contains("service `web` defines no healthcheck"), "{e}");
+        // Defined in a later file is enough.
+        let later = "services:\n  web:\n    healthcheck:\n      test: [\"CMD\", \"true\"]\n";
+        assert_eq!(check(&["web"], &[none, later]), Ok(()));
+    }
+
+    #[test]
+    fn an_unknown_service_or_a_container_name_is_refused() {
+        let e = check(&["api"], &[BASE]).unwrap_err();
+        assert!(e.contains("service `api` is not defined"), "{e}");
+        let named = "services:\n  web:\n    container_name: web1\n";
+        let e = check(&["web"], &[BASE, named]).unwrap_err();
+        assert!(
+            e.contains("service `web` sets container_name `web1`"),
+            "{e}"
+        );
+    }
 }
 
 #[cfg(test)]

@@ -516,6 +516,10 @@ pub struct ComposeConfig {
     pub pull: bool,
     /// `"docker compose"` or `"docker-compose"`; none = detect.
     pub compose_command: Option<String>,
+    /// `zero_downtime = ["web"]`: services rolled out beside the old container instead
+    /// of recreated. Default `[]`. Each must define a healthcheck and publish no fixed
+    /// host port: checked against the compose files (`compose.rs`) before a push.
+    pub zero_downtime: Vec<String>,
 }
 
 /// Review apps: present when `instances = true`.
@@ -1188,6 +1192,7 @@ impl ComposeLayer {
             project,
             pull: r.boolean(&self.pull, true),
             compose_command: r.opt_string(&self.compose_command)?,
+            zero_downtime: zero_downtime(r, &self.zero_downtime)?,
         })
     }
 }
@@ -1554,6 +1559,7 @@ layers! {
         project: Opt<String>,
         pull: Opt<bool>,
         compose_command: Opt<String>,
+        zero_downtime: List,
     }
 
     struct CutoverLayer {
@@ -2069,6 +2075,32 @@ fn check_deploy_to(s: &str) -> Result<(), String> {
 }
 
 /// A path inside the release: relative, no `..`.
+/// `compose.zero_downtime`: compose service names (`[a-zA-Z0-9._-]`), each once. Whether
+/// the files define them, with a healthcheck and no fixed host port, is checked against
+/// the files themselves before a push (`compose.rs`).
+fn zero_downtime(r: &Resolver<'_>, v: &List) -> Result<Vec<String>, ConfigError> {
+    let names = r.list(v, |s| {
+        let ok = !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{s}` is not a compose service name (letters, digits, `.`, `_`, `-`)"
+            ))
+        }
+    })?;
+    let names = names.unwrap_or_default();
+    for (i, n) in names.iter().enumerate() {
+        if names[..i].contains(n) {
+            let v = v.as_ref().expect("names came from a value");
+            return Err(v.invalid(format!("service `{n}` is listed twice")));
+        }
+    }
+    Ok(names)
+}
+
 fn check_relative(s: &str) -> Result<(), String> {
     if s.is_empty() {
         return Err("empty path".into());
@@ -2436,6 +2468,7 @@ hosts = ["staging-1"]
                 project: "myapp".into(),
                 pull: true,
                 compose_command: None,
+                zero_downtime: vec![],
             }
         );
         assert_eq!(edge.user, "deploy");

@@ -70,6 +70,9 @@ pub fn release_spec(env: &Environment) -> ReleaseSpec {
             project: env.compose.project.clone(),
             pull: env.compose.pull,
             command: env.compose.compose_command.clone(),
+            zero_downtime: env.compose.zero_downtime.clone(),
+            // The agent's default; `[cutover] drain` is meant to set it.
+            drain_ms: None,
         });
     }
     spec

@@ -222,6 +222,8 @@ mod tests {
                     project: "shop".into(),
                     pull: false,
                     command: Some("docker compose".into()),
+                    zero_downtime: Vec::new(),
+                    drain_ms: None,
                 },
             },
             json!({"kind": "compose", "compose": {"files": ["compose.yml"], "env_file": null,

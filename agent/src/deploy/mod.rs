@@ -14,7 +14,10 @@
 //! - [`error`]: [`StepError`], what a step fails with.
 //! - [`watch`]: the watch after go-live (`health.watch`): its state on disk, its task,
 //!   and its rollback by the agent alone.
+//! - `compose_rollout`: compose `zero_downtime`'s restart (a new container beside the old
+//!   one, healthy, then the old one retired), called by the restart step.
 
+mod compose_rollout;
 pub mod error;
 pub mod journal;
 pub mod machine;

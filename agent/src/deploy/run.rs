@@ -90,6 +90,9 @@ pub struct Run {
     /// `slot.json` saying so (a `switch` ran, or the agent died in one): a rollback
     /// then points it at the old slot again.
     pub proxy_maybe_moved: bool,
+    /// Compose `zero_downtime`: the listed services whose old container this run has not
+    /// replaced (set once a rollout began): a rollback leaves them as they are.
+    pub(super) compose_untouched: Option<super::compose_rollout::Untouched>,
     /// Held until the run ends.
     _lock: Arc<LockGuard>,
 }
@@ -115,6 +118,7 @@ impl Run {
             started: Instant::now(),
             compose: None,
             proxy_maybe_moved: matches!(phase, Phase::Routing | Phase::RollingBack),
+            compose_untouched: None,
             _lock: lock,
         }
     }
@@ -237,7 +241,7 @@ impl Run {
 
     /// Runs an agent command (compose, docker) in `release`'s dir; reports nothing.
     /// `name` keeps its log apart: `.deploy/logs/<deploy>.<name>.<release>.log`.
-    async fn exec_argv(
+    pub(super) async fn exec_argv(
         &self,
         stage: Stage,
         name: &str,
@@ -271,7 +275,7 @@ impl Run {
 
     /// Like [`Run::command`] for an agent command: shown, reported, and on failure an
     /// error that carries the end of its output.
-    async fn argv_command(
+    pub(super) async fn argv_command(
         &mut self,
         stage: Stage,
         name: &str,
@@ -309,6 +313,8 @@ impl Run {
         spec.project = ports::compose_project(&self.journal.app, &now.project);
         spec.command = now.command;
         spec.pull = now.pull;
+        spec.zero_downtime = now.zero_downtime;
+        spec.drain_ms = now.drain_ms;
         Some(spec)
     }
 
@@ -426,6 +432,9 @@ impl Run {
     async fn restart(&mut self, release: &str) -> Result<(), StepError> {
         if let Some(spec) = self.compose_spec(release) {
             let bin = self.compose_bin(release).await?;
+            if !spec.zero_downtime.is_empty() {
+                return self.compose_rollout(release, &spec, &bin).await;
+            }
             let argv = bin.up(Project::of(&spec));
             return self
                 .argv_command(Stage::Restart, "compose-up", &argv, release)
@@ -546,7 +555,7 @@ impl Run {
         }
     }
 
-    fn step(&mut self, stage: Stage, started: Instant, result: Result<String, String>) {
+    pub(super) fn step(&mut self, stage: Stage, started: Instant, result: Result<String, String>) {
         let (success, error, output) = match result {
             Ok(msg) => (true, None, msg),
             Err(e) => (false, Some(e), String::new()),
@@ -562,7 +571,7 @@ impl Run {
         });
     }
 
-    async fn check_health(&mut self) -> Result<(), StepError> {
+    pub(super) async fn check_health(&mut self) -> Result<(), StepError> {
         let port = self.journal.slots.map(|s| s.new);
         self.check_health_on(port).await
     }

@@ -251,6 +251,7 @@ fn sections(env: &Environment, var: &dyn Fn(&str) -> Option<String>) -> Vec<Sect
                 ("project", json!(c.project)),
                 ("pull", json!(c.pull)),
                 ("compose_command", json!(c.compose_command)),
+                ("zero_downtime", json!(c.zero_downtime)),
             ]),
         ));
     }

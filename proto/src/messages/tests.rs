@@ -67,6 +67,8 @@ fn compose_spec() -> ReleaseSpec {
             project: "myapp".into(),
             pull: true,
             command: None,
+            zero_downtime: Vec::new(),
+            drain_ms: None,
         }),
         ..spec()
     }
@@ -379,6 +381,30 @@ fn compose_push_and_rollback() {
     let mut spec_json = compose_spec_json();
     spec_json["compose"]["command"] = json!("docker-compose");
     spec_json["compose"]["pull"] = json!(false);
+    golden(
+        Request::Rollback(Rollback {
+            app: app(),
+            to: None,
+            holder: "alice@laptop".into(),
+            spec,
+        }),
+        json!({"type": "rollback", "params": {
+            "app": app_json(), "to": null, "holder": "alice@laptop", "spec": spec_json,
+        }}),
+    );
+}
+
+#[test]
+fn compose_zero_downtime() {
+    // Optional: absent from the wire when not set (the goldens above), present when set.
+    let mut spec = compose_spec();
+    if let Some(c) = spec.compose.as_mut() {
+        c.zero_downtime = vec!["web".into(), "api".into()];
+        c.drain_ms = Some(5000);
+    }
+    let mut spec_json = compose_spec_json();
+    spec_json["compose"]["zero_downtime"] = json!(["web", "api"]);
+    spec_json["compose"]["drain_ms"] = json!(5000);
     golden(
         Request::Rollback(Rollback {
             app: app(),

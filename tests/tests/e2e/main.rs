@@ -7,6 +7,7 @@ mod check;
 mod cli_ux;
 mod compose;
 mod cutover;
+mod cutover_compose;
 mod cutover_slots;
 mod dayops;
 mod delta;
