@@ -454,10 +454,20 @@ request_timeout = "2s"
         self.assert_proxy_serves(version);
     }
 
-    /// `GET /` through the proxy answers 200 with `version`.
+    /// `GET /` through the proxy answers 200 with `version`, within 5 s of the deploy's
+    /// end: a plain `up --force-recreate` also recreates the proxy, whose resolver may
+    /// still hold the old container's address for a moment (the load generator, not this
+    /// check, counts what fails meanwhile).
     #[track_caller]
     pub(crate) fn assert_proxy_serves(&self, version: &str) {
-        let (code, body) = nginx::http_get(self.port, "/", Duration::from_secs(5));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let (code, body) = loop {
+            let (code, body) = nginx::http_get(self.port, "/", Duration::from_secs(5));
+            if (code, body.trim()) == (200, version) || std::time::Instant::now() >= deadline {
+                break (code, body);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
         assert_eq!(
             (code, body.trim()),
             (200, version),
