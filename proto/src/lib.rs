@@ -32,7 +32,12 @@ pub use messages::*;
 ///
 /// 3: `AppRef.instance` (an agent speaking 2 would deploy a review-app instance over
 /// the app itself), `Destroy`, `Instances`, history actions `destroy` and `expire`.
-pub const PROTOCOL_VERSION: u32 = 3;
+///
+/// 4: `ReleaseSpec` hooks and notifications, `[cutover]` slots, `[health] watch`,
+/// `compose.zero_downtime`, `DeltaPlan`, `Logs`, `Exec` (an agent speaking 3 would ignore the
+/// hooks and the cutover and restart the app in place, and would drop the connection on
+/// `logs`/`exec`).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Size of one binary frame of file data. 1 MiB measured well over SSH channels.
 pub const CHUNK_SIZE: usize = 1024 * 1024;
