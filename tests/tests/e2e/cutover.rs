@@ -30,13 +30,11 @@
 //! of the project too: recreating it (as `up --force-recreate` does today) is a gap of its
 //! own: the compose baseline's connect errors come from it (its 502/504s from `web`).
 //!
-//! Measured by hand once on this rig (Compose v2, 150 requests/s through the proxy): `up
-//! -d --no-deps --no-recreate --scale web=2 web`, wait until the new container is healthy,
-//! `docker network disconnect` the old one (its name leaves Docker's DNS), wait 2 s (over
-//! the proxy's `valid=1s`), then stop and remove it: no request failed. With a 2 s
-//! `proxy_connect_timeout` the same steps failed about 45 (nginx still sent requests to
-//! the cached old address and waited out the connect timeout, past the load's 2 s bound),
-//! hence the image's 250 ms. Not tried: 250 ms without the disconnect and the wait.
+//! What the compose proxy needs (measured on this rig, see `cutover_compose.rs` and
+//! `tests/nginx/build-image`): a stopped container's address stays in nginx's resolver
+//! cache for up to 2 s and a connect to it gets no answer, hence the image's 250 ms
+//! `proxy_connect_timeout` (nginx moves the request on to the new container); with 2 s,
+//! requests waited past the load's 2 s bound.
 
 use std::io::Write;
 use std::process::{Command, Stdio};

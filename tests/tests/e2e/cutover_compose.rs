@@ -2,8 +2,10 @@
 //! agent, Docker, and a real nginx service in the project routing to `web` by name): ten
 //! deploys, a broken one and a rollback under 150 requests/s through the proxy fail no
 //! request, under Compose v1 and v2; the plain `up --force-recreate` baseline, measured in
-//! the same test, fails some. And the config refusal of a service that publishes a fixed
-//! host port.
+//! the same test, fails some. The agent killed (SIGKILL) mid-rollout, while the new
+//! container starts or while both drain, and started again leaves exactly one `web`
+//! container, of the new release, behind the proxy. And the config refusal of a service
+//! that publishes a fixed host port.
 
 use std::thread;
 use std::time::{Duration, Instant};
