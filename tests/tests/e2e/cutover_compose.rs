@@ -78,14 +78,18 @@ compose_matrix!(
 /// deploys, a broken one and a rollback, with the plain baseline printed beside it.
 ///
 /// What made it fail before (62-87 failed requests for v2, about 160 for v1), found with
-/// the proxy's access log and the kernel's counters: (1) `docker network disconnect` of
-/// the old container black-holed the requests in flight on it (no reset reaches nginx,
-/// which waits its read timeout past the load's 2 s): the agent now keeps it attached,
-/// drains with both serving, then `docker stop`s it (SIGQUIT here: in-flight requests
-/// finish); (2) the 504 bursts were busybox httpd's listen backlog of 9 overflowing while
-/// a container start starved it (ListenOverflows matched the 504 count one for one): a
-/// dropped SYN is retried by Linux after 1 s, past the proxy's 250 ms connect timeout.
-/// The web app is now nginx (backlog 511). See tests/nginx/build-image.
+/// the proxy's access log and the kernel's counters:
+/// 1. The agent ran `docker network disconnect` on the old container right after the new
+///    one was healthy. nginx's cached answer (`valid=1s`, whole seconds: up to 2 s old)
+///    could still hold the old address alone, now black-holed: 504s until it looked the
+///    name up again; and the requests in flight on the old container were cut without a
+///    reset (nginx waits its read timeout, past the load's 2 s). The agent now drains with
+///    both serving, then `docker stop`s the old one (SIGQUIT here: in-flight requests
+///    finish). Checked: the old sequence on today's rig failed 21 (19 504s, 2 timeouts).
+/// 2. busybox httpd's listen backlog of 9 overflowed while a container start starved it
+///    (ListenOverflows matched the 504 count one for one): a dropped SYN is retried after
+///    1 s, past the proxy's 250 ms connect timeout. The web app is now nginx (backlog
+///    511), see tests/nginx/build-image.
 fn compose_zero_downtime_under_load_through_an_nginx_service(c: Compose) {
     let Some(mut rig) = ComposeRig::new(c) else {
         return;
