@@ -25,8 +25,15 @@
 //!    name, [`service_containers`]);
 //! 3. wait until Docker says the new one is healthy ([`health_status`]), and the health
 //!    URL (through the proxy) answers;
-//! 4. [`network_disconnect`] the old one from each of its networks (it leaves Docker's DNS,
-//!    so the proxy stops resolving to it), wait `drain`, [`stop`] and [`remove`] it.
+//! 4. wait `drain` (`compose.drain`, default [`DEFAULT_DRAIN`]) with both containers
+//!    serving: the proxy looks the name up again within its `valid` and learns the new
+//!    address; then [`stop`] the old one (its stop signal and grace period: in-flight
+//!    requests finish; it leaves Docker's DNS when its process exits) and [`remove`] it.
+//!    It is not `docker network disconnect`ed first: that black-holes the connections in
+//!    flight (no reset reaches the proxy), measured as failed requests on every rollout.
+//!    After the stop the proxy may still hold the old address for up to its `valid`: a
+//!    connect to it gets no answer, so the proxy needs a short connect timeout to move on
+//!    to the new address (docs/cutover.md).
 //!
 //! A failure before step 4 removes the new container: the old one never stopped serving.
 //! [`Rollout`] is written to `.deploy/compose-rollout.json` before step 2 and again before
@@ -282,24 +289,6 @@ pub fn judge_health(output: &str) -> Health {
     }
 }
 
-/// The networks a container is attached to, space separated.
-pub fn networks(id: &str) -> Vec<String> {
-    vec![
-        "docker".into(),
-        "inspect".into(),
-        "--format".into(),
-        "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}".into(),
-        id.into(),
-    ]
-}
-
-/// Takes a container out of `network` (and out of Docker's DNS for it).
-pub fn network_disconnect(network: &str, id: &str) -> Vec<String> {
-    ["docker", "network", "disconnect", network, id]
-        .map(str::to_owned)
-        .to_vec()
-}
-
 /// Stops a container with its own stop signal and grace period.
 pub fn stop(id: &str) -> Vec<String> {
     ["docker", "stop", id].map(str::to_owned).to_vec()
@@ -328,7 +317,8 @@ pub fn ids_in(output: &str) -> Vec<String> {
         .collect()
 }
 
-/// The drain when the spec sets none: over nginx's `resolver ... valid=1s`.
+/// The drain when the spec sets none (`compose.drain`): over nginx's `resolver ...
+/// valid=1s`, which caches an answer for up to two seconds (whole seconds).
 pub const DEFAULT_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A zero-downtime rollout of one service in flight, on disk while it runs.
@@ -337,7 +327,7 @@ pub struct Rollout {
     pub service: String,
     /// The containers serving before the rollout.
     pub old: Vec<String>,
-    /// Set just before the old containers leave the network: from then on the new one
+    /// Set once the new container is healthy, before the drain: from then on the new one
     /// serves, and finishing means removing the old ones.
     pub switched: bool,
 }
@@ -614,10 +604,7 @@ mod tests {
              --filter label=com.docker.compose.service=web \
              --filter label=com.docker.compose.oneoff=False"
         );
-        assert_eq!(
-            words(&network_disconnect("myapp_default", "abc")),
-            "docker network disconnect myapp_default abc"
-        );
+        assert_eq!(words(&stop("abc")), "docker stop abc");
         assert_eq!(
             words(&remove(&["a".into(), "b".into()])),
             "docker rm -f a b"

@@ -520,6 +520,10 @@ pub struct ComposeConfig {
     /// of recreated. Default `[]`. Each must define a healthcheck and publish no fixed
     /// host port: checked against the compose files (`compose.rs`) before a push.
     pub zero_downtime: Vec<String>,
+    /// `drain = "2s"`: how long the old and the new container of a `zero_downtime`
+    /// service both serve before the old one is stopped (the proxy's DNS cache must
+    /// expire within it). None: the agent's default, 2 s.
+    pub drain: Option<Duration>,
 }
 
 /// Review apps: present when `instances = true`.
@@ -1193,6 +1197,10 @@ impl ComposeLayer {
             pull: r.boolean(&self.pull, true),
             compose_command: r.opt_string(&self.compose_command)?,
             zero_downtime: zero_downtime(r, &self.zero_downtime)?,
+            drain: match &self.drain {
+                None => None,
+                Some(_) => Some(r.duration(&self.drain, Duration::ZERO, true)?),
+            },
         })
     }
 }
@@ -1560,6 +1568,7 @@ layers! {
         pull: Opt<bool>,
         compose_command: Opt<String>,
         zero_downtime: List,
+        drain: Opt<Dur>,
     }
 
     struct CutoverLayer {
@@ -2469,6 +2478,7 @@ hosts = ["staging-1"]
                 pull: true,
                 compose_command: None,
                 zero_downtime: vec![],
+                drain: None,
             }
         );
         assert_eq!(edge.user, "deploy");
@@ -2842,6 +2852,22 @@ batch = "50%"
         assert!(err.to_string().contains("no environments"), "{err}");
         let err = parse_err("app = \"a\"\ndeploy_to = \"/srv/a\"\n[defaults]\nhosts = [\"h\"]\n");
         assert_err(&err, 4, &["`defaults.hosts`", "per environment"]);
+    }
+
+    #[test]
+    fn compose_drain_is_optional_and_checked() {
+        let text = format!(
+            "{MINI}[defaults]\nstrategy = \"compose\"\n[defaults.compose]\n\
+             zero_downtime = [\"web\"]\n[environments.staging.compose]\ndrain = \"3s\"\n\
+             [environments.prod]\nhosts = [\"p\"]\n"
+        );
+        let config = parse(&text).unwrap();
+        let staging = config.environment("staging").unwrap();
+        assert_eq!(staging.compose.drain, Some(Duration::from_secs(3)));
+        assert_eq!(config.environment("prod").unwrap().compose.drain, None);
+        let bad = format!("{MINI}[defaults.compose]\ndrain = \"soon\"\n");
+        let err = parse_err(&bad);
+        assert!(err.to_string().contains("compose.drain"), "{err}");
     }
 
     #[test]

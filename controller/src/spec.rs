@@ -71,8 +71,8 @@ pub fn release_spec(env: &Environment) -> ReleaseSpec {
             pull: env.compose.pull,
             command: env.compose.compose_command.clone(),
             zero_downtime: env.compose.zero_downtime.clone(),
-            // The agent's default; `[cutover] drain` is meant to set it.
-            drain_ms: None,
+            // None: the agent's default (2 s).
+            drain_ms: env.compose.drain.map(|d| d.as_millis() as u64),
         });
     }
     spec

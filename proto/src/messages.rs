@@ -339,12 +339,12 @@ pub struct ComposeSpec {
     /// `"docker compose"` (v2) or `"docker-compose"` (v1); `None`: the agent detects it.
     pub command: Option<String>,
     /// `zero_downtime`: services rolled out with a second container beside the old one
-    /// (healthy first, then the old one leaves the network, drains and is removed)
+    /// (healthy first, then both serve for the drain, then the old one is removed)
     /// instead of being recreated. Empty: every service is recreated (`--force-recreate`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub zero_downtime: Vec<String>,
-    /// How long the old container of a `zero_downtime` service keeps running after it
-    /// left the network, before it is stopped. `None`: the agent's default (2 s).
+    /// How long the old and the new container of a `zero_downtime` service both serve
+    /// before the old one is stopped (`compose.drain`). `None`: the agent's default (2 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_ms: Option<u64>,
 }

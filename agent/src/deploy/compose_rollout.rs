@@ -167,8 +167,8 @@ impl Run {
         Ok(())
     }
 
-    /// One listed service: a new container beside the old one(s), healthy, then the old
-    /// ones out of the network, drained, stopped and removed.
+    /// One listed service: a new container beside the old one(s), healthy, then a drain
+    /// with both serving, then the old ones stopped and removed.
     async fn roll_out_service(
         &mut self,
         release: &str,
@@ -348,8 +348,15 @@ impl Run {
         self.step(Stage::Restart, t, result);
     }
 
-    /// The old containers: out of every network (out of the proxy's name lookups), a
-    /// drain, then stopped and removed.
+    /// The old containers: a drain with both sides serving (the proxy, which looks the
+    /// name up again every `valid`, learns the new address), then stopped (their stop
+    /// signal and grace period: in-flight requests finish) and removed.
+    ///
+    /// They are NOT taken out of the network first: `docker network disconnect`
+    /// black-holes the connections it cuts (no reset reaches the proxy, which waits its
+    /// read timeout), measured as failed requests on every rollout; and a container's
+    /// address stays in the proxy's cache up to `valid` either way. A stopped container
+    /// leaves Docker's DNS when its process exits.
     async fn retire(
         &mut self,
         release: &str,
@@ -358,30 +365,12 @@ impl Run {
         drain_ms: Option<u64>,
     ) -> Result<(), StepError> {
         let t = Instant::now();
-        for id in old {
-            let nets = self
-                .docker("docker-networks", &compose::networks(id), release)
-                .await
-                .unwrap_or_default();
-            for net in nets.split_whitespace() {
-                // A network the container already left is not an error worth stopping for.
-                if let Err(e) = self
-                    .docker(
-                        "docker-disconnect",
-                        &compose::network_disconnect(net, id),
-                        release,
-                    )
-                    .await
-                {
-                    tracing::warn!("{service}: disconnect {} from {net}: {e}", short(id));
-                }
-            }
-        }
         let drain = drain_ms.map_or(compose::DEFAULT_DRAIN, Duration::from_millis);
         self.events.send(
             Stage::Restart,
             format!(
-                "{service}: the old container left the network; draining {}ms",
+                "{service}: old and new containers both serve; draining {}ms before the old \
+                 one stops",
                 drain.as_millis()
             ),
         );

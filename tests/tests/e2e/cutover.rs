@@ -9,8 +9,8 @@
 //! [`ComposeRig`] (the compose project with an nginx service routing to `web` by name).
 //!
 //! The app boots like a real one: the sample app's `bin/restart` with
-//! `APP_BOOT_SECONDS=0.3` (release strategy), and a web image whose command sleeps 0.3 s
-//! before `httpd` listens (compose). No other sleeps are added.
+//! `APP_BOOT_SECONDS=0.3` (release strategy), and a web image (nginx, built FROM the proxy
+//! image) that sleeps 0.3 s before it listens (compose). No other sleeps are added.
 //!
 //! For `[cutover]` the sample app runs one server per slot, each with its own pid file,
 //! and nginx's own switch command moves the proxy (pass this as `tail` to
@@ -30,16 +30,13 @@
 //! of the project too: recreating it (as `up --force-recreate` does today) is a gap of its
 //! own: the compose baseline's connect errors come from it (its 502/504s from `web`).
 //!
-//! Measured by hand once on this rig (Compose v2, 150 requests/s through the proxy): `up
-//! -d --no-deps --no-recreate --scale web=2 web`, wait until the new container is healthy,
-//! `docker network disconnect` the old one (its name leaves Docker's DNS), wait 2 s (over
-//! the proxy's `valid=1s`), then stop and remove it: no request failed. With a 2 s
-//! `proxy_connect_timeout` the same steps failed about 45 (nginx still sent requests to
-//! the cached old address and waited out the connect timeout, past the load's 2 s bound),
-//! hence the image's 250 ms. Not tried: 250 ms without the disconnect and the wait.
+//! What the compose proxy needs (measured on this rig, see `cutover_compose.rs` and
+//! `tests/nginx/build-image`): a stopped container's address stays in nginx's resolver
+//! cache for up to 2 s and a connect to it gets no answer, hence the image's 250 ms
+//! `proxy_connect_timeout` (nginx moves the request on to the new container); with 2 s,
+//! requests waited past the load's 2 s bound.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
@@ -328,14 +325,14 @@ fn print_baseline(what: &str, report: &LoadReport) {
 // Compose strategy
 // ---------------------------------------------------------------------------------------------
 
-/// The compose project: `web` (busybox httpd, booting in 0.3 s, with a Docker healthcheck,
+/// The compose project: `web` (nginx, booting in 0.3 s, with a Docker healthcheck,
 /// no published port) and `proxy` (Debian's nginx, `tests/nginx/build-image`) publishing
 /// `127.0.0.1:<port>` and routing to `web:8080` by name, re-resolved every second.
 pub(crate) const COMPOSE_FILE: &str = r#"services:
   web:
     image: ${WEB_IMAGE}
-    # busybox httpd ignores SIGTERM as PID 1: stopping it would wait 10 s for nothing.
-    stop_signal: SIGKILL
+    # nginx finishes the requests in flight on SIGQUIT, then exits.
+    stop_signal: SIGQUIT
     healthcheck:
       test: ["CMD", "/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1:8080/api/v1/status/"]
       interval: 1s
@@ -432,7 +429,7 @@ request_timeout = "2s"
     pub(crate) fn image(&mut self, version: &str, healthy: bool) -> String {
         let image = format!("{}:{version}", self.repo);
         if !self.images.contains(&image) {
-            import_web_image(&image, version, healthy);
+            import_web_image(&image, version, healthy, &self.proxy_image);
             self.images.push(image.clone());
         }
         image
@@ -521,52 +518,33 @@ impl Drop for ComposeRig {
     }
 }
 
-/// A rootfs of the static busybox and a `www/` tree serving `version`, imported as
-/// `image`; it boots for [`BOOT_SECONDS`] before httpd listens on 8080. `healthy` decides
-/// whether `www/api/v1/status/index.html` exists.
-pub(crate) fn import_web_image(image: &str, version: &str, healthy: bool) {
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .expect("static busybox (busybox-static) is installed");
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut add = |path: &str, mode: u32, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(mode);
-        h.set_entry_type(tar::EntryType::Regular);
-        tar.append_data(&mut h, path, data).unwrap();
-    };
-    add(
-        "bin/busybox",
-        0o755,
-        &std::fs::read(&busybox).expect("read busybox"),
-    );
-    add("www/index.html", 0o644, format!("{version}\n").as_bytes());
-    if healthy {
-        add(
-            "www/api/v1/status/index.html",
-            0o644,
-            format!("ok {version}\n").as_bytes(),
-        );
-    }
-    let data = tar.into_inner().unwrap();
-    let cmd = format!(
-        r#"CMD ["/bin/busybox", "sh", "-c", "/bin/busybox sleep {BOOT_SECONDS} && exec /bin/busybox httpd -f -p 8080 -h /www"]"#
+/// The web image for `version`, built FROM the proxy image (`tests/nginx/build-image`,
+/// whose entrypoint serves the app when `WEB_VERSION` is set: nginx on 8080, after
+/// [`BOOT_SECONDS`]). `healthy` decides whether `/api/v1/status/` exists. Not busybox
+/// httpd: its listen backlog of 9 overflows whenever a container start starves it for a
+/// moment, and each dropped SYN shows as a 504 (see the script).
+pub(crate) fn import_web_image(image: &str, version: &str, healthy: bool, base: &str) {
+    let dockerfile = format!(
+        "FROM {base}\nENV WEB_VERSION={version} WEB_HEALTHY={} WEB_BOOT_SECONDS={BOOT_SECONDS}\n",
+        if healthy { "yes" } else { "no" }
     );
     let mut child = Command::new("docker")
-        .args(["import", "--change", &cmd, "-", image])
+        .args(["build", "-q", "-t", image, "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("run docker (is Docker installed?)");
-    child.stdin.take().unwrap().write_all(&data).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(dockerfile.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
-        "docker import {image}: {}",
+        "docker build {image}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }

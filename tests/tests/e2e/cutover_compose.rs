@@ -2,9 +2,15 @@
 //! agent, Docker, and a real nginx service in the project routing to `web` by name): ten
 //! deploys, a broken one and a rollback under 150 requests/s through the proxy fail no
 //! request, under Compose v1 and v2; the plain `up --force-recreate` baseline, measured in
-//! the same test, fails some. And the config refusal of a service that publishes a fixed
-//! host port.
+//! the same test, fails some. The agent killed (SIGKILL) mid-rollout, while the new
+//! container starts or while both drain, and started again leaves exactly one `web`
+//! container, of the new release, behind the proxy. And the config refusal of a service
+//! that publishes a fixed host port.
 
+use std::thread;
+use std::time::{Duration, Instant};
+
+use deployctl_e2e::Agent;
 use deployctl_e2e::load::LoadReport;
 
 use crate::compose::{Compose, compose_matrix, docker_quiet};
@@ -63,30 +69,27 @@ fn print_counts(what: &str, zero: &LoadReport, baseline: &LoadReport) {
     );
 }
 
-compose_matrix!(compose_zero_downtime_under_load_through_an_nginx_service);
+compose_matrix!(
+    compose_zero_downtime_under_load_through_an_nginx_service,
+    killing_the_agent_mid_compose_rollout_leaves_one_web_container,
+);
 
-/// NOT YET THE CONTRACT: SPEC.md asks for **zero** failed requests. Measured on this rig
-/// (Docker 20.10, 2 busy cores): v2 23-31 failed requests over the twelve operations
-/// when run alone, 221 when run beside v1, against about 1000 for three plain deploys;
-/// v1 159-178 against 697-899. The bound below is not far from that: it may flake on
-/// a loaded machine. They are 504s
-/// in bursts of about 0.25 s right after `docker network disconnect` of the old
-/// container: nginx connects to the old address alone (one "timed out" line per request,
-/// no second peer tried), although the new container joined the name 2-4 s earlier (a 3 s
-/// wait with both serving before the disconnect did not change it). Measured since (PB2,
-/// v2 alone: 62 and 87 failed, so the spread is wide): a getent loop inside the rig's
-/// proxy container shows Docker's DNS answering both addresses from the new container's
-/// start until the disconnect (about 1.5 s), yet nginx kept connecting to the old address
-/// alone for 0.7 s and more after it (so its cached answer was older than the new
-/// container, beyond `valid=1s`); moving the whole `drain` before the disconnect (both
-/// serving 3+ s) made it worse (311 failed), with 504 bursts also while `--scale` started
-/// the new container. The same image, Compose v2, `--scale` and disconnect outside the
-/// rig (nginx-served backends, about 170 req/s of curl) failed none: the old address timed
-/// out and nginx retried the new one. So the cause is in what differs from that (busybox
-/// httpd, the load's pattern, the agent's docker calls around the switch), still open.
-/// Until that is found,
-/// this asserts a tenth of the baseline's rate per operation, and prints both counts and,
-/// on any failure, the proxy's errors and the agent's rollout steps with their times.
+/// The contract (SPEC.md "Zero-downtime cutover"): **zero** failed requests over ten
+/// deploys, a broken one and a rollback, with the plain baseline printed beside it.
+///
+/// What made it fail before (62-87 failed requests for v2, about 160 for v1), found with
+/// the proxy's access log and the kernel's counters:
+/// 1. The agent ran `docker network disconnect` on the old container right after the new
+///    one was healthy. nginx's cached answer (`valid=1s`, whole seconds: up to 2 s old)
+///    could still hold the old address alone, now black-holed: 504s until it looked the
+///    name up again; and the requests in flight on the old container were cut without a
+///    reset (nginx waits its read timeout, past the load's 2 s). The agent now drains with
+///    both serving, then `docker stop`s the old one (SIGQUIT here: in-flight requests
+///    finish). Checked: the old sequence on today's rig failed 21 (19 504s, 2 timeouts).
+/// 2. busybox httpd's listen backlog of 9 overflowed while a container start starved it
+///    (ListenOverflows matched the 504 count one for one): a dropped SYN is retried after
+///    1 s, past the proxy's 250 ms connect timeout. The web app is now nginx (backlog
+///    511), see tests/nginx/build-image.
 fn compose_zero_downtime_under_load_through_an_nginx_service(c: Compose) {
     let Some(mut rig) = ComposeRig::new(c) else {
         return;
@@ -135,7 +138,9 @@ fn compose_zero_downtime_under_load_through_an_nginx_service(c: Compose) {
         "the unchanged proxy service was never recreated"
     );
 
-    // A release whose new container never becomes healthy: exit 1, the old one serves.
+    // A release whose new container never becomes healthy: exit 1, the old one serves,
+    // and the new one is gone.
+    let serving = containers(&rig, "web");
     let out = rig.site.run_env(
         &["push", "test", "--version", "broken"],
         &[("E2E_WEB_IMAGE", &broken)],
@@ -150,6 +155,17 @@ fn compose_zero_downtime_under_load_through_an_nginx_service(c: Compose) {
     rig.assert_proxy_serves(&last);
     let last_image = rig.image(&last, true);
     assert_one_web(&rig, &last_image);
+    assert_eq!(
+        containers(&rig, "web"),
+        serving,
+        "the broken release's container was removed; the old one still serves"
+    );
+    assert!(
+        docker_quiet(&["ps", "-a", "-q", "--filter", &format!("ancestor={broken}")])
+            .trim()
+            .is_empty(),
+        "no container of the broken image is left"
+    );
 
     // A rollback is the same rollout with the previous release's files.
     let previous = &versions[versions.len() - 2];
@@ -191,12 +207,10 @@ fn compose_zero_downtime_under_load_through_an_nginx_service(c: Compose) {
     let baseline = load.stop();
     print_counts(&format!("compose {}", c.command), &zero, &baseline);
 
-    // Per operation (ten deploys, a broken one, a rollback) against per plain deploy.
-    let operations = DEPLOYS as u64 + 2;
-    assert!(
-        zero.failed * 10 * BASELINE_DEPLOYS as u64 <= baseline.failed * operations,
-        "zero_downtime failed more than a tenth of the baseline's rate: {zero}\n\
-         baseline: {baseline}\nanswers: {:?}\n{}",
+    assert_eq!(
+        zero.failed,
+        0,
+        "zero_downtime failed requests: {zero}\nbaseline: {baseline}\nanswers: {:?}\n{}",
         zero.served,
         rig.logs()
     );
@@ -207,14 +221,110 @@ fn compose_zero_downtime_under_load_through_an_nginx_service(c: Compose) {
     );
 }
 
+/// Waits (`secs`) until `cond` holds.
+#[track_caller]
+fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The agent is killed (SIGKILL, by its PID) in the middle of a zero_downtime rollout of
+/// `web`: while the new container is starting (the old one alone serves), and while both
+/// serve during the drain (the new one is the one to keep). Started again, its recovery
+/// finishes the deploy: exactly one `web` container, of the new release, the proxy
+/// answers with it, the rollout record is gone, and the history says the release is live.
+fn killing_the_agent_mid_compose_rollout_leaves_one_web_container(c: Compose) {
+    let Some(mut rig) = ComposeRig::new(c) else {
+        return;
+    };
+    // A drain long enough to be caught in, short enough for recovery's own rollout.
+    rig.configure("zero_downtime = [\"web\"]\ndrain = \"4s\"", "");
+    rig.push_ok("v1");
+    let record = rig.site.deploy_to.join(".deploy/compose-rollout.json");
+    let journal = rig.site.deploy_to.join(".deploy/journal.json");
+
+    for (n, step) in ["starting", "draining"].into_iter().enumerate() {
+        let version = format!("v{}", n + 2);
+        let image = rig.image(&version, true);
+        let before = containers(&rig, "web");
+        assert_eq!(before.len(), 1, "{step}: one web container before");
+        thread::scope(|s| {
+            let rig = &rig;
+            let pushed = s.spawn(|| {
+                rig.site.run_env(
+                    &["push", "test", "--version", &version],
+                    &[("E2E_WEB_IMAGE", &image)],
+                )
+            });
+            match step {
+                // The new container exists, the record says the old one still serves.
+                "starting" => wait_for("the new container to start", 120, || {
+                    std::fs::read_to_string(&record).is_ok_and(|r| r.contains("\"switched\":false"))
+                        && containers(rig, "web").len() == 2
+                }),
+                _ => wait_for("the drain", 120, || {
+                    std::fs::read_to_string(&record).is_ok_and(|r| r.contains("\"switched\":true"))
+                }),
+            }
+            let pid = rig.site.agent.pid();
+            assert!(pid > 0);
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+            let out = pushed.join().unwrap();
+            assert_ne!(
+                out.code, 0,
+                "{step}: the push lost its agent: {}",
+                out.stderr
+            );
+        });
+        assert_eq!(
+            containers(&rig, "web").len(),
+            2,
+            "{step}: the dead agent left both containers"
+        );
+        rig.site.agent.kill9();
+        rig.site.agent = Agent::start(&rig.site.env.path("agent"));
+        wait_for(&format!("{step}: recovery to finish"), 180, || {
+            !journal.exists()
+        });
+        let log = rig.site.agent.log();
+        assert!(
+            log.contains("an unfinished rollout of web"),
+            "{step}: recovery cleaned up the rollout first:\n{log}"
+        );
+        assert!(!record.exists(), "{step}: the rollout record is gone");
+        assert_one_web(&rig, &image);
+        assert!(
+            !before.contains(&containers(&rig, "web")[0]),
+            "{step}: the old container is gone"
+        );
+        rig.assert_proxy_serves(&version);
+        let history = rig.site.run(&["history", "test", "--json"]);
+        history.assert_success();
+        let entries = history.json()["hosts"][0]["history"].clone();
+        let last = entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["version"] == version.as_str())
+            .cloned()
+            .unwrap_or_else(|| panic!("{step}: no history entry for {version}: {history}"));
+        assert_eq!(last["outcome"], "live", "{step}: {last}");
+    }
+}
+
 /// A listed service that publishes a fixed host port is refused before anything is
 /// sent: exit 2, naming the service. Likewise one with no healthcheck, or not defined.
 #[test]
 fn compose_zero_downtime_refuses_a_fixed_host_port_naming_the_service() {
     let site = Site::local();
     let published = COMPOSE_FILE.replace(
-        "    stop_signal: SIGKILL\n",
-        "    stop_signal: SIGKILL\n    ports:\n      - \"127.0.0.1:18080:8080\"\n",
+        "    stop_signal: SIGQUIT\n",
+        "    stop_signal: SIGQUIT\n    ports:\n      - \"127.0.0.1:18080:8080\"\n",
     );
     assert_ne!(published, COMPOSE_FILE);
     site.env.write("docker-compose.yml", &published);
