@@ -252,6 +252,8 @@ fn sections(env: &Environment, var: &dyn Fn(&str) -> Option<String>) -> Vec<Sect
                 ("pull", json!(c.pull)),
                 ("compose_command", json!(c.compose_command)),
                 ("zero_downtime", json!(c.zero_downtime)),
+                // Unset: the agent's default (2 s).
+                ("drain", c.drain.map_or(Value::Null, dur)),
             ]),
         ));
     }
