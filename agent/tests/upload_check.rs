@@ -12,8 +12,8 @@ use agent::config::{AgentConfig, Overrides};
 use agent::context::Shared;
 use proto::codec;
 use proto::{
-    AppRef, ErrorCode, Hello, PROTOCOL_VERSION, Push, ReleaseSpec, Request, Response,
-    StreamCheck, UploadEnd,
+    AppRef, ErrorCode, Hello, PROTOCOL_VERSION, Push, ReleaseSpec, Request, Response, StreamCheck,
+    UploadEnd,
 };
 use sha2::Digest;
 
@@ -191,10 +191,7 @@ async fn a_stream_that_is_not_the_one_sent_is_refused_and_changes_nothing() {
             match r {
                 Response::Error(e) => {
                     assert!(
-                        matches!(
-                            e.code,
-                            ErrorCode::ChecksumMismatch | ErrorCode::BadArtifact
-                        ),
+                        matches!(e.code, ErrorCode::ChecksumMismatch | ErrorCode::BadArtifact),
                         "{check:?}, {what}: {e:?}"
                     );
                     assert!(e.message.contains(says), "{check:?}, {what}: {}", e.message);

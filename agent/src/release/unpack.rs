@@ -1125,10 +1125,7 @@ pub struct ChannelReader {
 }
 
 impl ChannelReader {
-    pub fn new(
-        rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
-        check: proto::StreamCheck,
-    ) -> Self {
+    pub fn new(rx: tokio::sync::mpsc::Receiver<bytes::Bytes>, check: proto::StreamCheck) -> Self {
         ChannelReader {
             rx,
             chunk: bytes::Bytes::new(),

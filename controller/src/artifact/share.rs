@@ -255,7 +255,14 @@ async fn read_into_ring(shared: Arc<Shared>) {
                     (None, None) => unreachable!("a hasher when the digest is unknown"),
                 };
                 let crc32 = crc.finalize();
-                return end(&shared, Ok(Digest { sha256, size, crc32 }));
+                return end(
+                    &shared,
+                    Ok(Digest {
+                        sha256,
+                        size,
+                        crc32,
+                    }),
+                );
             }
             Ok(c) => {
                 size += c.len() as u64;
@@ -341,7 +348,11 @@ mod tests {
             got.extend_from_slice(&c);
         }
         let d = s.finish().await.unwrap();
-        assert_eq!(d.crc32, crc32fast::hash(&got), "the crc32 of what was handed out");
+        assert_eq!(
+            d.crc32,
+            crc32fast::hash(&got),
+            "the crc32 of what was handed out"
+        );
         (got, (d.sha256, d.size))
     }
 
