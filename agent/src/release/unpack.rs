@@ -2051,7 +2051,7 @@ mod tests {
             let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
             let chunks: Vec<bytes::Bytes> = data
                 .chunks(777)
-                .map(|c| bytes::Bytes::copy_from_slice(c))
+                .map(bytes::Bytes::copy_from_slice)
                 .collect();
             let producer = std::thread::spawn(move || {
                 tx.blocking_send(bytes::Bytes::new()).unwrap(); // empty chunks are skipped
