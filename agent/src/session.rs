@@ -610,7 +610,7 @@ impl Session {
             keep: false,
         };
         // Unpack on a blocking thread while the frames arrive.
-        let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
+        let (tx, rx) = mpsc::channel::<bytes::Bytes>(8);
         let limits = unpack::Limits {
             max_total_bytes: self
                 .shared
@@ -620,9 +620,12 @@ impl Session {
             ..unpack::Limits::default()
         };
         let dest = partial.clone();
+        let check = p.check;
         let worker = tokio::task::spawn_blocking(move || {
-            let mut reader = unpack::HashingReader::new(unpack::ChannelReader::new(rx));
-            let result = unpack::unpack_tar_gz(&mut reader, &dest, &limits);
+            // The received frames go to the gzip decoder as they are; the stream is
+            // checked (CRC-32, or SHA-256 for a controller that asks for it) as they pass.
+            let mut reader = unpack::ChannelReader::new(rx, check);
+            let result = unpack::unpack_tar_gz_buffered(&mut reader, &dest, &limits);
             (result, reader.finish())
         });
         send(
@@ -704,7 +707,7 @@ impl Session {
             }
         };
         drop(tx);
-        let (result, (sha256, size)) = match worker.await {
+        let (result, summed) = match worker.await {
             Ok(r) => r,
             Err(e) => {
                 return Ok(Err(ProtoError::new(
@@ -733,16 +736,12 @@ impl Session {
                 return Ok(Err(err));
             }
         };
-        if sha256 != end.sha256 || size != end.size {
-            return Ok(Err(ProtoError::new(
-                ErrorCode::ChecksumMismatch,
-                format!(
-                    "upload corrupted: received {size} bytes with sha256 {sha256}, \
-                     the controller sent {} bytes with sha256 {}; nothing was changed",
-                    end.size, end.sha256
-                ),
-            )));
+        if let Err(e) = check_upload(p.check, &summed, &end) {
+            return Ok(Err(e));
         }
+        // The artifact's digest as the controller read it: checked above (sha256), or the
+        // bytes checked (crc32) and the digest taken as given.
+        let sha256 = end.sha256.to_ascii_lowercase();
         // With a delta upload, build the rest of the release from files already here;
         // the release is then what was offered, entry by entry.
         let (manifest, sha256) = match delta {
@@ -1119,6 +1118,46 @@ fn previous_live(list: &[ReleaseInfo], current: Option<&str>) -> Option<ReleaseI
         .filter(|r| r.id.as_str() < current && r.status == ReleaseStatus::Live)
         .find(|_| true)
         .cloned()
+}
+
+/// Whether the bytes received are the ones the controller sent ([`proto::StreamCheck`]):
+/// the same count, and the same SHA-256 or CRC-32. The digest the controller names must
+/// look like one: it is recorded as the release's.
+fn check_upload(
+    check: proto::StreamCheck,
+    got: &unpack::Summed,
+    end: &proto::UploadEnd,
+) -> Result<(), ProtoError> {
+    if end.sha256.len() != 64 || !end.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad(format!(
+            "upload_end: {:?} is not a hex sha256",
+            end.sha256
+        )));
+    }
+    let (what, received, sent) = match check {
+        proto::StreamCheck::Sha256 => (
+            "sha256",
+            got.sha256.clone().unwrap_or_default(),
+            end.sha256.to_ascii_lowercase(),
+        ),
+        proto::StreamCheck::Crc32 => (
+            "crc32",
+            format!("{:08x}", got.crc32),
+            end.crc32
+                .map_or_else(|| "(none)".to_owned(), |c| format!("{c:08x}")),
+        ),
+    };
+    if got.bytes != end.size || received != sent {
+        return Err(ProtoError::new(
+            ErrorCode::ChecksumMismatch,
+            format!(
+                "upload corrupted: received {} bytes with {what} {received}, the controller \
+                 sent {} bytes with {what} {sent}; nothing was changed",
+                got.bytes, end.size
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn bad(msg: impl Into<String>) -> ProtoError {

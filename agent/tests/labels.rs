@@ -94,6 +94,7 @@ async fn the_agent_refuses_bad_labels_on_lock_and_push() {
             spec,
             expect_content: None,
             origin: None,
+            check: proto::StreamCheck::Sha256,
         }))
         .await
         .unwrap();

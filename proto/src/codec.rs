@@ -30,8 +30,8 @@ pub enum CodecError {
 pub enum Frame {
     /// A JSON control message, still to be parsed.
     Text(String),
-    /// A chunk of file data.
-    Data(Vec<u8>),
+    /// A chunk of file data, as the WebSocket layer received it (not copied again).
+    Data(bytes::Bytes),
 }
 
 fn config() -> WebSocketConfig {
@@ -141,7 +141,7 @@ where
                 | Some(Err(tungstenite::Error::AlreadyClosed)) => return Err(CodecError::Closed),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(Message::Text(t))) => return Ok(Frame::Text(t.as_str().to_owned())),
-                Some(Ok(Message::Binary(b))) => return Ok(Frame::Data(b.into())),
+                Some(Ok(Message::Binary(b))) => return Ok(Frame::Data(b)),
                 Some(Ok(Message::Close(_))) => return Err(CodecError::Closed),
                 Some(Ok(_)) => continue,
             }

@@ -396,6 +396,34 @@ pub struct Push {
     /// Where this release came from, recorded in history (`promote`, `--force`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<Origin>,
+    /// How the agent checks the uploaded bytes against [`UploadEnd`]. Absent (a controller
+    /// that predates it): sha256 of the stream.
+    #[serde(default, skip_serializing_if = "StreamCheck::is_sha256")]
+    pub check: StreamCheck,
+}
+
+/// How the agent checks that the upload's bytes are the artifact's, end to end.
+///
+/// The SSH channel already authenticates every byte; this check catches what goes wrong
+/// on either side of it (a lost, repeated or reordered chunk), together with the gzip
+/// CRC-32 of each member and the tar structure that unpacking checks anyway. The agent's
+/// per-file sha256 (the release's manifest) is the content check; `crc32` spares the
+/// agent a second SHA-256 pass over every byte of the stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamCheck {
+    /// SHA-256 of the stream against [`UploadEnd::sha256`] (and the size).
+    #[default]
+    Sha256,
+    /// CRC-32 (the gzip polynomial) of the stream against [`UploadEnd::crc32`] (and the
+    /// size); [`UploadEnd::sha256`] is then recorded as the release's artifact digest.
+    Crc32,
+}
+
+impl StreamCheck {
+    pub fn is_sha256(&self) -> bool {
+        *self == StreamCheck::Sha256
+    }
 }
 
 /// Provenance of a release, kept in history.
@@ -418,13 +446,16 @@ pub struct PushReady {
     pub previous: Option<String>,
 }
 
-/// Ends an upload. The agent checks the hash of what it received, then deploys and
+/// Ends an upload. The agent checks what it received ([`Push::check`]), then deploys and
 /// answers with a [`DeployReport`] (preceded by [`Event`]s).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadEnd {
     /// Hex sha256 of the artifact as the controller read it.
     pub sha256: String,
     pub size: u64,
+    /// CRC-32 of the bytes sent, for [`StreamCheck::Crc32`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32: Option<u32>,
 }
 
 /// Switches `current` to an existing release (or the previous one when `to` is empty),

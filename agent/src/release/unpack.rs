@@ -45,8 +45,9 @@
 //!   header says, bad headers, bad gzip data or a bad gzip CRC are
 //!   [`UnpackError::Corrupt`]. Concatenated gzip members are read as one stream (like
 //!   `gzip -d`); bytes after the last member that don't start another member are
-//!   trailing garbage and are ignored, but still read to the very end so a caller hashing
-//!   the input sees every byte.
+//!   trailing garbage and are ignored, but still read to the very end so a caller checking
+//!   the input ([`ChannelReader`], [`SummingReader`]) sees every byte. The file content is
+//!   hashed (sha256) as it is written: that is the release's manifest.
 //! - Concurrency: the destination must not be modified by anyone else while unpacking
 //!   (the checks are `lstat`-then-create on paths).
 
@@ -86,8 +87,11 @@ pub const MAX_PAX_BYTES: u64 = 64 * 1024;
 pub const MAX_BOOKKEEPING_BYTES: u64 = 32 * 1024 * 1024;
 /// Entry names in error messages are cut to this many characters.
 const MAX_SHOWN_NAME: usize = 200;
-/// Size of the copy buffer and of the input buffer.
+/// Size of the input buffer (for a reader that has none of its own) and of the drain buffer.
 const BUF_SIZE: usize = 64 * 1024;
+/// Size of the buffer file content is inflated into and written from: one write per
+/// 256 KiB, not per 64 KiB.
+const WRITE_BUF: usize = 256 * 1024;
 
 /// Limits applied while unpacking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,11 +235,26 @@ fn shown(name: &[u8]) -> String {
 /// Unpack a gzip'd tar read from `reader` into `dest` (an existing, empty directory).
 ///
 /// Reads `reader` to its very end (also after the tar end-of-archive blocks) so a caller
-/// hashing the reader sees every byte. On error, returns at once; `dest` may then hold a
+/// checking the reader sees every byte. On error, returns at once; `dest` may then hold a
 /// partial extraction that the caller must delete, but nothing outside `dest` has been
 /// touched. Pass `&mut reader` to keep using the reader afterwards (e.g. a
-/// [`HashingReader`]).
+/// [`SummingReader`]).
 pub fn unpack_tar_gz<R: Read>(
+    reader: R,
+    dest: &Path,
+    limits: &Limits,
+) -> Result<Unpacked, UnpackError> {
+    unpack_impl(
+        BufReader::with_capacity(BUF_SIZE, reader),
+        dest,
+        limits,
+        OVERHEAD_BASE,
+    )
+}
+
+/// [`unpack_tar_gz`] for a reader with a buffer of its own (a [`ChannelReader`] hands
+/// out the received chunks themselves): the gzip decoder reads from it without a copy.
+pub fn unpack_tar_gz_buffered<R: BufRead>(
     reader: R,
     dest: &Path,
     limits: &Limits,
@@ -243,7 +262,7 @@ pub fn unpack_tar_gz<R: Read>(
     unpack_impl(reader, dest, limits, OVERHEAD_BASE)
 }
 
-fn unpack_impl<R: Read>(
+fn unpack_impl<R: BufRead>(
     reader: R,
     dest: &Path,
     limits: &Limits,
@@ -255,7 +274,7 @@ fn unpack_impl<R: Read>(
         inner: reader,
         state: Rc::clone(&state),
     };
-    let gz = GzMembers::new(BufReader::with_capacity(BUF_SIZE, source));
+    let gz = GzMembers::new(source);
     let budget = Budget {
         inner: gz,
         state: Rc::clone(&state),
@@ -270,7 +289,7 @@ fn unpack_impl<R: Read>(
         files: HashSet::new(),
         dirs: HashMap::new(),
         bookkeeping: 0,
-        buf: vec![0; BUF_SIZE],
+        buf: vec![0; WRITE_BUF],
     };
 
     // Raw entries: GNU long names and PAX headers are read here, with a hard limit,
@@ -390,22 +409,46 @@ struct Source<R> {
     state: Rc<StreamState>,
 }
 
-impl<R: Read> Read for Source<R> {
+impl<R> Source<R> {
+    /// Keeps the first error for [`StreamState::classify`]; hands back a copy.
+    fn keep(&self, e: io::Error) -> io::Error {
+        let copy = io::Error::new(e.kind(), e.to_string());
+        let mut slot = self.state.raw_error.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        copy
+    }
+}
+
+impl<R: BufRead> Read for Source<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = {
+            let have = self.fill_buf()?;
+            let n = have.len().min(buf.len());
+            buf[..n].copy_from_slice(&have[..n]);
+            n
+        };
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for Source<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        // A retry after `Interrupted` must not hold a borrow of `inner` across the loop.
         loop {
-            match self.inner.read(buf) {
+            match self.inner.fill_buf() {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    let copy = io::Error::new(e.kind(), e.to_string());
-                    let mut slot = self.state.raw_error.borrow_mut();
-                    if slot.is_none() {
-                        *slot = Some(e);
-                    }
-                    return Err(copy);
-                }
-                Ok(n) => return Ok(n),
+                Err(e) => return Err(self.keep(e)),
+                Ok(_) => break,
             }
         }
+        self.inner.fill_buf()
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.inner.consume(n);
     }
 }
 
@@ -998,79 +1041,133 @@ fn kind_name(kind: EntryType) -> String {
     }
 }
 
-/// A `Read` adapter that hashes (SHA-256) and counts everything read through it.
-pub struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
+/// The check of an upload's bytes ([`proto::StreamCheck`]): their count, their CRC-32
+/// (always: it costs a few milliseconds per 100 MiB), and their SHA-256 only when the
+/// controller asked for that check.
+pub struct StreamSum {
+    crc: crc32fast::Hasher,
+    sha: Option<Sha256>,
     bytes: u64,
 }
 
-impl<R> HashingReader<R> {
-    pub fn new(inner: R) -> Self {
-        HashingReader {
-            inner,
-            hasher: Sha256::new(),
+/// What [`StreamSum`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summed {
+    pub bytes: u64,
+    pub crc32: u32,
+    /// Hex SHA-256, for [`proto::StreamCheck::Sha256`].
+    pub sha256: Option<String>,
+}
+
+impl StreamSum {
+    pub fn new(check: proto::StreamCheck) -> Self {
+        StreamSum {
+            crc: crc32fast::Hasher::new(),
+            sha: check.is_sha256().then(Sha256::new),
             bytes: 0,
         }
     }
 
-    /// Bytes read so far.
-    pub fn bytes_read(&self) -> u64 {
-        self.bytes
+    pub fn update(&mut self, data: &[u8]) {
+        self.crc.update(data);
+        if let Some(h) = &mut self.sha {
+            h.update(data);
+        }
+        self.bytes += data.len() as u64;
     }
 
-    /// Hex SHA-256 of everything read, and its length in bytes.
-    pub fn finish(self) -> (String, u64) {
-        (hex::encode(self.hasher.finalize()), self.bytes)
+    pub fn finish(self) -> Summed {
+        Summed {
+            bytes: self.bytes,
+            crc32: self.crc.finalize(),
+            sha256: self.sha.map(|h| hex::encode(h.finalize())),
+        }
     }
 }
 
-impl<R: Read> Read for HashingReader<R> {
+/// A `Read` adapter that checks ([`StreamSum`]) everything read through it.
+pub struct SummingReader<R> {
+    inner: R,
+    sum: StreamSum,
+}
+
+impl<R> SummingReader<R> {
+    pub fn new(inner: R, check: proto::StreamCheck) -> Self {
+        SummingReader {
+            inner,
+            sum: StreamSum::new(check),
+        }
+    }
+
+    pub fn finish(self) -> Summed {
+        self.sum.finish()
+    }
+}
+
+impl<R: Read> Read for SummingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.bytes += n as u64;
+        self.sum.update(&buf[..n]);
         Ok(n)
     }
 }
 
-/// A blocking `Read` over chunks received from a channel (e.g. an async upload handler
-/// feeding a `spawn_blocking` unpacker). EOF when every sender is dropped; a producer
-/// that fails mid-upload should just drop its sender: the truncated gzip/tar stream is
-/// then reported as corrupt.
+/// A blocking reader over chunks received from a channel (an async upload handler
+/// feeding a `spawn_blocking` unpacker), checking ([`StreamSum`]) each chunk as it
+/// takes it. It hands out the chunks themselves ([`BufRead`]): nothing is copied on the
+/// way to the gzip decoder. EOF when every sender is dropped; a producer that fails
+/// mid-upload should just drop its sender: the truncated gzip/tar stream is then
+/// reported as corrupt.
 pub struct ChannelReader {
-    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
-    chunk: Vec<u8>,
-    pos: usize,
+    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    chunk: bytes::Bytes,
+    sum: StreamSum,
 }
 
 impl ChannelReader {
-    pub fn new(rx: tokio::sync::mpsc::Receiver<Vec<u8>>) -> Self {
+    pub fn new(rx: tokio::sync::mpsc::Receiver<bytes::Bytes>, check: proto::StreamCheck) -> Self {
         ChannelReader {
             rx,
-            chunk: Vec::new(),
-            pos: 0,
+            chunk: bytes::Bytes::new(),
+            sum: StreamSum::new(check),
         }
+    }
+
+    /// The check of every chunk taken so far (all of them once the unpacker read to the
+    /// end, as it does on success).
+    pub fn finish(self) -> Summed {
+        self.sum.finish()
+    }
+}
+
+impl BufRead for ChannelReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.chunk.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => {
+                    self.sum.update(&chunk);
+                    self.chunk = chunk;
+                }
+                None => break,
+            }
+        }
+        Ok(&self.chunk)
+    }
+
+    fn consume(&mut self, n: usize) {
+        bytes::Buf::advance(&mut self.chunk, n);
     }
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        while self.pos >= self.chunk.len() {
-            match self.rx.blocking_recv() {
-                Some(chunk) => {
-                    self.chunk = chunk;
-                    self.pos = 0;
-                }
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.chunk.len() - self.pos);
-        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
-        self.pos += n;
+        let n = {
+            let have = self.fill_buf()?;
+            let n = have.len().min(buf.len());
+            buf[..n].copy_from_slice(&have[..n]);
+            n
+        };
+        self.consume(n);
         Ok(n)
     }
 }
@@ -1888,22 +1985,31 @@ mod tests {
     // ---- hashing and streaming ----------------------------------------------------
 
     #[test]
-    fn hashing_reader_sees_whole_input_including_trailing_garbage() {
+    fn the_check_sees_the_whole_input_including_trailing_garbage() {
         let tar = Tb::new().file("f", 0o644, b"hello").tar();
         let mut padded = tar.clone();
         padded.resize(tar.len() + 8192, 0); // decompressed padding after the end blocks
         for mut data in [gz(&tar), gz(&padded)] {
             data.extend_from_slice(b"trailing garbage that is not gzip");
             let sb = sandbox();
-            let mut hr = HashingReader::new(data.as_slice());
+            let mut hr = SummingReader::new(data.as_slice(), proto::StreamCheck::Sha256);
             let out = unpack_tar_gz(&mut hr, &sb.dest, &Limits::default()).unwrap();
             assert_eq!(out.files, 1);
-            assert_eq!(hr.finish(), (sha256_hex(&data), data.len() as u64));
+            assert_eq!(hr.finish(), summed(&data, true));
+        }
+    }
+
+    /// What a [`StreamSum`] over all of `data` says.
+    fn summed(data: &[u8], sha: bool) -> Summed {
+        Summed {
+            bytes: data.len() as u64,
+            crc32: crc32fast::hash(data),
+            sha256: sha.then(|| sha256_hex(data)),
         }
     }
 
     #[test]
-    fn hashing_reader_digest_equals_input_digest() {
+    fn the_check_equals_the_input_check() {
         let data = Tb::new()
             .dir("d/", 0o755)
             .file(
@@ -1912,14 +2018,13 @@ mod tests {
                 &(0..200_000u32).map(|i| i as u8).collect::<Vec<_>>(),
             )
             .tgz();
-        let sb = sandbox();
-        let mut hr = HashingReader::new(data.as_slice());
-        unpack_tar_gz(&mut hr, &sb.dest, &Limits::default()).unwrap();
-        assert_eq!(hr.bytes_read(), data.len() as u64);
-        let (digest, n) = hr.finish();
-        assert_eq!(digest, sha256_hex(&data));
-        assert_eq!(n, data.len() as u64);
-        assert_eq!(fs::metadata(sb.dest.join("d/big")).unwrap().len(), 200_000);
+        for check in [proto::StreamCheck::Sha256, proto::StreamCheck::Crc32] {
+            let sb = sandbox();
+            let mut hr = SummingReader::new(data.as_slice(), check);
+            unpack_tar_gz(&mut hr, &sb.dest, &Limits::default()).unwrap();
+            assert_eq!(hr.finish(), summed(&data, check.is_sha256()));
+            assert_eq!(fs::metadata(sb.dest.join("d/big")).unwrap().len(), 200_000);
+        }
     }
 
     #[test]
@@ -1942,21 +2047,42 @@ mod tests {
             .file("x/one", 0o644, &[1; 70_000])
             .symlink("x/two", "one")
             .tgz();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
-        let chunks: Vec<Vec<u8>> = data.chunks(777).map(<[u8]>::to_vec).collect();
-        let producer = std::thread::spawn(move || {
-            tx.blocking_send(Vec::new()).unwrap(); // empty chunks are skipped
-            for c in chunks {
-                tx.blocking_send(c).unwrap();
-            }
-        });
-        let sb = sandbox();
-        let mut hr = HashingReader::new(ChannelReader::new(rx));
-        let out = unpack_tar_gz(&mut hr, &sb.dest, &Limits::default()).unwrap();
-        producer.join().unwrap();
-        assert_eq!(out.files, 1);
-        assert_eq!(out.symlinks, 1);
-        assert_eq!(hr.finish(), (sha256_hex(&data), data.len() as u64));
-        assert_eq!(fs::read(sb.dest.join("x/two")).unwrap(), vec![1; 70_000]);
+        for check in [proto::StreamCheck::Sha256, proto::StreamCheck::Crc32] {
+            let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+            let chunks: Vec<bytes::Bytes> = data
+                .chunks(777)
+                .map(bytes::Bytes::copy_from_slice)
+                .collect();
+            let producer = std::thread::spawn(move || {
+                tx.blocking_send(bytes::Bytes::new()).unwrap(); // empty chunks are skipped
+                for c in chunks {
+                    tx.blocking_send(c).unwrap();
+                }
+            });
+            let sb = sandbox();
+            let mut reader = ChannelReader::new(rx, check);
+            let out = unpack_tar_gz_buffered(&mut reader, &sb.dest, &Limits::default()).unwrap();
+            producer.join().unwrap();
+            assert_eq!(out.files, 1);
+            assert_eq!(out.symlinks, 1);
+            assert_eq!(reader.finish(), summed(&data, check.is_sha256()));
+            assert_eq!(fs::read(sb.dest.join("x/two")).unwrap(), vec![1; 70_000]);
+        }
+    }
+
+    #[test]
+    fn a_changed_or_reordered_chunk_changes_the_check() {
+        // See: #14 (item 1). The upload is checked with a CRC-32 of the stream instead of a
+        // second SHA-256; it must still tell a damaged stream from the one sent, also where
+        // the gzip and tar checks cannot (two whole gzip members swapped).
+        let a = gz(&Tb::new().file("a", 0o644, &[b'a'; 3000]).tar()[..1024]);
+        let b = gz(&Tb::new().file("a", 0o644, &[b'a'; 3000]).tar()[1024..]);
+        let sent = [a.clone(), b.clone()].concat();
+        let swapped = [b, a].concat();
+        assert_eq!(sent.len(), swapped.len());
+        assert_ne!(summed(&sent, false).crc32, summed(&swapped, false).crc32);
+        let mut flipped = sent.clone();
+        flipped[sent.len() / 2] ^= 1;
+        assert_ne!(summed(&sent, false).crc32, summed(&flipped, false).crc32);
     }
 }

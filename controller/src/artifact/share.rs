@@ -9,6 +9,9 @@
 //! sliding window, on an artifact larger than the ring) reads the file on its own, without
 //! hashing it again once the feed knows the digest. An artifact no larger than the ring
 //! stays in it: then every host of the push shares one read.
+//!
+//! Every read also takes a CRC-32 of the bytes (a few milliseconds per 100 MiB): the agent
+//! checks the upload with it ([`proto::StreamCheck::Crc32`]) instead of a second SHA-256.
 
 use std::collections::VecDeque;
 use std::io::Read;
@@ -16,11 +19,21 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use tokio::sync::{Notify, mpsc};
 
 /// Chunks the ring holds at most (8 MiB).
 pub const RING_CHUNKS: usize = 8;
+
+/// What one read of the whole artifact found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digest {
+    /// Hex sha256 (computed, or known from the delta scan).
+    pub sha256: String,
+    pub size: u64,
+    /// CRC-32 of the bytes read (always computed).
+    pub crc32: u32,
+}
 
 /// The artifact, read once for every host of a push.
 #[derive(Clone)]
@@ -48,8 +61,8 @@ struct State {
     /// The next chunk of each host taking chunks from the ring; `None`: left.
     takers: Vec<Option<usize>>,
     started: bool,
-    /// The whole file was read: its sha256 and size, or why it could not be.
-    end: Option<Result<(String, u64), String>>,
+    /// The whole file was read: its digest, or why it could not be.
+    end: Option<Result<Digest, String>>,
     /// Nobody took chunks and the ring was full: the reader stopped.
     abandoned: bool,
 }
@@ -87,7 +100,7 @@ impl Feed {
             });
         }
         let digest = match &st.end {
-            Some(Ok(d)) => Some(d.clone()),
+            Some(Ok(d)) => Some((d.sha256.clone(), d.size)),
             _ => self.shared.known.clone(),
         };
         drop(st);
@@ -116,8 +129,8 @@ impl Source {
         }
     }
 
-    /// The sha256 and size of the whole file, once [`Source::next`] returned `None`.
-    pub async fn finish(self) -> Result<(String, u64), String> {
+    /// The digest of the whole file, once [`Source::next`] returned `None`.
+    pub async fn finish(self) -> Result<Digest, String> {
         match self {
             Source::Ring(t) => t.finish(),
             Source::Own(o) => o
@@ -161,7 +174,7 @@ impl Taker {
         }
     }
 
-    fn finish(self) -> Result<(String, u64), String> {
+    fn finish(self) -> Result<Digest, String> {
         self.shared
             .lock()
             .end
@@ -187,6 +200,7 @@ async fn read_into_ring(shared: Arc<Shared>) {
         Err(e) => return end(&shared, Err(format!("reading the artifact: {e}"))),
     };
     let mut hasher = shared.known.is_none().then(Sha256::new);
+    let mut crc = crc32fast::Hasher::new();
     let mut size = 0u64;
     loop {
         // Wait for room: a full ring drops its oldest chunk once every host is past it.
@@ -220,26 +234,35 @@ async fn read_into_ring(shared: Arc<Shared>) {
         }
         let read = tokio::task::spawn_blocking(move || {
             let r = read_chunk(&mut file).inspect(|c| {
+                crc.update(c);
                 if let Some(h) = &mut hasher {
                     h.update(c);
                 }
             });
-            (file, hasher, r)
+            (file, hasher, crc, r)
         })
         .await;
         let chunk;
-        (file, hasher, chunk) = match read {
+        (file, hasher, crc, chunk) = match read {
             Ok(v) => v,
             Err(e) => return end(&shared, Err(format!("reading the artifact: {e}"))),
         };
         match chunk {
             Ok(c) if c.is_empty() => {
-                let digest = match (hasher, &shared.known) {
-                    (Some(h), _) => (hex::encode(h.finalize()), size),
-                    (None, Some(k)) => k.clone(),
+                let sha256 = match (hasher, &shared.known) {
+                    (Some(h), _) => hex::encode(h.finalize()),
+                    (None, Some(k)) => k.0.clone(),
                     (None, None) => unreachable!("a hasher when the digest is unknown"),
                 };
-                return end(&shared, Ok(digest));
+                let crc32 = crc.finalize();
+                return end(
+                    &shared,
+                    Ok(Digest {
+                        sha256,
+                        size,
+                        crc32,
+                    }),
+                );
             }
             Ok(c) => {
                 size += c.len() as u64;
@@ -251,7 +274,7 @@ async fn read_into_ring(shared: Arc<Shared>) {
     }
 }
 
-fn end(shared: &Shared, r: Result<(String, u64), String>) {
+fn end(shared: &Shared, r: Result<Digest, String>) {
     shared.lock().end = Some(r);
     shared.grew.notify_waiters();
 }
@@ -267,7 +290,7 @@ fn read_chunk(file: &mut std::fs::File) -> std::io::Result<Bytes> {
 /// One host's own read of the file, a few chunks ahead; hashed unless the digest is known.
 pub struct OwnRead {
     rx: mpsc::Receiver<Bytes>,
-    reader: tokio::task::JoinHandle<Result<(String, u64), String>>,
+    reader: tokio::task::JoinHandle<Result<Digest, String>>,
 }
 
 fn own_read(path: &Path, known: Option<(String, u64)>) -> OwnRead {
@@ -277,6 +300,7 @@ fn own_read(path: &Path, known: Option<(String, u64)>) -> OwnRead {
         let shown = path.display().to_string();
         let mut file = std::fs::File::open(&path).map_err(|e| format!("reading {shown}: {e}"))?;
         let mut hasher = known.is_none().then(Sha256::new);
+        let mut crc = crc32fast::Hasher::new();
         let mut size = 0u64;
         loop {
             let chunk = read_chunk(&mut file).map_err(|e| format!("reading {shown}: {e}"))?;
@@ -284,6 +308,7 @@ fn own_read(path: &Path, known: Option<(String, u64)>) -> OwnRead {
                 break;
             }
             size += chunk.len() as u64;
+            crc.update(&chunk);
             if let Some(h) = &mut hasher {
                 h.update(&chunk);
             }
@@ -292,10 +317,15 @@ fn own_read(path: &Path, known: Option<(String, u64)>) -> OwnRead {
                 break;
             }
         }
-        Ok(match (known, hasher) {
-            (Some(k), _) => k,
-            (None, Some(h)) => (hex::encode(h.finalize()), size),
+        let sha256 = match (known, hasher) {
+            (Some(k), _) => k.0,
+            (None, Some(h)) => hex::encode(h.finalize()),
             (None, None) => unreachable!("a hasher when the digest is unknown"),
+        };
+        Ok(Digest {
+            sha256,
+            size,
+            crc32: crc.finalize(),
         })
     });
     OwnRead { rx, reader }
@@ -317,7 +347,13 @@ mod tests {
         while let Some(c) = s.next().await.unwrap() {
             got.extend_from_slice(&c);
         }
-        (got, s.finish().await.unwrap())
+        let d = s.finish().await.unwrap();
+        assert_eq!(
+            d.crc32,
+            crc32fast::hash(&got),
+            "the crc32 of what was handed out"
+        );
+        (got, (d.sha256, d.size))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,7 +396,7 @@ mod tests {
             got.extend_from_slice(&c);
         }
         assert!(got == data);
-        assert_eq!(slow.finish().await.unwrap().0, want);
+        assert_eq!(slow.finish().await.unwrap().sha256, want);
         let (fast_got, (fast_sha, _)) = fast.await.unwrap();
         assert!(fast_got == data);
         assert_eq!(fast_sha, want);

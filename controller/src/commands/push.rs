@@ -476,6 +476,8 @@ async fn push_all(
             spec: spec.clone(),
             expect_content: delivery.expect_content.clone(),
             origin: delivery.origin.clone(),
+            // Every upload ends with a CRC-32 of what was sent (see finish_upload).
+            check: proto::StreamCheck::Crc32,
         };
         let artifact = artifact.to_path_buf();
         let progress = progress.clone();
@@ -658,7 +660,7 @@ async fn upload_and_deploy(
             b.set_position(sent);
         }
     }
-    let (sha256, _) = source.finish().await.map_err(read_failed)?;
+    let digest = source.finish().await.map_err(read_failed)?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -672,7 +674,7 @@ async fn upload_and_deploy(
             mib((sent as f64 / secs) as u64)
         ),
     );
-    finish_upload(conn, sha256, sent, up).await
+    finish_upload(conn, digest.sha256, sent, digest.crc32, up).await
 }
 
 /// Ends an upload and waits for the agent's report, showing its progress, for at most
@@ -681,11 +683,16 @@ async fn finish_upload(
     conn: &mut HostConn,
     sha256: String,
     sent: u64,
+    crc32: u32,
     up: &Upload<'_>,
 ) -> Result<DeployReport, Failure> {
     let host = conn.name.clone();
     conn.client
-        .send_request(UploadEnd { sha256, size: sent })
+        .send_request(UploadEnd {
+            sha256,
+            size: sent,
+            crc32: Some(crc32),
+        })
         .await
         .map_err(|e| up.lost("at the end of the upload", e))?;
     let limit = conn.client.reply_timeout();
@@ -848,6 +855,7 @@ async fn upload_delta(
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut hasher = Sha256::new();
+    let mut crc = crc32fast::Hasher::new();
     let mut sent = 0u64;
     loop {
         let chunk = tokio::select! {
@@ -861,6 +869,7 @@ async fn upload_delta(
             }
         };
         hasher.update(&chunk);
+        crc.update(&chunk);
         sent += chunk.len() as u64;
         conn.client
             .send_data(chunk, &mut |ev| progress.line(&host, &ev.message))
@@ -882,7 +891,14 @@ async fn upload_delta(
             t.elapsed().as_secs_f64()
         ),
     );
-    finish_upload(conn, hex::encode(hasher.finalize()), sent, up).await
+    finish_upload(
+        conn,
+        hex::encode(hasher.finalize()),
+        sent,
+        crc.finalize(),
+        up,
+    )
+    .await
 }
 
 /// The id for this rollout: now, or one second past the newest release on any host, so

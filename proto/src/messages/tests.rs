@@ -323,6 +323,7 @@ fn push_and_upload_end() {
             spec: spec(),
             expect_content: None,
             origin: None,
+            check: StreamCheck::Sha256,
         }),
         json!({"type": "push", "params": {
             "app": app_json(),
@@ -344,8 +345,44 @@ fn push_and_upload_end() {
         Request::UploadEnd(UploadEnd {
             sha256: "cd".repeat(32),
             size: 1234,
+            crc32: None,
         }),
         json!({"type": "upload_end", "params": {"sha256": "cd".repeat(32), "size": 1234}}),
+    );
+}
+
+#[test]
+fn a_crc32_checked_upload_says_so_and_older_peers_read_it() {
+    // See: #14 (item 1). The agent checks a CRC-32 of the stream instead of a second
+    // SHA-256 pass; a controller that does not say so gets the sha256 check.
+    let push = Push {
+        app: app(),
+        release: "20261122214450".into(),
+        version: None,
+        holder: "ci@runner".into(),
+        size: 1234,
+        skip_migrations: false,
+        spec: spec(),
+        expect_content: None,
+        origin: None,
+        check: StreamCheck::Crc32,
+    };
+    let v = serde_json::to_value(Request::Push(push.clone())).unwrap();
+    assert_eq!(v["params"]["check"], "crc32");
+    let mut older = v.clone();
+    older["params"].as_object_mut().unwrap().remove("check");
+    match serde_json::from_value::<Request>(older).unwrap() {
+        Request::Push(p) => assert_eq!(p.check, StreamCheck::Sha256),
+        other => panic!("{other:?}"),
+    }
+    golden(
+        Request::UploadEnd(UploadEnd {
+            sha256: "cd".repeat(32),
+            size: 1234,
+            crc32: Some(0xdead_beef),
+        }),
+        json!({"type": "upload_end", "params": {
+            "sha256": "cd".repeat(32), "size": 1234, "crc32": 0xdead_beef_u32}}),
     );
 }
 
@@ -362,6 +399,7 @@ fn compose_push_and_rollback() {
             spec: compose_spec(),
             expect_content: None,
             origin: None,
+            check: StreamCheck::Sha256,
         }),
         json!({"type": "push", "params": {
             "app": app_json(),
@@ -686,6 +724,7 @@ fn rpc_ties_each_request_to_its_response() {
         spec: spec(),
         expect_content: None,
         origin: None,
+        check: StreamCheck::Sha256,
     }
     .into();
     assert!(matches!(push, Request::Push(_)));
@@ -716,6 +755,7 @@ fn promoted_push_and_fetch() {
             spec: spec(),
             expect_content: Some("c1:00".into()),
             origin: Some(origin.clone()),
+            check: StreamCheck::Sha256,
         }),
         json!({"type": "push", "params": {
             "app": app_json(),

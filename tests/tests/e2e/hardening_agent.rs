@@ -729,6 +729,7 @@ fn sigterm_during_an_upload_cleans_up_and_tells_the_controller() {
         spec: spec(),
         expect_content: None,
         origin: None,
+        check: proto::StreamCheck::Sha256,
     }));
     match raw.recv() {
         Some(Response::PushReady(_)) => {}
