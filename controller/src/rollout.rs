@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use proto::{Outcome, Rollback};
 
@@ -14,7 +15,8 @@ use crate::config::{Batch, Environment, OnFailure, VerifyConfig};
 use crate::outcome::{HostResult, RolloutReport, VerifyResult};
 use crate::output::Progress;
 use crate::spec::{app_ref, holder, release_spec};
-use crate::transport::HostConn;
+use crate::ssh::keys::KeySource;
+use crate::transport::{self, HostConn};
 
 /// Host indices per batch, in order.
 pub fn plan(hosts: usize, batch: Batch, canary: bool) -> Vec<Vec<usize>> {
@@ -40,15 +42,23 @@ pub type HostFuture = Pin<Box<dyn Future<Output = (HostConn, HostResult)> + Send
 /// at once, a new one starting as soon as one ends. On the first failure (or failed
 /// verification) starts no other host, lets those running finish, and applies
 /// `on_failure`.
+///
+/// `conns` holds every host's connection, in `env.hosts`' order. A host's connection is
+/// closed as soon as its deploy ends (the agent freed its lock then): what it held goes
+/// with it, so the controller's memory follows the window, not the fleet. Only the hosts
+/// still waiting for their turn stay connected, holding their locks on idle sessions. The
+/// hosts rolled back after a failure are connected to again, under the same window.
 pub async fn run<F>(
     env: &Environment,
-    conns: &mut Vec<HostConn>,
+    keys: &Arc<Vec<KeySource>>,
+    conns: &mut [Option<HostConn>],
     progress: &Progress,
     deploy: F,
 ) -> RolloutReport
 where
     F: Fn(HostConn) -> HostFuture,
 {
+    let names: Vec<String> = env.hosts.iter().map(|h| h.to_string()).collect();
     let batches = plan(conns.len(), env.rollout.batch, env.rollout.canary);
     let mut results: Vec<Option<HostResult>> = vec![None; conns.len()];
     let mut failure = None;
@@ -61,18 +71,25 @@ where
             } else {
                 ""
             };
-            let names: Vec<&str> = batch.iter().map(|&i| conns[i].name.as_str()).collect();
+            let in_batch: Vec<&str> = batch.iter().map(|&i| names[i].as_str()).collect();
             progress.info(&format!(
                 "batch {}/{total}{canary}: {}",
                 b + 1,
-                names.join(", ")
+                in_batch.join(", ")
             ));
         }
-        crate::window::hosts(
+        crate::window::slot_hosts(
             conns,
             batch,
             parallel,
-            |_, c| deploy(c),
+            |_, c| {
+                let fut = deploy(c);
+                async move {
+                    let (c, r) = fut.await;
+                    c.close().await;
+                    (None, r)
+                }
+            },
             |i, mut r: HostResult| {
                 r.batch = Some(b as u32 + 1);
                 if r.outcome != Some(Outcome::Live) && failure.is_none() {
@@ -111,8 +128,8 @@ where
     // Hosts never reached stay as they were.
     let mut hosts: Vec<HostResult> = results
         .into_iter()
-        .zip(conns.iter())
-        .map(|(r, c)| r.unwrap_or_else(|| HostResult::skipped(&c.name)))
+        .zip(names.iter())
+        .map(|(r, name)| r.unwrap_or_else(|| HostResult::skipped(name)))
         .collect();
     if let Some(why) = &failure {
         if hosts.len() > 1 {
@@ -133,26 +150,25 @@ where
                         took.len()
                     ));
                 }
-                // Under the same window as the rollout.
-                let env_owned = std::sync::Arc::new(env.clone());
-                let mut rolled = Vec::new();
-                crate::window::hosts(
-                    conns,
-                    &took,
-                    parallel,
-                    |i, mut c| {
-                        let previous = hosts[i].previous.clone();
-                        let (env, progress) = (env_owned.clone(), progress.clone());
-                        async move {
-                            let r = roll_back_host(&mut c, &env, previous, &progress).await;
-                            (c, r)
-                        }
-                    },
-                    |i, r| {
-                        rolled.push((i, r));
-                        true
-                    },
-                )
+                // Under the same window as the rollout, each host connected to again
+                // (its connection closed when its deploy ended).
+                let env_owned = Arc::new(env.clone());
+                let rolled = crate::window::map(took, parallel, |i| {
+                    let previous = hosts[i].previous.clone();
+                    let host = env.hosts[i].clone();
+                    let (env, keys, progress) = (env_owned.clone(), keys.clone(), progress.clone());
+                    async move {
+                        let r = match transport::connect(&host, &env, keys).await {
+                            Ok(mut c) => {
+                                let r = roll_back_host(&mut c, &env, previous, &progress).await;
+                                c.close().await;
+                                r
+                            }
+                            Err(e) => Err(format!("could not connect again to roll back: {e}")),
+                        };
+                        (i, r)
+                    }
+                })
                 .await;
                 for (i, r) in rolled {
                     let h = &mut hosts[i];

@@ -107,13 +107,45 @@ pub async fn hosts<R, J, Fut>(
     which: &[usize],
     limit: usize,
     mut job: J,
-    mut done: impl FnMut(usize, R) -> bool,
+    done: impl FnMut(usize, R) -> bool,
 ) where
     R: Send + 'static,
     J: FnMut(usize, HostConn) -> Fut,
     Fut: Future<Output = (HostConn, R)> + Send + 'static,
 {
     let mut slots: Vec<Option<HostConn>> = conns.drain(..).map(Some).collect();
+    slot_hosts(
+        &mut slots,
+        which,
+        limit,
+        |i, c| {
+            let fut = job(i, c);
+            async move {
+                let (c, r) = fut.await;
+                (Some(c), r)
+            }
+        },
+        done,
+    )
+    .await;
+    conns.extend(slots.into_iter().flatten());
+}
+
+/// Like [`hosts`], over `slots` (a host's index stays its index): a job that hands back
+/// `None` has closed its host's connection, which frees what the connection held (its
+/// buffers, its SSH session) as soon as the host is done instead of at the end of the
+/// command. A slot already empty is skipped.
+pub async fn slot_hosts<R, J, Fut>(
+    slots: &mut [Option<HostConn>],
+    which: &[usize],
+    limit: usize,
+    mut job: J,
+    mut done: impl FnMut(usize, R) -> bool,
+) where
+    R: Send + 'static,
+    J: FnMut(usize, HostConn) -> Fut,
+    Fut: Future<Output = (Option<HostConn>, R)> + Send + 'static,
+{
     let mut window = Window::new(limit);
     let mut queue = which.iter().copied();
     let mut more = true;
@@ -136,15 +168,14 @@ pub async fn hosts<R, J, Fut>(
         let ended = tokio::select! {
             r = window.next() => r,
             _ = tick.tick() => {
-                keep_alive(&mut slots).await;
+                keep_alive(slots).await;
                 continue;
             }
         };
         let Some((i, (c, r))) = ended else { break };
-        slots[i] = Some(c);
+        slots[i] = c;
         more = done(i, r) && more;
     }
-    conns.extend(slots.into_iter().flatten());
 }
 
 /// Sends `request(host)` to every host, at most `limit` at once, and waits for each answer

@@ -34,6 +34,9 @@ pub enum Frame {
     Data(bytes::Bytes),
 }
 
+/// The controller side's WebSocket read buffer.
+const CONTROLLER_READ_BUFFER: usize = 16 * 1024;
+
 fn config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE_SIZE))
@@ -54,8 +57,13 @@ pub async fn connect<S>(stream: S) -> Result<Connection<S>, CodecError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // The controller reads small control messages (and, for `promote`, a release's frames,
+    // whose full size is reserved as each arrives): a 16 KiB read buffer instead of the
+    // default 128 KiB, which every connection kept zero-filled for its life (a fleet's
+    // waiting hosts hold theirs the whole rollout).
+    let config = config().read_buffer_size(CONTROLLER_READ_BUFFER);
     let (ws, _) =
-        tokio_tungstenite::client_async_with_config("ws://deploy-agent/v1", stream, Some(config()))
+        tokio_tungstenite::client_async_with_config("ws://deploy-agent/v1", stream, Some(config))
             .await?;
     Ok(Connection::from_ws(ws))
 }

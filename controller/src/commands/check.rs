@@ -39,11 +39,15 @@ pub async fn run(cli: &Cli, env_name: &str, json: bool) -> Result<u8, Failure> {
     let env = load_env(cli, env_name)?;
     let keys = find_keys(&env)?;
     let progress = Progress::new(false);
+    // At most max_parallel hosts at once, each connected only while it is checked.
+    let turns = Arc::new(tokio::sync::Semaphore::new(env.max_parallel.max(1) as usize));
     let mut set = tokio::task::JoinSet::new();
     for (i, host) in env.hosts.iter().cloned().enumerate() {
         let env = env.clone();
         let keys = keys.clone();
+        let turns = turns.clone();
         set.spawn(async move {
+            let _turn = turns.acquire_owned().await;
             let name = host.to_string();
             let result = match probe(&host, &env, keys).await {
                 Ok(r) => r.map_err(|e| (exit::CONNECT, e.to_string())),

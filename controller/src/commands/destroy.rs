@@ -53,56 +53,46 @@ pub async fn run(
         lock_all(&mut conns, &env, None, lock_wait, &progress).await?;
         let holder = holder();
         let spec = release_spec(&env);
-        let futures = conns.iter_mut().map(|c| {
-            let req = Destroy {
-                app: app_ref(&env),
-                holder: holder.clone(),
-                spec: spec.clone(),
-            };
-            let progress = progress.clone();
-            let name = name.clone();
-            async move {
-                let host = c.name.clone();
-                progress.line(&host, &format!("destroying instance {name}"));
-                let r = match c.client.call(req).await {
-                    Ok(d) => {
-                        let msg = match (d.existed, d.port) {
-                            (false, _) => format!("instance {name} did not exist; nothing to do"),
-                            (true, Some(p)) => {
-                                format!("destroyed instance {name}; port {p} is free")
-                            }
-                            (true, None) => format!("destroyed instance {name}"),
-                        };
-                        progress.line(&host, &msg);
-                        HostDestroy {
-                            host: host.clone(),
-                            existed: Some(d.existed),
-                            port: d.port,
-                            release: d.release.clone(),
-                            error: None,
-                            exit_code: exit::OK,
-                            report: Some(d),
-                        }
-                    }
-                    Err(e) => {
-                        let f = agent_failure(&host, e);
-                        progress.annotate(Some(&host), &f.message);
-                        HostDestroy {
-                            host: host.clone(),
-                            existed: None,
-                            port: None,
-                            release: None,
-                            error: Some(crate::output::without_host(&host, &f.message).to_owned()),
-                            exit_code: f.code,
-                            report: None,
-                        }
-                    }
+        // At most max_parallel hosts at once, each on its own task (as a rollout); the
+        // others keep their locks on idle sessions meanwhile.
+        let limit = env.max_parallel.max(1) as usize;
+        let all: Vec<usize> = (0..conns.len()).collect();
+        let mut results: Vec<Option<HostDestroy>> = (0..conns.len()).map(|_| None).collect();
+        let app = app_ref(&env);
+        // Each host's connection is closed as soon as it is done (the agent freed its lock
+        // when its destroy ended); the hosts still to come hold theirs.
+        let mut slots: Vec<Option<crate::transport::HostConn>> =
+            conns.drain(..).map(Some).collect();
+        crate::window::slot_hosts(
+            &mut slots,
+            &all,
+            limit,
+            |_, mut c| {
+                let req = Destroy {
+                    app: app.clone(),
+                    holder: holder.clone(),
+                    spec: spec.clone(),
                 };
-                progress.finish_host(&host, &format!("destroy {name}"));
-                r
-            }
-        });
-        Ok::<_, Failure>(futures_util::future::join_all(futures).await)
+                let progress = progress.clone();
+                let name = name.clone();
+                async move {
+                    let r = destroy_one(&mut c, req, &name, &progress).await;
+                    c.close().await;
+                    (None, r)
+                }
+            },
+            |i, r| {
+                results[i] = Some(r);
+                true
+            },
+        )
+        .await;
+        conns.extend(slots.into_iter().flatten());
+        let results: Vec<HostDestroy> = results
+            .into_iter()
+            .map(|r| r.expect("every host was asked"))
+            .collect();
+        Ok::<_, Failure>(results)
     }
     .await;
     close_all(conns).await;
@@ -174,4 +164,49 @@ pub async fn run(
         took.as_secs_f64()
     );
     Ok(code)
+}
+
+/// Destroys the instance on one host; the host's error, if any, is in the result.
+async fn destroy_one(
+    c: &mut crate::transport::HostConn,
+    req: Destroy,
+    name: &str,
+    progress: &Progress,
+) -> HostDestroy {
+    let host = c.name.clone();
+    progress.line(&host, &format!("destroying instance {name}"));
+    let r = match c.client.call(req).await {
+        Ok(d) => {
+            let msg = match (d.existed, d.port) {
+                (false, _) => format!("instance {name} did not exist; nothing to do"),
+                (true, Some(p)) => format!("destroyed instance {name}; port {p} is free"),
+                (true, None) => format!("destroyed instance {name}"),
+            };
+            progress.line(&host, &msg);
+            HostDestroy {
+                host: host.clone(),
+                existed: Some(d.existed),
+                port: d.port,
+                release: d.release.clone(),
+                error: None,
+                exit_code: exit::OK,
+                report: Some(d),
+            }
+        }
+        Err(e) => {
+            let f = agent_failure(&host, e);
+            progress.annotate(Some(&host), &f.message);
+            HostDestroy {
+                host: host.clone(),
+                existed: None,
+                port: None,
+                release: None,
+                error: Some(crate::output::without_host(&host, &f.message).to_owned()),
+                exit_code: f.code,
+                report: None,
+            }
+        }
+    };
+    progress.finish_host(&host, &format!("destroy {name}"));
+    r
 }

@@ -134,6 +134,8 @@ pub async fn run(cli: &Cli, args: &ExecArgs) -> Result<u8, Failure> {
     };
     let env = Arc::new(env);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // At most max_parallel hosts at once, each connected only for its turn.
+    let turns = Arc::new(tokio::sync::Semaphore::new(env.max_parallel.max(1) as usize));
     let mut set = tokio::task::JoinSet::new();
     for (i, (host, prefix)) in hosts.iter().cloned().zip(prefixes).enumerate() {
         let task = one_host(
@@ -145,7 +147,12 @@ pub async fn run(cli: &Cli, args: &ExecArgs) -> Result<u8, Failure> {
             args.json,
             stop_rx.clone(),
         );
-        set.spawn(async move { (i, task.await) });
+        let turns = turns.clone();
+        set.spawn(async move {
+            // After Ctrl-C, a host still waiting for its turn ends at once, unconnected.
+            let _turn = turns.acquire_owned().await;
+            (i, task.await)
+        });
     }
     let mut results: Vec<(usize, HostResult)> = Vec::new();
     let mut interrupted = false;

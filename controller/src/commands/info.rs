@@ -3,12 +3,14 @@
 use proto::{History, Releases, Status};
 use serde_json::json;
 
-use super::{close_all, connect_all, find_keys, host_error};
+use super::{ask_each, find_keys, host_error};
 use crate::cli::Cli;
+use crate::client::ClientError;
 use crate::exit::{self, Failure};
 use crate::output::Progress;
 use crate::report::{outcome_name, release_state, short_time, table};
 use crate::spec::{app_ref, health_spec};
+use crate::transport::HostConn;
 
 #[derive(Clone, Copy)]
 pub enum What {
@@ -21,33 +23,64 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
     let env = super::load_env(cli, env_name)?;
     let keys = find_keys(&env)?;
     let progress = Progress::new(true);
-    let mut conns = connect_all(&env, &keys, &progress).await?;
-    // Every host is asked at once, at most max_parallel at a time; the answers are shown
-    // in the hosts' order.
-    let limit = env.max_parallel.max(1) as usize;
+    // Every host is asked, at most max_parallel at a time, each connected only while it is
+    // asked; the answers are shown in the hosts' order.
     let (mut statuses, mut releases, mut histories) = (Vec::new(), Vec::new(), Vec::new());
-    match what {
+    let app = app_ref(&env);
+    let names: Vec<String> = match what {
         What::Status => {
-            statuses = crate::window::call_all(&mut conns, limit, None, |_| Status {
-                app: app_ref(&env),
-                health: health_spec(&env),
+            let health = health_spec(&env);
+            let answers = ask_each(&env, &keys, &progress, move |c| {
+                call(
+                    c,
+                    Status {
+                        app: app.clone(),
+                        health: health.clone(),
+                    },
+                )
             })
-            .await
+            .await?;
+            answers
+                .into_iter()
+                .map(|(n, a)| {
+                    statuses.push(a);
+                    n
+                })
+                .collect()
         }
         What::Releases => {
-            releases = crate::window::call_all(&mut conns, limit, None, |_| Releases {
-                app: app_ref(&env),
+            let answers = ask_each(&env, &keys, &progress, move |c| {
+                call(c, Releases { app: app.clone() })
             })
-            .await
+            .await?;
+            answers
+                .into_iter()
+                .map(|(n, a)| {
+                    releases.push(a);
+                    n
+                })
+                .collect()
         }
         What::History { limit: n } => {
-            histories = crate::window::call_all(&mut conns, limit, None, |_| History {
-                app: app_ref(&env),
-                limit: n,
+            let answers = ask_each(&env, &keys, &progress, move |c| {
+                call(
+                    c,
+                    History {
+                        app: app.clone(),
+                        limit: n,
+                    },
+                )
             })
-            .await
+            .await?;
+            answers
+                .into_iter()
+                .map(|(n, a)| {
+                    histories.push(a);
+                    n
+                })
+                .collect()
         }
-    }
+    };
     let (mut statuses, mut releases, mut histories) = (
         statuses.into_iter(),
         releases.into_iter(),
@@ -56,7 +89,7 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
     let mut docs = Vec::new();
     let mut rows = Vec::new();
     let mut code = exit::OK;
-    for c in conns.iter_mut() {
+    for name in &names {
         match &what {
             What::Status => match statuses.next().expect("one answer per host") {
                 Ok(s) => {
@@ -85,7 +118,7 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                         })
                         .unwrap_or_else(|| "-".into());
                     rows.push(vec![
-                        c.name.clone(),
+                        name.clone(),
                         s.current
                             .as_ref()
                             .map(|r| r.id.clone())
@@ -105,17 +138,17 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                             .map(|l| format!("locked by {}", l.holder))
                             .unwrap_or_default(),
                     ]);
-                    docs.push(json!({"host": c.name, "status": s}));
+                    docs.push(json!({"host": name, "status": s}));
                 }
                 Err(e) => {
-                    host_error(&c.name, e, &mut code, &mut rows, &mut docs);
+                    host_error(name, e, &mut code, &mut rows, &mut docs);
                 }
             },
             What::Releases => match releases.next().expect("one answer per host") {
                 Ok(r) => {
                     for rel in &r.releases {
                         rows.push(vec![
-                            c.name.clone(),
+                            name.clone(),
                             rel.id.clone(),
                             rel.version.clone().unwrap_or("-".into()),
                             release_state(rel),
@@ -138,17 +171,17 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                             v
                         })
                         .collect();
-                    docs.push(json!({"host": c.name, "releases": releases}));
+                    docs.push(json!({"host": name, "releases": releases}));
                 }
                 Err(e) => {
-                    host_error(&c.name, e, &mut code, &mut rows, &mut docs);
+                    host_error(name, e, &mut code, &mut rows, &mut docs);
                 }
             },
             What::History { .. } => match histories.next().expect("one answer per host") {
                 Ok(h) => {
                     for e in &h.entries {
                         rows.push(vec![
-                            c.name.clone(),
+                            name.clone(),
                             short_time(&e.finished),
                             match &e.instance {
                                 Some(i) => format!("{:?} {i}", e.action).to_lowercase(),
@@ -167,20 +200,19 @@ pub async fn run(cli: &Cli, env_name: &str, what: What, json: bool) -> Result<u8
                              full disk or edited by hand); the other entries are shown",
                             h.skipped_lines
                         );
-                        eprintln!("warning: [{}] {note}", c.name);
-                        docs.push(json!({"host": c.name, "history": h.entries,
+                        eprintln!("warning: [{}] {note}", name);
+                        docs.push(json!({"host": name, "history": h.entries,
                             "skipped_lines": h.skipped_lines}));
                     } else {
-                        docs.push(json!({"host": c.name, "history": h.entries}));
+                        docs.push(json!({"host": name, "history": h.entries}));
                     }
                 }
                 Err(e) => {
-                    host_error(&c.name, e, &mut code, &mut rows, &mut docs);
+                    host_error(name, e, &mut code, &mut rows, &mut docs);
                 }
             },
         }
     }
-    close_all(conns).await;
     if json {
         let doc = json!({"environment": env.name, "app": env.app, "hosts": docs});
         crate::out!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
@@ -223,4 +255,15 @@ fn watch_cell(w: &proto::WatchStatus) -> String {
         RollbackFailed => format!("ROLLBACK FAILED ({r}, by watch)"),
         Ended => format!("ended early ({r})"),
     }
+}
+
+/// Asks one host `request`, within the connection's own limit.
+async fn call<Q>(mut c: HostConn, request: Q) -> (HostConn, Result<Q::Response, ClientError>)
+where
+    Q: proto::Rpc + Send + 'static,
+    Q::Response: Send,
+{
+    let within = c.client.reply_timeout();
+    let r = c.client.call_within(request, within, |_| {}).await;
+    (c, r)
 }

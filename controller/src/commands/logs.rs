@@ -187,16 +187,29 @@ pub async fn run(cli: &Cli, args: &LogsArgs) -> Result<u8, Failure> {
     let prefixes = prefixes(&hosts);
     let env = Arc::new(env);
     let stop_tx = Arc::new(tokio::sync::watch::channel(false).0);
+    // Without -f, at most max_parallel hosts at once, each connected only for its turn;
+    // with -f every host's stream runs until interrupted, so all at once.
+    let turns = if args.follow {
+        hosts.len()
+    } else {
+        env.max_parallel.max(1) as usize
+    };
+    let turns = Arc::new(tokio::sync::Semaphore::new(turns.max(1)));
     let mut set = tokio::task::JoinSet::new();
     for (host, prefix) in hosts.into_iter().zip(prefixes) {
-        set.spawn(one_host(
+        let task = one_host(
             host,
             env.clone(),
             keys.clone(),
             request.clone(),
             prefix,
             stop_tx.clone(),
-        ));
+        );
+        let turns = turns.clone();
+        set.spawn(async move {
+            let _turn = turns.acquire_owned().await;
+            task.await
+        });
     }
     let mut code = exit::OK;
     let mut interrupted = false;

@@ -150,29 +150,10 @@ pub async fn connect_all(
         }
     }
     if !errors.is_empty() {
-        errors.sort_by_key(|(i, _)| *i);
-        // The failure below lists every host's error; annotate them under GitHub only.
-        for (_, e) in &errors {
-            progress.annotate(None, &e.to_string());
-        }
         for (_, c) in ok {
             c.close().await;
         }
-        let code = errors
-            .iter()
-            .map(|(_, e)| connect_exit_code(e))
-            .max()
-            .unwrap_or(exit::CONNECT);
-        let list: Vec<String> = errors.iter().map(|(_, e)| e.to_string()).collect();
-        return Err(Failure::new(
-            code,
-            format!(
-                "{} of {} host(s) could not be reached; nothing was changed:\n  {}",
-                errors.len(),
-                env.hosts.len(),
-                list.join("\n  ")
-            ),
-        ));
+        return Err(unreachable(env, errors, progress));
     }
     ok.sort_by_key(|(i, _)| *i);
     for (_, c) in &ok {
@@ -185,6 +166,88 @@ pub async fn connect_all(
         );
     }
     Ok(ok.into_iter().map(|(_, c)| c).collect())
+}
+
+/// The failure of a command some hosts of which could not be reached: every host's error,
+/// in the hosts' order, and the worst exit code.
+fn unreachable(
+    env: &Environment,
+    mut errors: Vec<(usize, ConnectError)>,
+    progress: &Progress,
+) -> Failure {
+    errors.sort_by_key(|(i, _)| *i);
+    // The failure lists every host's error; annotate them under GitHub only.
+    for (_, e) in &errors {
+        progress.annotate(None, &e.to_string());
+    }
+    let code = errors
+        .iter()
+        .map(|(_, e)| connect_exit_code(e))
+        .max()
+        .unwrap_or(exit::CONNECT);
+    let list: Vec<String> = errors.iter().map(|(_, e)| e.to_string()).collect();
+    Failure::new(
+        code,
+        format!(
+            "{} of {} host(s) could not be reached; nothing was changed:\n  {}",
+            errors.len(),
+            env.hosts.len(),
+            list.join("\n  ")
+        ),
+    )
+}
+
+/// For commands that change nothing and need no lock (`status`, `releases`, `history`):
+/// connects to each host, runs `ask` on its connection and closes it, at most
+/// `max_parallel` hosts at once, so only the hosts being asked are connected. A host that
+/// cannot be reached fails the command as in [`connect_all`]. The answers come back in
+/// the hosts' order, each with its host's name.
+pub async fn ask_each<T, F, Fut>(
+    env: &Environment,
+    keys: &Arc<Vec<KeySource>>,
+    progress: &Progress,
+    ask: F,
+) -> Result<Vec<(String, T)>, Failure>
+where
+    T: Send + 'static,
+    F: Fn(HostConn) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = (HostConn, T)> + Send + 'static,
+{
+    let limit = env.max_parallel.max(1) as usize;
+    let shared = Arc::new(env.clone());
+    let ask = Arc::new(ask);
+    let hosts: Vec<Host> = env.hosts.clone();
+    let answers = crate::window::map(hosts, limit, |host| {
+        let (env, keys, ask, progress) =
+            (shared.clone(), keys.clone(), ask.clone(), progress.clone());
+        async move {
+            let c = transport::connect(&host, &env, keys).await?;
+            progress.line(
+                &c.name,
+                &format!(
+                    "connected (deploy-agent {} on {})",
+                    c.client.hello.version, c.client.hello.hostname
+                ),
+            );
+            let (c, answer) = ask(c).await;
+            let name = c.name.clone();
+            c.close().await;
+            Ok::<_, ConnectError>((name, answer))
+        }
+    })
+    .await;
+    let mut ok = Vec::new();
+    let mut errors = Vec::new();
+    for (i, a) in answers.into_iter().enumerate() {
+        match a {
+            Ok(a) => ok.push(a),
+            Err(e) => errors.push((i, e)),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(unreachable(env, errors, progress));
+    }
+    Ok(ok)
 }
 
 fn connect_exit_code(e: &ConnectError) -> u8 {

@@ -207,6 +207,7 @@ pub async fn deploy(
     let mut conns = connect_all(&env, &keys, &progress).await?;
     let result = push_all(
         &env,
+        &keys,
         args,
         &artifact,
         meta.len(),
@@ -232,7 +233,7 @@ pub async fn deploy(
         .map(|h| h.host.clone())
         .collect();
     let watched = if args.wait && !watch.is_zero() && !live.is_empty() {
-        let w = wait_for_watch(&env, &release, &live, &mut conns, &progress).await;
+        let w = wait_for_watch(&env, &keys, &release, &live, &progress).await;
         code = code.max(watch_exit_code(&w));
         for (host, end) in &w {
             if let Some(h) = rollout.hosts.iter_mut().find(|h| &h.host == host) {
@@ -329,13 +330,14 @@ pub fn watch_exit_code(ends: &[(String, WatchEnd)]) -> u8 {
         .unwrap_or(exit::OK)
 }
 
-/// `push --wait`: asks each host that went live for its watch until it ended there. The
-/// wait is bounded by the watch, plus the time a check and a rollback may take.
+/// `push --wait`: asks each host that went live for its watch until it ended there, over a
+/// new connection (the rollout closed each host's as soon as it was done). The wait is
+/// bounded by the watch, plus the time a check and a rollback may take.
 async fn wait_for_watch(
     env: &Environment,
+    keys: &Arc<Vec<crate::ssh::keys::KeySource>>,
     release: &str,
     hosts: &[String],
-    conns: &mut [HostConn],
     progress: &Progress,
 ) -> Vec<(String, WatchEnd)> {
     let Some(h) = env.health.as_ref() else {
@@ -356,7 +358,16 @@ async fn wait_for_watch(
         hosts.len()
     ));
     let mut ends = Vec::new();
-    for c in conns.iter_mut().filter(|c| hosts.contains(&c.name)) {
+    for host in env.hosts.iter().filter(|h| hosts.contains(&h.to_string())) {
+        let mut c = match crate::transport::connect(host, env, keys.clone()).await {
+            Ok(c) => c,
+            Err(e) => {
+                let end = WatchEnd::Unknown(format!("could not connect again: {e}"));
+                progress.line(&host.to_string(), &format!("watch: {end}"));
+                ends.push((host.to_string(), end));
+                continue;
+            }
+        };
         let end = loop {
             let asked = c
                 .client
@@ -399,6 +410,7 @@ async fn wait_for_watch(
         };
         progress.line(&c.name, &format!("watch: {end}"));
         ends.push((c.name.clone(), end));
+        c.close().await;
     }
     ends
 }
@@ -406,6 +418,7 @@ async fn wait_for_watch(
 #[allow(clippy::too_many_arguments)]
 async fn push_all(
     env: &Environment,
+    keys: &Arc<Vec<crate::ssh::keys::KeySource>>,
     args: &PushArgs,
     artifact: &Path,
     size: u64,
@@ -465,7 +478,10 @@ async fn push_all(
     // One read of the artifact, shared by the hosts that upload it at once, and one hash
     // (the scan's, when there was one).
     let feed = Feed::new(artifact, scan.as_ref().map(|s| (s.sha256.clone(), s.size)));
-    let report = rollout::run(env, conns, progress, |mut c| {
+    // From here each host's connection is closed as soon as it is done (see
+    // `rollout::run`); those left (hosts never started) are handed back.
+    let mut slots: Vec<Option<HostConn>> = conns.drain(..).map(Some).collect();
+    let report = rollout::run(env, keys, &mut slots, progress, |mut c| {
         let req = Push {
             app: app_ref(env),
             release: release.clone(),
@@ -493,6 +509,7 @@ async fn push_all(
         })
     })
     .await;
+    conns.extend(slots.into_iter().flatten());
     Ok((release, report))
 }
 

@@ -63,8 +63,12 @@ pub async fn run(
         // At most max_parallel hosts at once, as a rollout.
         let mut results: Vec<Option<HostResult>> = vec![None; conns.len()];
         let all: Vec<usize> = (0..conns.len()).collect();
-        crate::window::hosts(
-            &mut conns,
+        // Each host's connection is closed as soon as it is done (the agent freed its lock
+        // when its rollback ended); the hosts still to come hold theirs.
+        let mut slots: Vec<Option<crate::transport::HostConn>> =
+            conns.drain(..).map(Some).collect();
+        crate::window::slot_hosts(
+            &mut slots,
             &all,
             env.max_parallel.max(1) as usize,
             |_, mut c| {
@@ -104,7 +108,8 @@ pub async fn run(
                         }
                     };
                     report::announce(&progress, &result, "rollback");
-                    (c, result)
+                    c.close().await;
+                    (None, result)
                 }
             },
             |i, r| {
@@ -113,6 +118,7 @@ pub async fn run(
             },
         )
         .await;
+        conns.extend(slots.into_iter().flatten());
         let results: Vec<HostResult> = results.into_iter().flatten().collect();
         Ok::<_, Failure>(results)
     }

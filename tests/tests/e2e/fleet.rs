@@ -714,3 +714,131 @@ fn a_slow_host_does_not_hold_the_others_of_its_window() {
         "{most} hosts deployed at once, max_parallel is 2: {out}"
     );
 }
+
+/// Seconds since 1970 of an RFC 3339 UTC time from the agent's history.
+fn unix_seconds(t: &str) -> f64 {
+    let num = |a: usize, b: usize| -> i64 { t[a..b].parse().unwrap() };
+    let (y, m, d) = (num(0, 4), num(5, 7), num(8, 10));
+    // Days from 1970-01-01 to y-m-d (proleptic Gregorian), after H. Hinnant.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let s: f64 = t[17..t.len() - 1].parse().unwrap();
+    (days * 86_400 + num(11, 13) * 3600 + num(14, 16) * 60) as f64 + s
+}
+
+/// The TCP connections established to any of `ports` on this machine now (server side).
+fn established_to(ports: &[u16]) -> usize {
+    let mut n = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let Some(port) = f.get(1).and_then(|a| a.rsplit(':').next()) else {
+                continue;
+            };
+            let port = u16::from_str_radix(port, 16).unwrap_or(0);
+            if f.get(3) == Some(&"01") && ports.contains(&port) {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+// See: #14 (items 2 and 5). Ten hosts, max_parallel 3: every host takes the release, at most
+// three deploy at once, and a host's connection (its SSH session, its buffers) is let go
+// as soon as its deploy ends: only the hosts still to come (holding their locks) and
+// those at work stay connected, so the controller's memory follows the window, not the
+// fleet. Before, every connection stayed open until the whole rollout ended.
+#[test]
+fn ten_hosts_take_turns_and_a_done_host_lets_go_of_its_connection() {
+    let f = Fleet::start(10);
+    f.config("max_parallel = 3", "");
+    // Each deploy takes over a second (restart sleeps), so the hosts take several turns.
+    let art = f.env.path("v1-slow.tar.gz");
+    {
+        let file = std::fs::File::create(&art).unwrap();
+        let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+        let mut tar = tar::Builder::new(gz);
+        for (name, body, mode) in [
+            ("bin/migrate", "true\n", 0o755),
+            ("bin/restart", "sleep 1.5\n", 0o755),
+            ("VERSION", "v1\n", 0o644),
+        ] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(body.len() as u64);
+            h.set_mode(mode);
+            h.set_cksum();
+            tar.append_data(&mut h, name, body.as_bytes()).unwrap();
+        }
+        tar.into_inner().unwrap().finish().unwrap();
+    }
+    let ports: Vec<u16> = f.hosts.iter().map(|h| h.sshd.port).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, ports) = (stop.clone(), ports.clone());
+        std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n = established_to(&ports);
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs_f64();
+                samples.push((now, n));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            samples
+        })
+    };
+    let out = f.run(&[
+        "push",
+        "prod",
+        "--artifact",
+        art.to_str().unwrap(),
+        "--version",
+        "v1",
+        "--yes",
+    ]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let samples = sampler.join().unwrap();
+    out.assert_exit(0);
+    assert_eq!(f.versions(), vec![some("v1"); 10], "{out}");
+    let (most, all) = most_at_once(&f, "deploy");
+    assert_eq!(all, 10, "one deploy per host: {out}");
+    assert!(
+        most <= 3,
+        "{most} hosts deployed at once, max_parallel is 3: {out}"
+    );
+    // When each host's deploy ended, by the agents' clocks (this machine's).
+    let doc = f.run(&["history", "prod", "--json"]).json();
+    let mut finished: Vec<f64> = Vec::new();
+    for host in doc["hosts"].as_array().unwrap() {
+        for e in host["history"].as_array().unwrap() {
+            if e["action"] == "deploy" {
+                finished.push(unix_seconds(e["finished"].as_str().unwrap()));
+            }
+        }
+    }
+    assert_eq!(finished.len(), 10, "{doc}");
+    // At any moment, the connections open are at most those of the hosts not yet done
+    // (two seconds of grace for closing).
+    let peak = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    assert!(
+        peak >= 3,
+        "the sampler saw the hosts connected: {samples:?}"
+    );
+    for (t, n) in &samples {
+        let not_done = finished.iter().filter(|f| **f + 2.0 > *t).count();
+        assert!(
+            *n <= not_done,
+            "{n} connections open at {t:.2} while only {not_done} host(s) were not done \
+             (deploys ended at {finished:?}): the done hosts kept theirs\n{out}"
+        );
+    }
+}
