@@ -10,8 +10,9 @@
 //! hashing it again once the feed knows the digest. An artifact no larger than the ring
 //! stays in it: then every host of the push shares one read.
 //!
-//! Every read also takes a CRC-32 of the bytes (a few milliseconds per 100 MiB): the agent
-//! checks the upload with it ([`proto::StreamCheck::Crc32`]) instead of a second SHA-256.
+//! Every read also takes a CRC-32 of the bytes (a few milliseconds per 100 MiB), sent in
+//! `UploadEnd` beside the SHA-256; an agent asked for [`proto::StreamCheck::Crc32`] checks
+//! the upload with it instead of a second SHA-256. deployctl asks for the SHA-256 check.
 
 use std::collections::VecDeque;
 use std::io::Read;

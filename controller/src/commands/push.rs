@@ -492,8 +492,11 @@ async fn push_all(
             spec: spec.clone(),
             expect_content: delivery.expect_content.clone(),
             origin: delivery.origin.clone(),
-            // Every upload ends with a CRC-32 of what was sent (see finish_upload).
-            check: proto::StreamCheck::Crc32,
+            // The SPEC's contract: the agent checks the SHA-256 of the bytes it received
+            // against the artifact's, end to end. (`Crc32` would spare the agent that
+            // second pass over the data, beside its per-file SHA-256; it is kept in the
+            // protocol, not used: see bench/README.md, "Results: issue 14 wire".)
+            check: proto::StreamCheck::Sha256,
         };
         let artifact = artifact.to_path_buf();
         let progress = progress.clone();
