@@ -787,9 +787,26 @@ impl Session {
             current: false,
             content: Some(content),
         };
+        let releases = layout.releases();
         let finalize = Layout::write_manifest_in(&partial, &manifest)
-            .and_then(|_| Layout::write_meta_in(&partial, &info))
+            .and_then(|_| Layout::write_meta_in(&partial, &info));
+        // The release's files reach the disk before it is complete: written through the
+        // page cache, a power loss could otherwise leave `current` on a release whose
+        // files are empty (the rename and the switch are metadata, journaled first).
+        let finalize = match finalize {
+            Ok(()) => {
+                let dir = partial.clone();
+                tokio::task::spawn_blocking(move || {
+                    rustix::fs::syncfs(std::fs::File::open(&dir)?).map_err(std::io::Error::from)
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            }
+            Err(e) => Err(e),
+        };
+        let finalize = finalize
             .and_then(|_| std::fs::rename(&partial, layout.release(&p.release)))
+            .and_then(|_| crate::release::layout::sync_dir(&releases))
             .and_then(|_| journal.set(&layout, Phase::Prepared));
         if let Err(e) = finalize {
             let _ = std::fs::remove_dir_all(layout.release(&p.release));
