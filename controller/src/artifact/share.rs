@@ -26,6 +26,14 @@ use tokio::sync::{Notify, mpsc};
 /// Chunks the ring holds at most (8 MiB).
 pub const RING_CHUNKS: usize = 8;
 
+/// The chunk of a host's own read: small, since every host at work past the ring holds a
+/// few (1 MiB chunks, four read ahead, were 5-6 MiB per host: most of a 50-host push's
+/// peak, bench/README.md "Results: issue 14 mem"). One WebSocket frame's worth.
+const OWN_CHUNK: usize = 256 * 1024;
+/// Chunks of an own read waiting for the upload (besides the one being read and the one
+/// being sent): about 1 MiB per host in all.
+const OWN_AHEAD: usize = 2;
+
 /// What one read of the whole artifact found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Digest {
@@ -234,7 +242,7 @@ async fn read_into_ring(shared: Arc<Shared>) {
             moved.await;
         }
         let read = tokio::task::spawn_blocking(move || {
-            let r = read_chunk(&mut file).inspect(|c| {
+            let r = read_chunk(&mut file, proto::CHUNK_SIZE).inspect(|c| {
                 crc.update(c);
                 if let Some(h) = &mut hasher {
                     h.update(c);
@@ -280,22 +288,23 @@ fn end(shared: &Shared, r: Result<Digest, String>) {
     shared.grew.notify_waiters();
 }
 
-/// Up to [`proto::CHUNK_SIZE`] bytes of `file`, read into spare capacity (never zeroed
-/// first); empty at the end.
-fn read_chunk(file: &mut std::fs::File) -> std::io::Result<Bytes> {
-    let mut buf = Vec::with_capacity(proto::CHUNK_SIZE);
-    file.take(proto::CHUNK_SIZE as u64).read_to_end(&mut buf)?;
+/// Up to `len` bytes of `file`, read into spare capacity (never zeroed first); empty at
+/// the end.
+fn read_chunk(file: &mut std::fs::File, len: usize) -> std::io::Result<Bytes> {
+    let mut buf = Vec::with_capacity(len);
+    file.take(len as u64).read_to_end(&mut buf)?;
     Ok(Bytes::from(buf))
 }
 
-/// One host's own read of the file, a few chunks ahead; hashed unless the digest is known.
+/// One host's own read of the file, [`OWN_AHEAD`] chunks of [`OWN_CHUNK`] ahead; hashed
+/// unless the digest is known.
 pub struct OwnRead {
     rx: mpsc::Receiver<Bytes>,
     reader: tokio::task::JoinHandle<Result<Digest, String>>,
 }
 
 fn own_read(path: &Path, known: Option<(String, u64)>) -> OwnRead {
-    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let (tx, rx) = mpsc::channel::<Bytes>(OWN_AHEAD);
     let path = path.to_path_buf();
     let reader = tokio::task::spawn_blocking(move || {
         let shown = path.display().to_string();
@@ -304,7 +313,8 @@ fn own_read(path: &Path, known: Option<(String, u64)>) -> OwnRead {
         let mut crc = crc32fast::Hasher::new();
         let mut size = 0u64;
         loop {
-            let chunk = read_chunk(&mut file).map_err(|e| format!("reading {shown}: {e}"))?;
+            let chunk =
+                read_chunk(&mut file, OWN_CHUNK).map_err(|e| format!("reading {shown}: {e}"))?;
             if chunk.is_empty() {
                 break;
             }
@@ -408,6 +418,30 @@ mod tests {
         let (late_got, (late_sha, size)) = drain(late).await;
         assert!(late_got == data);
         assert_eq!((late_sha, size), (want, data.len() as u64));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_host_reading_on_its_own_holds_little_ahead_of_its_upload() {
+        let (f, data) = file_of(8 * proto::CHUNK_SIZE);
+        let mut own = own_read(f.path(), None);
+        // The upload has not taken anything yet: the reader runs ahead until it waits.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let queued = own.rx.len();
+        let mut got = Vec::new();
+        for _ in 0..queued {
+            got.extend_from_slice(&own.rx.try_recv().unwrap());
+        }
+        assert!(
+            got.len() <= OWN_AHEAD * OWN_CHUNK && got.len() <= 512 * 1024,
+            "{} bytes read ahead in {queued} chunks",
+            got.len()
+        );
+        while let Some(c) = own.rx.recv().await {
+            assert!(c.len() <= OWN_CHUNK, "a chunk of {} bytes", c.len());
+            got.extend_from_slice(&c);
+        }
+        assert!(got == data);
+        assert_eq!(own.reader.await.unwrap().unwrap().size, data.len() as u64);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
