@@ -827,7 +827,10 @@ fn ten_hosts_take_turns_and_a_done_host_lets_go_of_its_connection() {
     }
     assert_eq!(finished.len(), 10, "{doc}");
     // At any moment, the connections open are at most those of the hosts not yet done
-    // (two seconds of grace for closing).
+    // (two seconds of grace for closing), plus one: on a loaded machine a connection whose
+    // handshake was retried can stay ESTABLISHED on the sshd side for a moment (seen once:
+    // 11 open while all 10 hosts were still to come). Keeping every connection to the end
+    // still fails this by several: 10 open while 3 or 4 hosts are left.
     let peak = samples.iter().map(|(_, n)| *n).max().unwrap_or(0);
     assert!(
         peak >= 3,
@@ -836,7 +839,7 @@ fn ten_hosts_take_turns_and_a_done_host_lets_go_of_its_connection() {
     for (t, n) in &samples {
         let not_done = finished.iter().filter(|f| **f + 2.0 > *t).count();
         assert!(
-            *n <= not_done,
+            *n <= not_done + 1,
             "{n} connections open at {t:.2} while only {not_done} host(s) were not done \
              (deploys ended at {finished:?}): the done hosts kept theirs\n{out}"
         );
