@@ -2,51 +2,10 @@
 //! check (an old or a hand-made one) cannot put a label that breaks tables into the
 //! history. Talks to the real session code over an in-memory stream.
 
-use std::sync::Arc;
+mod common;
 
-use agent::config::{AgentConfig, Overrides};
-use agent::context::Shared;
-use proto::codec;
-use proto::{
-    AppRef, ErrorCode, Hello, Lock, PROTOCOL_VERSION, Push, ReleaseSpec, Request, Response,
-};
-
-async fn session(root: &std::path::Path) -> codec::Connection<tokio::io::DuplexStream> {
-    let config = AgentConfig::load(&Overrides {
-        config: None,
-        socket: Some(root.join("s.sock")),
-        socket_group: None,
-        allowed_roots: vec![root.to_path_buf()],
-    })
-    .unwrap();
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    std::mem::forget(tx);
-    let shared = Arc::new(Shared::new(config, rx));
-    let (a, b) = tokio::io::duplex(64 * 1024);
-    let slot = shared.sessions.admit(8).unwrap();
-    tokio::spawn(agent::session::serve(shared, b, slot));
-    let mut conn = codec::connect(a).await.unwrap();
-    conn.send(&Request::Hello(Hello {
-        protocol: PROTOCOL_VERSION,
-        version: "test".into(),
-    }))
-    .await
-    .unwrap();
-    assert!(matches!(
-        conn.recv_json::<Response>().await.unwrap(),
-        Response::Hello(_)
-    ));
-    conn
-}
-
-async fn answer(conn: &mut codec::Connection<tokio::io::DuplexStream>) -> Response {
-    loop {
-        match conn.recv_json::<Response>().await.unwrap() {
-            Response::Event(_) => continue,
-            other => return other,
-        }
-    }
-}
+use common::{answer, session};
+use proto::{AppRef, ErrorCode, Lock, Push, ReleaseSpec, Request, Response};
 
 // See: #16 (item 7)
 #[tokio::test]
@@ -59,7 +18,7 @@ async fn the_agent_refuses_bad_labels_on_lock_and_push() {
     };
     let long = "x".repeat(100_000);
     for bad in [long.as_str(), "a\nb", "\u{1b}[31m"] {
-        let mut conn = session(dir.path()).await;
+        let mut conn = session(dir.path(), 64 * 1024).await;
         conn.send(&Request::Lock(Lock {
             app: app.clone(),
             holder: "t".into(),
@@ -77,7 +36,7 @@ async fn the_agent_refuses_bad_labels_on_lock_and_push() {
             other => panic!("lock with {bad:.20?}: {other:?}"),
         }
 
-        let mut conn = session(dir.path()).await;
+        let mut conn = session(dir.path(), 64 * 1024).await;
         let spec: ReleaseSpec = serde_json::from_value(serde_json::json!({
             "shared": [], "migrate": null, "restart": null, "stop": null,
             "command_timeout_ms": 1000, "keep_releases": 2, "health": null,

@@ -1,58 +1,18 @@
-//! The agent checks an upload's bytes end to end (issue 14 item 1): with a CRC-32 of the
-//! stream instead of a second SHA-256 pass, a stream that is not the one the controller
-//! sent (other bytes of the same length, a lost or a repeated chunk) is still refused,
-//! and nothing is left behind: no release, `current` unchanged. Talks to the real session
-//! code over an in-memory stream.
+//! The agent checks an upload's bytes end to end (issue 14 item 1): with the SHA-256 of
+//! the stream that deployctl asks for, and with the CRC-32 check the protocol offers, a
+//! stream that is not the one the controller sent (other bytes of the same length, a lost
+//! or a repeated chunk) is refused, and nothing is left behind: no release, `current`
+//! unchanged. Talks to the real session code over an in-memory stream.
+
+mod common;
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 
-use agent::config::{AgentConfig, Overrides};
-use agent::context::Shared;
+use common::{answer, session};
 use proto::codec;
-use proto::{
-    AppRef, ErrorCode, Hello, PROTOCOL_VERSION, Push, ReleaseSpec, Request, Response, StreamCheck,
-    UploadEnd,
-};
+use proto::{AppRef, ErrorCode, Push, ReleaseSpec, Request, Response, StreamCheck, UploadEnd};
 use sha2::Digest;
-
-async fn session(root: &Path) -> codec::Connection<tokio::io::DuplexStream> {
-    let config = AgentConfig::load(&Overrides {
-        config: None,
-        socket: Some(root.join("s.sock")),
-        socket_group: None,
-        allowed_roots: vec![root.to_path_buf()],
-    })
-    .unwrap();
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    std::mem::forget(tx);
-    let shared = Arc::new(Shared::new(config, rx));
-    let (a, b) = tokio::io::duplex(256 * 1024);
-    let slot = shared.sessions.admit(8).unwrap();
-    tokio::spawn(agent::session::serve(shared, b, slot));
-    let mut conn = codec::connect(a).await.unwrap();
-    conn.send(&Request::Hello(Hello {
-        protocol: PROTOCOL_VERSION,
-        version: "test".into(),
-    }))
-    .await
-    .unwrap();
-    assert!(matches!(
-        conn.recv_json::<Response>().await.unwrap(),
-        Response::Hello(_)
-    ));
-    conn
-}
-
-async fn answer(conn: &mut codec::Connection<tokio::io::DuplexStream>) -> Response {
-    loop {
-        match conn.recv_json::<Response>().await.unwrap() {
-            Response::Event(_) => continue,
-            other => return other,
-        }
-    }
-}
 
 /// A release whose one file is `fill` repeated: `len` bytes of tar.gz, stored (so two
 /// releases of the same file size have artifacts of the same size).
@@ -152,7 +112,7 @@ async fn a_stream_that_is_not_the_one_sent_is_refused_and_changes_nothing() {
     let good = artifact(b'a');
     let (h1, h2) = good.split_at(good.len() / 2);
     // One session for every push: the lock of one push is free once it is answered.
-    let mut conn = session(root).await;
+    let mut conn = session(root, 256 * 1024).await;
     for check in [StreamCheck::Crc32, StreamCheck::Sha256] {
         let id = if check == StreamCheck::Crc32 {
             "20260101000000"
@@ -225,7 +185,7 @@ async fn a_crc32_upload_without_its_crc32_is_refused() {
         "max_unpacked_bytes": 100_000_000u64, "compose": null, "instance": null
     }))
     .unwrap();
-    let mut conn = session(root).await;
+    let mut conn = session(root, 256 * 1024).await;
     conn.send(&Request::Push(Push {
         app,
         release: "20260103000000".into(),
