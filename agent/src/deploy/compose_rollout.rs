@@ -226,7 +226,16 @@ impl Run {
             Err(e) => Err(e),
         };
         if let Err(e) = ready {
-            self.abort_rollout(release, service, &new).await;
+            // Every container of the service that is not an old one goes: the ones listed
+            // after `up`, and any that showed up since (listed again now).
+            let mut gone = new.clone();
+            if let Ok(now) = self.containers_of(spec, service, release).await {
+                gone.extend(
+                    now.into_iter()
+                        .filter(|i| !old.contains(i) && !new.contains(i)),
+                );
+            }
+            self.abort_rollout(release, service, &gone).await;
             Rollout::clear(&state);
             return Err(e.context(format!(
                 "zero-downtime rollout of {service} stopped (the new container was removed, \

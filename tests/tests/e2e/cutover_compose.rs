@@ -160,11 +160,31 @@ fn compose_zero_downtime_under_load_through_an_nginx_service(c: Compose) {
         serving,
         "the broken release's container was removed; the old one still serves"
     );
+    // Gone when the push has answered; a container still being removed by the daemon gets
+    // a few seconds, and says so.
+    let left = |broken: &str| {
+        docker_quiet(&[
+            "ps",
+            "-a",
+            "--format",
+            "{{.ID}} {{.Names}} {{.Status}}",
+            "--filter",
+            &format!("ancestor={broken}"),
+        ])
+        .trim()
+        .to_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut lingering = left(&broken);
+    while !lingering.is_empty() && Instant::now() < deadline {
+        eprintln!("a container of the broken image is still there: {lingering}");
+        thread::sleep(Duration::from_millis(500));
+        lingering = left(&broken);
+    }
     assert!(
-        docker_quiet(&["ps", "-a", "-q", "--filter", &format!("ancestor={broken}")])
-            .trim()
-            .is_empty(),
-        "no container of the broken image is left"
+        lingering.is_empty(),
+        "no container of the broken image is left: {lingering}\n{}",
+        out.stderr
     );
 
     // A rollback is the same rollout with the previous release's files.
